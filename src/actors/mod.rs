@@ -1,0 +1,1 @@
+//! The supervisor core: Registry, Container, Process and Reaper actors.

@@ -1,0 +1,1 @@
+//! The Rust Garden client. Depends on neither actix nor `crate::linux`.

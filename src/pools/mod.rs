@@ -1,0 +1,1 @@
+//! Resource pools as actors: subnets, host ports and user-id mappings.

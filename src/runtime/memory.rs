@@ -1,0 +1,1 @@
+//! The in-memory runtime: containers and processes scripted by tests.

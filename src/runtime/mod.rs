@@ -1,0 +1,116 @@
+//! The container runtime boundary.
+//!
+//! The actors decide what happens and in which order; a [`Runtime`] does the
+//! kernel work. Two implementations exist: the Linux runtime of
+//! `crate::linux`, and the in-memory runtime of [`memory`], which tests script
+//! and which the golden wire transcripts are replayed against.
+//!
+//! Every method blocks and may take a while (mounts, cgroups, process
+//! start-up), so actors call them through `tokio::task::spawn_blocking`,
+//! never on an actor thread.
+
+pub mod memory;
+pub mod stdio;
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::api::{Capacity, ContainerSpec, ProcessSpec};
+
+/// Everything a runtime needs to create one container. The server has
+/// already validated the spec and reserved the handle.
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    pub handle: String,
+    /// The spec as the client sent it, with a zero grace time already
+    /// replaced by the server default.
+    pub spec: ContainerSpec,
+    /// The container's state directory in the depot, which the server has
+    /// created and the runtime may fill. Destroy removes it.
+    pub container_dir: PathBuf,
+}
+
+/// A runtime failure, classified by what the client should be told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// Run named an executable that does not exist; sent to the client as
+    /// an `ExecutableNotFoundError`.
+    #[error("{message}")]
+    ExecutableNotFound { message: String },
+    /// The request cannot be served as given (unknown user, missing rootfs,
+    /// unsupported image scheme). Logged at info: not a fault of the server.
+    #[error("{message}")]
+    InvalidRequest { message: String },
+    /// The server cannot serve requests for now; sent as a
+    /// `ServiceUnavailableError`.
+    #[error("{message}")]
+    Unavailable { message: String },
+    /// Any other failure of the runtime or the host.
+    #[error("{message}")]
+    Failed { message: String },
+}
+
+impl RuntimeError {
+    pub fn failed(message: impl Into<String>) -> Self {
+        RuntimeError::Failed { message: message.into() }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        RuntimeError::InvalidRequest { message: message.into() }
+    }
+}
+
+/// The server's end of a process's stdio connection, which speaks the
+/// frames of [`stdio`].
+#[derive(Debug)]
+pub enum StdioConnection {
+    /// A connected Unix socket to a process shim.
+    Unix(UnixStream),
+    /// An in-process pipe to a scripted process of the in-memory runtime.
+    Memory(tokio::io::DuplexStream),
+}
+
+/// A started process: its host pid (0 where there is none) and its stdio.
+#[derive(Debug)]
+pub struct StartedProcess {
+    pub pid: u32,
+    pub stdio: StdioConnection,
+}
+
+/// Creates containers and reports on the host.
+pub trait Runtime: Send + Sync + 'static {
+    /// Checks that the runtime can serve requests.
+    fn ping(&self) -> Result<(), RuntimeError>;
+
+    /// Reports the host's memory and disk. The server fills in
+    /// `max_containers` itself.
+    fn capacity(&self) -> Result<Capacity, RuntimeError>;
+
+    /// Creates a container and starts its init process. On failure every
+    /// step taken is undone before the error is returned.
+    fn create(&self, config: &ContainerConfig) -> Result<Arc<dyn ContainerRuntime>, RuntimeError>;
+}
+
+/// One container's kernel objects.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Starts a process. Fails without starting anything when the spec cannot
+    /// be run (missing executable, unknown user). `process_id` is already
+    /// unique in the container; file names derived from it must not use it
+    /// verbatim, because it may contain `/` or `..`.
+    fn run(&self, process_id: &str, spec: &ProcessSpec) -> Result<StartedProcess, RuntimeError>;
+
+    /// Stops every process but init: SIGTERM, then SIGKILL after 10 seconds
+    /// for what is left, or SIGKILL at once when `kill` is set. Returns once
+    /// no process is left.
+    fn stop(&self, kill: bool) -> Result<(), RuntimeError>;
+
+    /// Kills every process and removes every host object of the container,
+    /// its state directory included. Objects already gone count as removed,
+    /// so a failed destroy can be retried.
+    fn destroy(&self) -> Result<(), RuntimeError>;
+
+    /// A snapshot of the container's host objects for the introspection
+    /// endpoint (init pid, cgroup paths and the like).
+    fn describe(&self) -> serde_json::Value;
+}
