@@ -20,13 +20,9 @@ pub struct LinuxConfig {
     /// Short tag carried by every host object this server creates (cgroup
     /// parent, mount points), so that several servers can share a host.
     pub tag: String,
-    /// First host uid and gid mapped to container uid 1, and how many ids
-    /// follow (gdn's `--uid-map-start` and friends). `None` means the
-    /// defaults: start 1, length up to the top id minus one.
-    pub uid_map_start: Option<u32>,
-    pub uid_map_length: Option<u32>,
-    pub gid_map_start: Option<u32>,
-    pub gid_map_length: Option<u32>,
+    /// The `trellis` executable started as garden-init and as process shim:
+    /// `/proc/self/exe` in the server, the built binary in tests.
+    pub executable: PathBuf,
 }
 
 /// Entry point of garden-init, pid 1 of each container.

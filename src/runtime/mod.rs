@@ -29,6 +29,33 @@ pub struct ContainerConfig {
     /// The container's state directory in the depot, which the server has
     /// created and the runtime may fill. Destroy removes it.
     pub container_dir: PathBuf,
+    /// The user namespace mapping of an unprivileged container, from the
+    /// UidPool; `None` for a privileged container, which gets no user
+    /// namespace.
+    pub id_mappings: Option<IdMappings>,
+}
+
+/// One line of a `uid_map` or `gid_map`: `size` ids starting at
+/// `container_id` inside map to ids starting at `host_id` outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdMap {
+    pub container_id: u32,
+    pub host_id: u32,
+    pub size: u32,
+}
+
+/// The uid and gid maps of a user namespace.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdMappings {
+    pub uid_map: Vec<IdMap>,
+    pub gid_map: Vec<IdMap>,
+}
+
+impl IdMappings {
+    /// Returns the host id that container root maps to.
+    pub fn host_root_uid(&self) -> Option<u32> {
+        self.uid_map.iter().find(|map| map.container_id == 0).map(|map| map.host_id)
+    }
 }
 
 /// A runtime failure, classified by what the client should be told.
