@@ -1,0 +1,1 @@
+//! Client replay tests against canned transcript bytes.
