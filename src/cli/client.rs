@@ -1,16 +1,617 @@
-//! The client subcommands of `trellis`.
+//! The client subcommands of `trellis`: each one makes Garden API calls
+//! through [`crate::client`] and prints the result.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::api::{ContainerSpec, ImageRef, ProcessSpec, Properties, TtySpec, WindowSize};
+use crate::client::{Client, ClientError, ProcessController, ProcessIo, Signal, Target};
+
+/// Exit code of `run` and `attach` when the request itself fails, as
+/// opposed to the process exiting with a non-zero status.
+const REQUEST_FAILED_EXIT_CODE: u8 = 125;
+
+/// Property that `trellis run` puts on the containers it creates.
+const CREATED_BY_PROPERTY: &str = "trellis.created-by";
+
+/// Which server the command talks to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
+    /// Garden server address: `host:port` for TCP, or the path of a Unix
+    /// socket (anything containing `/`, or `unix:PATH`).
+    #[arg(long, env = "TRELLIS_TARGET", default_value = "127.0.0.1:7777", global = true)]
+    pub target: String,
+}
 
 /// Client subcommands, each pointed at a server by `--target`.
 #[derive(Debug, clap::Subcommand)]
 pub enum ClientCommand {
     /// Check that the server answers.
-    Ping,
+    Ping {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Create a container and print its handle.
+    Create(CreateArgs),
+    /// List container handles, one per line.
+    List {
+        /// Only list containers with this property, as KEY=VALUE; repeat to
+        /// require several (all must match).
+        #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        properties: Vec<(String, String)>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Print a container's info as JSON.
+    Info {
+        handle: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Run a command in a container, streaming stdin, stdout and stderr,
+    /// and exit with the command's exit code.
+    ///
+    /// Without --handle, a new container is created first. That container
+    /// is kept after the command exits, so `trellis list` shows it, unless
+    /// --rm is given; it carries the property `trellis.created-by=run`.
+    /// Exits with 125 when a request fails.
+    Run(RunArgs),
+    /// Attach to a running process, stream its output and exit with its
+    /// exit code (125 when a request fails).
+    Attach {
+        handle: String,
+        process_id: String,
+        /// Also forward this terminal's stdin to the process; its end of
+        /// file closes the process's stdin.
+        #[arg(long)]
+        stdin: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Stop every process in a container: SIGTERM, then SIGKILL after the
+    /// server's timeout (10 seconds in Garden's reference backend).
+    Stop {
+        handle: String,
+        /// Send SIGKILL at once instead of SIGTERM first.
+        #[arg(long)]
+        kill: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Destroy containers and everything running in them.
+    Destroy {
+        #[arg(required = true)]
+        handles: Vec<String>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Read and change container properties.
+    Properties {
+        #[command(subcommand)]
+        command: PropertiesCommand,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+}
+
+/// Options of `trellis create` that describe the container.
+#[derive(Debug, clap::Args)]
+pub struct ContainerArgs {
+    /// Property to set, as KEY=VALUE; repeat for several.
+    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub properties: Vec<(String, String)>,
+    /// Environment variable of the container, as NAME=VALUE; every process
+    /// in it inherits it. Repeat for several.
+    #[arg(long = "container-env", value_name = "NAME=VALUE")]
+    pub container_env: Vec<String>,
+    /// Run the container without a user namespace, as the host's root.
+    #[arg(long)]
+    pub privileged: bool,
+    /// Root filesystem directory on the server host (the server's default
+    /// rootfs when neither this nor --image is given).
+    #[arg(long, value_name = "PATH", conflicts_with = "image")]
+    pub rootfs: Option<String>,
+    /// Root filesystem image URI, such as `raw:///path` or `docker:///name`.
+    #[arg(long, value_name = "URI")]
+    pub image: Option<String>,
+    /// Idle time after which the server destroys the container, such as
+    /// `30s`, `5m` or `1h30m` (units ns, us, ms, s, m, h); `0` means never.
+    /// Default: the server's default grace time.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub grace_time: Option<Duration>,
+}
+
+impl ContainerArgs {
+    /// Whether any option was given.
+    fn sets_anything(&self) -> bool {
+        !self.properties.is_empty()
+            || !self.container_env.is_empty()
+            || self.privileged
+            || self.rootfs.is_some()
+            || self.image.is_some()
+            || self.grace_time.is_some()
+    }
+}
+
+/// Options of `trellis create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Handle of the new container (the server generates one when omitted).
+    pub handle: Option<String>,
+    #[command(flatten)]
+    pub container: ContainerArgs,
+    /// Environment variable of the container, as NAME=VALUE; repeat for
+    /// several. The same as --container-env.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+/// Options of `trellis run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Run in this existing container instead of creating one.
+    #[arg(long, conflicts_with = "create")]
+    pub handle: Option<String>,
+    /// Create a new container for the command (the default without
+    /// --handle).
+    #[arg(long)]
+    pub create: bool,
+    /// Destroy the container created for the command once it exited.
+    #[arg(long, conflicts_with = "handle")]
+    pub rm: bool,
+    #[command(flatten)]
+    pub container: ContainerArgs,
+    /// Environment variable of the process, as NAME=VALUE; repeat for
+    /// several.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory of the process inside the container.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<String>,
+    /// User the process runs as inside the container (default root).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Process id to use (the server generates one when omitted).
+    #[arg(long = "process-id", value_name = "ID")]
+    pub process_id: Option<String>,
+    /// Give the process a terminal. When this terminal is a TTY, it is put
+    /// in raw mode and its window size is passed on.
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    /// Do not forward stdin; the process's stdin stays open until it exits.
+    #[arg(long)]
+    pub no_stdin: bool,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+/// Subcommands of `trellis properties`.
+#[derive(Debug, clap::Subcommand)]
+pub enum PropertiesCommand {
+    /// Print every property as KEY=VALUE lines.
+    List { handle: String },
+    /// Print one property's value.
+    Get { handle: String, key: String },
+    /// Set one property.
+    Set { handle: String, key: String, value: String },
+    /// Remove one property.
+    Remove { handle: String, key: String },
 }
 
 /// Runs one client subcommand.
-pub fn main(_command: ClientCommand) -> ExitCode {
-    eprintln!("trellis: client commands are not built yet");
-    ExitCode::FAILURE
+pub fn main(command: ClientCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("trellis: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(dispatch(command));
+    // A read of this process's stdin may still be blocked in a worker
+    // thread; waiting for it would hang until the user types.
+    runtime.shutdown_background();
+    code
+}
+
+async fn dispatch(command: ClientCommand) -> ExitCode {
+    let result = match command {
+        ClientCommand::Run(args) => return run_command(args).await,
+        ClientCommand::Attach {
+            handle,
+            process_id,
+            stdin,
+            target,
+        } => return attach_command(&target, &handle, &process_id, stdin).await,
+        ClientCommand::Ping { target } => ping(&target).await,
+        ClientCommand::Create(args) => create_command(args).await,
+        ClientCommand::List { properties, target } => list(&target, properties).await,
+        ClientCommand::Info { handle, target } => info(&target, &handle).await,
+        ClientCommand::Stop { handle, kill, target } => stop(&target, &handle, kill).await,
+        ClientCommand::Destroy { handles, target } => destroy(&target, &handles).await,
+        ClientCommand::Properties { command, target } => properties(&target, command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("trellis: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn connect(args: &TargetArgs) -> Result<Client, ClientError> {
+    Ok(Client::new(args.target.parse::<Target>()?))
+}
+
+async fn ping(target: &TargetArgs) -> Result<(), ClientError> {
+    connect(target)?.ping().await
+}
+
+async fn create_command(args: CreateArgs) -> Result<(), ClientError> {
+    let client = connect(&args.target)?;
+    let mut spec = container_spec(&args.container);
+    spec.handle = args.handle.unwrap_or_default();
+    spec.env.extend(args.env);
+    let handle = client.create(&spec).await?;
+    println!("{handle}");
+    Ok(())
+}
+
+fn container_spec(args: &ContainerArgs) -> ContainerSpec {
+    ContainerSpec {
+        rootfs: args.rootfs.clone().unwrap_or_default(),
+        image: ImageRef {
+            uri: args.image.clone().unwrap_or_default(),
+            ..ImageRef::default()
+        },
+        properties: args.properties.iter().cloned().collect(),
+        env: args.container_env.clone(),
+        privileged: args.privileged,
+        grace_time: args
+            .grace_time
+            .map_or(0, |duration| i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)),
+        ..ContainerSpec::default()
+    }
+}
+
+async fn list(target: &TargetArgs, filter: Vec<(String, String)>) -> Result<(), ClientError> {
+    let filter: Properties = filter.into_iter().collect();
+    for handle in connect(target)?.list(&filter).await? {
+        println!("{handle}");
+    }
+    Ok(())
+}
+
+async fn info(target: &TargetArgs, handle: &str) -> Result<(), ClientError> {
+    let info = connect(target)?.info(handle).await?;
+    println!("{}", serde_json::to_string_pretty(&info).expect("container info serialises"));
+    Ok(())
+}
+
+async fn stop(target: &TargetArgs, handle: &str, kill: bool) -> Result<(), ClientError> {
+    connect(target)?.stop(handle, kill).await
+}
+
+async fn destroy(target: &TargetArgs, handles: &[String]) -> Result<(), ClientError> {
+    let client = connect(target)?;
+    for handle in handles {
+        client.destroy(handle).await?;
+    }
+    Ok(())
+}
+
+async fn properties(target: &TargetArgs, command: PropertiesCommand) -> Result<(), ClientError> {
+    let client = connect(target)?;
+    match command {
+        PropertiesCommand::List { handle } => {
+            for (key, value) in client.properties(&handle).await? {
+                println!("{key}={value}");
+            }
+        }
+        PropertiesCommand::Get { handle, key } => println!("{}", client.property(&handle, &key).await?),
+        PropertiesCommand::Set { handle, key, value } => client.set_property(&handle, &key, &value).await?,
+        PropertiesCommand::Remove { handle, key } => client.remove_property(&handle, &key).await?,
+    }
+    Ok(())
+}
+
+async fn run_command(args: RunArgs) -> ExitCode {
+    let client = match connect(&args.target) {
+        Ok(client) => client,
+        Err(error) => return request_failed(error),
+    };
+    let (handle, created) = match &args.handle {
+        Some(_) if args.container.sets_anything() => {
+            eprintln!("trellis: container options such as --property or --rootfs need a new container, not --handle");
+            return ExitCode::from(REQUEST_FAILED_EXIT_CODE);
+        }
+        Some(handle) => (handle.clone(), false),
+        None => {
+            let mut spec = container_spec(&args.container);
+            spec.properties.insert(CREATED_BY_PROPERTY.into(), "run".into());
+            match client.create(&spec).await {
+                Ok(handle) => (handle, true),
+                Err(error) => return request_failed(error),
+            }
+        }
+    };
+
+    let code = run_in(&client, &handle, &args).await;
+
+    if created && args.rm {
+        if let Err(error) = client.destroy(&handle).await {
+            eprintln!("trellis: destroying container {handle} failed: {error}");
+            return ExitCode::from(REQUEST_FAILED_EXIT_CODE);
+        }
+    }
+    code
+}
+
+async fn run_in(client: &Client, handle: &str, args: &RunArgs) -> ExitCode {
+    let (path, process_args) = args.command.split_first().expect("clap requires a command");
+    let terminal = args.tty.then(RawTerminal::enter).flatten();
+    let spec = ProcessSpec {
+        id: args.process_id.clone().unwrap_or_default(),
+        path: path.clone(),
+        args: process_args.to_vec(),
+        env: args.env.clone(),
+        dir: args.dir.clone().unwrap_or_default(),
+        user: args.user.clone().unwrap_or_default(),
+        tty: args.tty.then(|| TtySpec {
+            window_size: terminal_size(),
+        }),
+        ..ProcessSpec::default()
+    };
+    let io = local_io(!args.no_stdin);
+    let started = client.run(handle, &spec, io).await;
+    let code = follow(started, args.tty).await;
+    drop(terminal);
+    code
+}
+
+async fn attach_command(target: &TargetArgs, handle: &str, process_id: &str, forward_stdin: bool) -> ExitCode {
+    let client = match connect(target) {
+        Ok(client) => client,
+        Err(error) => return request_failed(error),
+    };
+    let started = client.attach(handle, process_id, local_io(forward_stdin)).await;
+    follow(started, false).await
+}
+
+/// Connects the process to this program's stdio.
+fn local_io(forward_stdin: bool) -> ProcessIo {
+    ProcessIo {
+        stdin: forward_stdin.then(|| Box::new(tokio::io::stdin()) as _),
+        stdout: Some(Box::new(tokio::io::stdout())),
+        stderr: Some(Box::new(tokio::io::stderr())),
+    }
+}
+
+/// Waits for a started process, forwarding SIGINT and SIGTERM to it (and
+/// window size changes when it has a TTY), and returns its exit code.
+async fn follow(started: Result<crate::client::Process, ClientError>, tty: bool) -> ExitCode {
+    let mut process = match started {
+        Ok(process) => process,
+        Err(error) => return request_failed(error),
+    };
+    let forwarder = tokio::spawn(forward_signals(process.controller(), tty));
+    let result = process.wait().await;
+    forwarder.abort();
+    match result {
+        // Exit statuses outside 0..=255 (a signal number from some
+        // backends) are folded into one byte as a shell does.
+        Ok(status) => ExitCode::from((status & 0xff) as u8),
+        Err(error) => request_failed(error),
+    }
+}
+
+async fn forward_signals(controller: ProcessController, tty: bool) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut interrupt), Ok(mut terminate), Ok(mut window_change)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::window_change()),
+    ) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => { let _ = controller.signal(Signal::Terminate).await; }
+            _ = terminate.recv() => { let _ = controller.signal(Signal::Terminate).await; }
+            _ = window_change.recv() => {
+                if let (true, Some(size)) = (tty, terminal_size()) {
+                    let _ = controller.resize(size.columns, size.rows).await;
+                }
+            }
+        }
+    }
+}
+
+fn request_failed(error: ClientError) -> ExitCode {
+    eprintln!("trellis: {error}");
+    ExitCode::from(REQUEST_FAILED_EXIT_CODE)
+}
+
+/// Returns the window size of the terminal on stdout, if it is one.
+fn terminal_size() -> Option<WindowSize> {
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the valid pointer.
+    let result = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    (result == 0).then_some(WindowSize {
+        columns: size.ws_col,
+        rows: size.ws_row,
+    })
+}
+
+/// The local terminal in raw mode, so keys such as Ctrl-C reach the
+/// process's TTY instead of this program. Restores the saved mode on drop.
+struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    /// Switches stdin to raw mode; returns `None` when stdin is not a
+    /// terminal.
+    fn enter() -> Option<RawTerminal> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use nix::sys::termios::{tcsetattr, SetArg};
+        if let Err(error) = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved) {
+            eprintln!("trellis: restoring the terminal mode failed: {error}");
+        }
+    }
+}
+
+/// Parses `KEY=VALUE`; the value may contain `=` and be empty.
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+/// Parses a duration such as `0`, `30s`, `1.5h` or `1h30m` (units ns, us,
+/// µs, ms, s, m, h, as Go's `time.ParseDuration` accepts).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || format!("invalid duration {text:?}: expected a number with a unit, such as 30s, 5m or 1h30m");
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    while !rest.is_empty() {
+        let number_length = rest
+            .find(|character: char| !(character.is_ascii_digit() || character == '.'))
+            .ok_or_else(invalid)?;
+        let number: f64 = rest[..number_length].parse().map_err(|_| invalid())?;
+        rest = &rest[number_length..];
+        let unit_length = rest
+            .find(|character: char| character.is_ascii_digit() || character == '.')
+            .unwrap_or(rest.len());
+        let nanoseconds_per_unit = match &rest[..unit_length] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(invalid()),
+        };
+        rest = &rest[unit_length..];
+        total += number * nanoseconds_per_unit;
+    }
+    if total > i64::MAX as f64 {
+        return Err(format!("invalid duration {text:?}: longer than about 292 years"));
+    }
+    Ok(Duration::from_nanos(total.round() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10ns"), Ok(Duration::from_nanos(10)));
+    }
+
+    #[test]
+    fn durations_reject_garbage() {
+        for text in ["", "5", "s", "5x", "1h30", "-1s", "1e3s"] {
+            assert!(parse_duration(text).is_err(), "{text:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn key_values_parse() {
+        assert_eq!(parse_key_value("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_key_value("a="), Ok(("a".into(), String::new())));
+        assert!(parse_key_value("=b").is_err());
+        assert!(parse_key_value("ab").is_err());
+    }
+
+    fn parse(args: &[&str]) -> crate::cli::Cli {
+        crate::cli::Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn run_takes_command_after_options() {
+        let cli = parse(&["trellis", "run", "--target", "/tmp/s.sock", "--", "echo", "-n", "hi"]);
+        let crate::cli::Command::Client(ClientCommand::Run(args)) = cli.command else {
+            panic!("not a run command");
+        };
+        assert_eq!(args.command, ["echo", "-n", "hi"]);
+        assert_eq!(args.target.target, "/tmp/s.sock");
+        assert!(args.handle.is_none());
+    }
+
+    #[test]
+    fn run_rejects_handle_with_create() {
+        let result = crate::cli::Cli::try_parse_from(["trellis", "run", "--handle", "h", "--create", "true"]);
+        assert!(result.is_err());
+    }
+
+    #[test]
+    fn properties_take_target_after_subcommand() {
+        let cli = parse(&["trellis", "properties", "get", "h", "k", "--target", "10.0.0.1:1"]);
+        let crate::cli::Command::Client(ClientCommand::Properties { target, command }) = cli.command else {
+            panic!("not a properties command");
+        };
+        assert_eq!(target.target, "10.0.0.1:1");
+        assert!(matches!(command, PropertiesCommand::Get { .. }));
+    }
+
+    #[test]
+    fn create_collects_properties() {
+        let cli = parse(&["trellis", "create", "web", "--property", "a=1", "--property", "b=2", "--grace-time", "5m"]);
+        let crate::cli::Command::Client(ClientCommand::Create(args)) = cli.command else {
+            panic!("not a create command");
+        };
+        let spec = container_spec(&args.container);
+        assert_eq!(spec.properties.len(), 2);
+        assert_eq!(spec.grace_time, 300_000_000_000);
+        assert_eq!(args.handle.as_deref(), Some("web"));
+    }
 }

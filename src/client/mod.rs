@@ -28,7 +28,7 @@ use tokio_util::io::StreamReader;
 
 pub use error::{ClientError, ClientResult};
 pub use http::Target;
-pub use process::{OutputWriter, Process, ProcessIo, Signal, StdinReader};
+pub use process::{OutputWriter, Process, ProcessController, ProcessIo, Signal, StdinReader};
 
 use crate::api::{
     self, BandwidthLimits, Capacity, ContainerInfo, ContainerInfoEntry, ContainerMetricsEntry, ContainerSpec,

@@ -172,51 +172,33 @@ impl Process {
         &self.stream_id
     }
 
-    /// Sends `signal` to the process. The server sends no reply, so success
-    /// means only that the message was written.
+    /// Returns a handle for sending signals, resizes and stdin while
+    /// another task waits for the process.
+    pub fn controller(&self) -> ProcessController {
+        ProcessController {
+            id: self.id.clone(),
+            control: self.control.clone(),
+        }
+    }
+
+    /// Sends `signal` to the process; see [`ProcessController::signal`].
     pub async fn signal(&self, signal: Signal) -> ClientResult<()> {
-        self.send(ProcessPayload {
-            process_id: self.id.clone(),
-            signal: Some(signal.wire_value()),
-            ..ProcessPayload::default()
-        })
-        .await
+        self.controller().signal(signal).await
     }
 
-    /// Sets the window size of the process's TTY, in character cells. The
-    /// server ignores it for a process without a TTY.
+    /// Sets the TTY window size; see [`ProcessController::resize`].
     pub async fn resize(&self, columns: u16, rows: u16) -> ClientResult<()> {
-        self.send(ProcessPayload {
-            process_id: self.id.clone(),
-            tty: Some(TtySpec {
-                window_size: Some(WindowSize { columns, rows }),
-            }),
-            ..ProcessPayload::default()
-        })
-        .await
+        self.controller().resize(columns, rows).await
     }
 
-    /// Writes `data` to the process's stdin as one message. The protocol
-    /// carries stdin as a JSON string, so invalid UTF-8 becomes U+FFFD.
+    /// Writes to the process's stdin; see [`ProcessController::write_stdin`].
     pub async fn write_stdin(&self, data: &[u8]) -> ClientResult<()> {
-        self.send(stdin_message(&self.id, String::from_utf8_lossy(data).into_owned()))
-            .await
+        self.controller().write_stdin(data).await
     }
 
-    /// Closes the process's stdin, so the process reads end of file.
+    /// Closes the process's stdin; see [`ProcessController::close_stdin`].
     pub async fn close_stdin(&self) -> ClientResult<()> {
-        self.send(ProcessPayload {
-            process_id: self.id.clone(),
-            source: Some(0),
-            ..ProcessPayload::default()
-        })
-        .await
-    }
-
-    async fn send(&self, message: ProcessPayload) -> ClientResult<()> {
-        write_message(&self.control, &message)
-            .await
-            .map_err(|source| io_error("process control connection", source))
+        self.controller().close_stdin().await
     }
 
     /// Waits for the exit status, then for both output streams to reach end
@@ -263,6 +245,63 @@ impl Drop for Process {
         if let Some(task) = &self.stdin_copy {
             task.abort();
         }
+    }
+}
+
+/// Sends messages on a process's control connection. Clones share the
+/// connection; each message is written whole.
+#[derive(Clone)]
+pub struct ProcessController {
+    id: String,
+    control: ControlWriter,
+}
+
+impl ProcessController {
+    /// Sends `signal` to the process. The server sends no reply, so success
+    /// means only that the message was written.
+    pub async fn signal(&self, signal: Signal) -> ClientResult<()> {
+        self.send(ProcessPayload {
+            process_id: self.id.clone(),
+            signal: Some(signal.wire_value()),
+            ..ProcessPayload::default()
+        })
+        .await
+    }
+
+    /// Sets the window size of the process's TTY, in character cells. The
+    /// server ignores it for a process without a TTY.
+    pub async fn resize(&self, columns: u16, rows: u16) -> ClientResult<()> {
+        self.send(ProcessPayload {
+            process_id: self.id.clone(),
+            tty: Some(TtySpec {
+                window_size: Some(WindowSize { columns, rows }),
+            }),
+            ..ProcessPayload::default()
+        })
+        .await
+    }
+
+    /// Writes `data` to the process's stdin as one message. The protocol
+    /// carries stdin as a JSON string, so invalid UTF-8 becomes U+FFFD.
+    pub async fn write_stdin(&self, data: &[u8]) -> ClientResult<()> {
+        self.send(stdin_message(&self.id, String::from_utf8_lossy(data).into_owned()))
+            .await
+    }
+
+    /// Closes the process's stdin, so the process reads end of file.
+    pub async fn close_stdin(&self) -> ClientResult<()> {
+        self.send(ProcessPayload {
+            process_id: self.id.clone(),
+            source: Some(0),
+            ..ProcessPayload::default()
+        })
+        .await
+    }
+
+    async fn send(&self, message: ProcessPayload) -> ClientResult<()> {
+        write_message(&self.control, &message)
+            .await
+            .map_err(|source| io_error("process control connection", source))
     }
 }
 
