@@ -1,0 +1,671 @@
+//! Shared harness of the root integration tests: it starts the real
+//! `trellis server` binary in a private network namespace and cleans up
+//! after it.
+//!
+//! - [`TestServer::start`] skips out loud when the test cannot run (not
+//!   root, no `ip`); with `TRELLIS_REQUIRE_ROOT_TESTS=1` a skip fails the
+//!   test instead.
+//! - Each server gets a network namespace `trellis-t<pid>-<n>` with only
+//!   loopback up and no route out, a temporary depot, a unique tag and a
+//!   Unix socket, which the tests reach from the host network namespace.
+//! - Dropping the server, also while a test panics, destroys the remaining
+//!   containers through the API, stops the server by pid, deletes the
+//!   network namespace, removes the temporary files and checks for objects
+//!   left behind under its tag and depot.
+//!
+//! Each test binary compiles this module on its own and uses only part of
+//! it, so unused items are expected.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use trellis::api::{ContainerSpec, ProcessSpec};
+use trellis::client::{Client, ClientError, ProcessIo, Target};
+
+/// Environment variable that turns every skip into a failure (CI sets it).
+pub const REQUIRE_ROOT_VARIABLE: &str = "TRELLIS_REQUIRE_ROOT_TESTS";
+/// How long a server may take to answer its first ping.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a server may take to exit after SIGTERM before it gets SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long cleanup waits for one API call.
+const CLEANUP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+static SERVER_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Reports that `test` cannot run here. Returns normally (the caller then
+/// returns) unless `TRELLIS_REQUIRE_ROOT_TESTS=1`, where it panics.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var(REQUIRE_ROOT_VARIABLE).is_ok_and(|value| value == "1") {
+        panic!("{test}: cannot run: {reason} ({REQUIRE_ROOT_VARIABLE}=1 turns this skip into a failure)");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
+/// Checks what every server test needs; reports a skip and returns false
+/// when something is missing.
+pub fn can_run(test: &str) -> bool {
+    if !is_root() {
+        skip(test, "needs root to create network namespaces, cgroups and mounts");
+        return false;
+    }
+    if !Path::new("/usr/sbin/ip").exists() && !Path::new("/sbin/ip").exists() && !Path::new("/bin/ip").exists() {
+        skip(test, "needs the `ip` tool from iproute2");
+        return false;
+    }
+    if !rootfs_script().exists() {
+        skip(test, &format!("needs {} to build the busybox rootfs", rootfs_script().display()));
+        return false;
+    }
+    true
+}
+
+fn rootfs_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-busybox-rootfs")
+}
+
+/// Directory under which each test binary builds its busybox rootfs.
+fn rootfs_parent() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// Returns the busybox rootfs, building it on first use in this test
+/// binary with `scripts/build-busybox-rootfs`. It is removed when the test
+/// binary exits.
+pub fn busybox_rootfs() -> &'static Path {
+    static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
+    ROOTFS.get_or_init(|| {
+        remove_stale_rootfs_builds();
+        let directory = rootfs_parent().join(format!("busybox-rootfs-{}", std::process::id()));
+        let output = Command::new(rootfs_script())
+            .arg(&directory)
+            .output()
+            .expect("running scripts/build-busybox-rootfs");
+        assert!(
+            output.status.success(),
+            "scripts/build-busybox-rootfs {} failed with {}:\n{}{}",
+            directory.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // SAFETY: registers a plain function without arguments; atexit
+        // runs it when the test harness calls `exit`.
+        unsafe { libc::atexit(remove_rootfs_at_exit) };
+        directory
+    })
+}
+
+extern "C" fn remove_rootfs_at_exit() {
+    let directory = rootfs_parent().join(format!("busybox-rootfs-{}", std::process::id()));
+    remove_tree_if_unmounted(&directory);
+    let _ = fs::remove_dir_all(directory.with_extension("tmp"));
+}
+
+/// Removes rootfs builds of test binaries that no longer run.
+fn remove_stale_rootfs_builds() {
+    let Ok(entries) = fs::read_dir(rootfs_parent()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("busybox-rootfs-").and_then(|rest| rest.split('.').next()) else {
+            continue;
+        };
+        let running = pid.parse::<u32>().is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !running {
+            remove_tree_if_unmounted(&entry.path());
+        }
+    }
+}
+
+/// Deletes `directory` unless something is mounted below it: deleting
+/// through a mount point could delete files of another file system.
+fn remove_tree_if_unmounted(directory: &Path) {
+    let mounts = mounts_under(Path::new("/proc/self/mountinfo"), directory);
+    if !mounts.is_empty() {
+        eprintln!(
+            "test harness: not deleting {} because these are mounted below it:\n  {}",
+            directory.display(),
+            mounts.join("\n  ")
+        );
+        return;
+    }
+    if let Err(error) = fs::remove_dir_all(directory) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("test harness: deleting {} failed: {error}", directory.display());
+        }
+    }
+}
+
+/// Returns the mount points listed in `mountinfo` that are at or below
+/// `directory`.
+pub fn mounts_under(mountinfo: &Path, directory: &Path) -> Vec<String> {
+    let Ok(text) = fs::read_to_string(mountinfo) else { return Vec::new() };
+    let prefix = directory.to_string_lossy().into_owned();
+    text.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|mount_point| *mount_point == prefix || mount_point.starts_with(&format!("{prefix}/")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Options for one test server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The server's `default-grace-time`, as duration text (`0`: never).
+    pub default_grace_time: String,
+    /// The server's `max-containers`; `None` keeps the server's default.
+    pub max_containers: Option<u32>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            default_grace_time: "0".into(),
+            max_containers: None,
+        }
+    }
+}
+
+/// A running `trellis server` in its own network namespace.
+pub struct TestServer {
+    /// The test's name, for messages.
+    pub test: String,
+    /// Unique name of this server: the network namespace and the prefix of
+    /// container handles.
+    pub name: String,
+    /// The server's `tag`, which names every host object it creates.
+    pub tag: String,
+    pub depot: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub client: Client,
+    runtime: tokio::runtime::Runtime,
+    child: Option<Child>,
+    netns_created: bool,
+    temp: Option<tempfile::TempDir>,
+    handle_counter: AtomicUsize,
+}
+
+impl TestServer {
+    /// Starts a server for `test` with default options, or returns `None`
+    /// after reporting a skip.
+    pub fn start(test: &str) -> Option<TestServer> {
+        TestServer::start_with(test, ServerOptions::default())
+    }
+
+    /// Starts a server for `test`, or returns `None` after reporting a skip.
+    pub fn start_with(test: &str, options: ServerOptions) -> Option<TestServer> {
+        if !can_run(test) {
+            return None;
+        }
+        let rootfs = busybox_rootfs();
+        let number = SERVER_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("trellis-t{}-{number}", std::process::id());
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir()
+            .expect("creating the server's temporary directory");
+        let directory = temp.path().to_path_buf();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("building the test's tokio runtime");
+        let socket = directory.join("garden.sock");
+        let mut server = TestServer {
+            test: test.to_string(),
+            // NOTE: the tag doubles as the network namespace name, so
+            // leak-check's default pattern `trellis` finds leftovers of
+            // tests too. If the server limits the tag's length (interface
+            // names have at most 15 bytes), shorten it here.
+            tag: name.clone(),
+            name,
+            depot: directory.join("depot"),
+            socket: socket.clone(),
+            log: directory.join("server.log"),
+            client: Client::new(Target::Unix(socket)),
+            runtime,
+            child: None,
+            netns_created: false,
+            temp: Some(temp),
+            handle_counter: AtomicUsize::new(0),
+        };
+        fs::create_dir_all(&server.depot).expect("creating the depot");
+        server.create_netns();
+        let config = server.write_config(rootfs, &options);
+        server.spawn(&config);
+        server.wait_until_ready();
+        Some(server)
+    }
+
+    /// Creates the network namespace with loopback up and no other link,
+    /// so the server has no route out of the machine.
+    fn create_netns(&mut self) {
+        run_tool("ip", &["netns", "add", &self.name]);
+        self.netns_created = true;
+        run_tool("ip", &["-n", &self.name, "link", "set", "lo", "up"]);
+    }
+
+    // TODO: once the server has options for its external IP and DNS
+    // servers, set them here to an address of this namespace, because a
+    // namespace without a route out has no external IP to discover.
+    fn write_config(&self, rootfs: &Path, options: &ServerOptions) -> PathBuf {
+        let mut config = format!(
+            "bind-socket = {socket:?}\ndepot = {depot:?}\ndefault-rootfs = {rootfs:?}\n\
+             default-grace-time = {grace:?}\ntag = {tag:?}\nlog-level = \"debug\"\n",
+            socket = self.socket.display().to_string(),
+            depot = self.depot.display().to_string(),
+            rootfs = rootfs.display().to_string(),
+            grace = options.default_grace_time,
+            tag = self.tag,
+        );
+        if let Some(max) = options.max_containers {
+            config.push_str(&format!("max-containers = {max}\n"));
+        }
+        let path = self.depot.parent().unwrap().join("trellis.toml");
+        fs::write(&path, config).expect("writing the server configuration");
+        path
+    }
+
+    fn spawn(&mut self, config: &Path) {
+        let log = fs::File::create(&self.log).expect("creating the server log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(env!("CARGO_BIN_EXE_trellis"))
+            .arg("server")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning the log file handle"))
+            .stderr(log)
+            .spawn()
+            .expect("starting `ip netns exec ... trellis server`");
+        // `ip netns exec` enters the namespace and then execs the server,
+        // so this pid is the server's own.
+        self.child = Some(child);
+    }
+
+    fn wait_until_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("polling the server") {
+                panic!(
+                    "{}: the server exited with {status} before answering a ping; its log:\n{}",
+                    self.test,
+                    self.log_text()
+                );
+            }
+            if self.socket.exists() {
+                let client = self.client.clone();
+                if self.runtime.block_on(client.ping()).is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: the server did not answer a ping within {START_TIMEOUT:?}; its log:\n{}",
+                self.test,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Runs `future` on this server's runtime.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// Returns a handle that no other test or server uses.
+    pub fn unique_handle(&self, label: &str) -> String {
+        let number = self.handle_counter.fetch_add(1, Ordering::SeqCst);
+        format!("{}-{label}-{number}", self.name)
+    }
+
+    /// Creates a container with a unique handle and the default rootfs.
+    pub fn create(&self, label: &str) -> String {
+        let spec = ContainerSpec {
+            handle: self.unique_handle(label),
+            ..ContainerSpec::default()
+        };
+        self.block_on(self.client.create(&spec))
+            .unwrap_or_else(|error| panic!("{}: creating a container failed: {error}", self.test))
+    }
+
+    /// Runs a process to completion and returns its output and status.
+    pub fn run(&self, handle: &str, spec: &ProcessSpec, stdin: Option<Vec<u8>>) -> Result<ProcessOutput, ClientError> {
+        self.block_on(run_to_completion(&self.client, handle, spec, stdin))
+    }
+
+    /// Runs `path` with `args` to completion; panics when a request fails.
+    pub fn run_command(&self, handle: &str, path: &str, args: &[&str]) -> ProcessOutput {
+        let spec = command_spec(path, args);
+        self.run(handle, &spec, None)
+            .unwrap_or_else(|error| panic!("{}: running {path} {args:?} failed: {error}", self.test))
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_else(|error| format!("(cannot read {}: {error})", self.log.display()))
+    }
+
+    /// Destroys every container the server still lists.
+    fn destroy_remaining(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let listed = self.block_on(async {
+            tokio::time::timeout(CLEANUP_CALL_TIMEOUT, self.client.list(&Default::default())).await
+        });
+        let handles = match listed {
+            Ok(Ok(handles)) => handles,
+            Ok(Err(error)) => return vec![format!("listing containers failed: {error}")],
+            Err(_) => return vec!["listing containers timed out".into()],
+        };
+        for handle in handles {
+            let destroyed = self.block_on(async {
+                tokio::time::timeout(CLEANUP_CALL_TIMEOUT, self.client.destroy(&handle)).await
+            });
+            match destroyed {
+                Ok(Ok(())) | Ok(Err(ClientError::ContainerNotFound { .. })) => {}
+                Ok(Err(error)) => problems.push(format!("destroying {handle} failed: {error}")),
+                Err(_) => problems.push(format!("destroying {handle} timed out")),
+            }
+        }
+        problems
+    }
+
+    /// Stops the server with SIGTERM, then SIGKILL if it does not exit.
+    fn stop_server(&mut self) -> Vec<String> {
+        let Some(mut child) = self.child.take() else { return Vec::new() };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        if let Ok(Some(_)) = child.try_wait() {
+            return vec![format!("the server (pid {pid}) had already exited")];
+        }
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Vec::new();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        vec![format!("the server (pid {pid}) ignored SIGTERM for {STOP_TIMEOUT:?} and was killed")]
+    }
+
+    /// Lists objects left behind: cgroups named with the tag, mounts under
+    /// the depot, and processes that name the tag or the depot.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for cgroup in cgroups_named(&self.tag) {
+            found.push(format!("cgroup {}", cgroup.display()));
+        }
+        for mount in mounts_under(Path::new("/proc/self/mountinfo"), &self.depot) {
+            found.push(format!("mount {mount}"));
+        }
+        for (pid, command) in processes_naming(&[&self.tag, &self.depot.to_string_lossy()]) {
+            found.push(format!("process {pid}: {command}"));
+        }
+        for (pid, command) in processes_in_cgroups_named(&self.tag) {
+            found.push(format!("process {pid} in a {} cgroup: {command}", self.tag));
+        }
+        found
+    }
+
+    /// Prints what helps to understand a failure.
+    fn dump_state(&self) {
+        eprintln!("==== {}: state after the failure ====", self.test);
+        eprintln!("-- mounts under {} (test's mount namespace):", self.depot.display());
+        for mount in mounts_under(Path::new("/proc/self/mountinfo"), &self.depot) {
+            eprintln!("  {mount}");
+        }
+        if self.pid() != 0 {
+            let server_mountinfo = PathBuf::from(format!("/proc/{}/mountinfo", self.pid()));
+            eprintln!("-- mounts under the depot (server's mount namespace):");
+            for mount in mounts_under(&server_mountinfo, &self.depot) {
+                eprintln!("  {mount}");
+            }
+        }
+        eprintln!("-- cgroups named like {}:", self.tag);
+        for cgroup in cgroups_named(&self.tag) {
+            eprintln!("  {}", cgroup.display());
+        }
+        eprintln!("-- server log ({}):\n{}", self.log.display(), self.log_text());
+        eprintln!("==== end of state ====");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if panicking {
+            self.dump_state();
+        }
+        let mut problems = Vec::new();
+        if self.child.is_some() {
+            problems.extend(self.destroy_remaining());
+        }
+        problems.extend(self.stop_server());
+        if self.netns_created {
+            if let Err(error) = try_tool("ip", &["netns", "delete", &self.name]) {
+                problems.push(error);
+            }
+        }
+        let leftovers = self.leftovers();
+        problems.extend(leftovers.iter().map(|leftover| format!("left behind: {leftover}")));
+        if let Some(temp) = self.temp.take() {
+            let directory = temp.keep();
+            remove_tree_if_unmounted(&directory);
+        }
+        if problems.is_empty() {
+            return;
+        }
+        let report = format!("{}: cleanup found problems:\n  {}", self.test, problems.join("\n  "));
+        // A panic while unwinding aborts the test binary, so then the
+        // report only goes to stderr.
+        if panicking {
+            eprintln!("{report}");
+        } else {
+            panic!("{report}");
+        }
+    }
+}
+
+/// Runs a command with the host's tools; panics when it fails.
+fn run_tool(program: &str, args: &[&str]) {
+    if let Err(error) = try_tool(program, args) {
+        panic!("{error}");
+    }
+}
+
+fn try_tool(program: &str, args: &[&str]) -> Result<(), String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|error| format!("running {program} {args:?} failed: {error}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{program} {args:?} failed with {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
+}
+
+/// Returns cgroup directories whose name contains `pattern`.
+pub fn cgroups_named(pattern: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+    while let Some((directory, depth)) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&directory) else { continue };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else { continue };
+            if !kind.is_dir() {
+                continue;
+            }
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().contains(pattern) {
+                found.push(path.clone());
+            }
+            if depth < 8 {
+                pending.push((path, depth + 1));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Returns processes other than this one whose command line contains one of
+/// `patterns`.
+pub fn processes_naming(patterns: &[&str]) -> Vec<(u32, String)> {
+    let own = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == own {
+            continue;
+        }
+        let Ok(raw) = fs::read(entry.path().join("cmdline")) else { continue };
+        let command = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if patterns.iter().any(|pattern| command.contains(pattern)) {
+            found.push((pid, command.trim_end().to_string()));
+        }
+    }
+    found
+}
+
+/// Returns processes whose cgroup path, in any hierarchy, contains
+/// `pattern`.
+pub fn processes_in_cgroups_named(pattern: &str) -> Vec<(u32, String)> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cgroups) = fs::read_to_string(entry.path().join("cgroup")) else { continue };
+        if cgroups.contains(pattern) {
+            let command = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push((pid, String::from_utf8_lossy(&command).replace('\0', " ").trim_end().to_string()));
+        }
+    }
+    found
+}
+
+/// A process spec for `path` with `args` and nothing else.
+pub fn command_spec(path: &str, args: &[&str]) -> ProcessSpec {
+    ProcessSpec {
+        path: path.to_string(),
+        args: args.iter().map(|arg| arg.to_string()).collect(),
+        ..ProcessSpec::default()
+    }
+}
+
+/// What a finished process wrote and how it exited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: i64,
+}
+
+impl ProcessOutput {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// Runs a process with stdout and stderr attached and, when given, `stdin`
+/// sent and then closed; returns its output once it exited.
+pub async fn run_to_completion(
+    client: &Client,
+    handle: &str,
+    spec: &ProcessSpec,
+    stdin: Option<Vec<u8>>,
+) -> Result<ProcessOutput, ClientError> {
+    let stdout = SharedOutput::default();
+    let stderr = SharedOutput::default();
+    let io = ProcessIo {
+        stdin: stdin.map(|bytes| Box::new(std::io::Cursor::new(bytes)) as _),
+        stdout: Some(Box::new(stdout.clone())),
+        stderr: Some(Box::new(stderr.clone())),
+    };
+    let mut process = client.run(handle, spec, io).await?;
+    let status = process.wait().await?;
+    Ok(ProcessOutput {
+        stdout: stdout.take(),
+        stderr: stderr.take(),
+        status,
+    })
+}
+
+/// An output writer that collects everything written to it.
+#[derive(Clone, Default)]
+pub struct SharedOutput(Arc<Mutex<Vec<u8>>>);
+
+impl SharedOutput {
+    /// Returns the bytes collected so far and clears the buffer.
+    pub fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+
+    /// Returns the number of bytes collected so far.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+/// How long [`wait_for_output`] waits before it fails the test.
+const OUTPUT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until `output` holds at least `length` bytes; panics after a
+/// minute, so that a lost byte fails the test instead of hanging it.
+pub async fn wait_for_output(output: &SharedOutput, length: usize, what: &str) {
+    let deadline = Instant::now() + OUTPUT_TIMEOUT;
+    while output.len() < length {
+        assert!(
+            Instant::now() < deadline,
+            "waited {OUTPUT_TIMEOUT:?} for {what}: have {} of {length} bytes",
+            output.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl tokio::io::AsyncWrite for SharedOutput {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.0.lock().unwrap().write_all(bytes)?;
+        Poll::Ready(Ok(bytes.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
