@@ -117,8 +117,8 @@ fn attach_to_running_process() {
         assert_ne!(second.stream_id(), first.stream_id());
 
         second.write_stdin(b"one\n").await.unwrap();
-        // The two writes travel on different connections; waiting for the
-        // answer keeps their order.
+        // The two writes travel on different connections, so waiting for
+        // the first line's output keeps their order.
         support::wait_for_output(&stdout, "got-one\n".len(), "the answer to the first line").await;
         first.write_stdin(b"two\n").await.unwrap();
         second.close_stdin().await.unwrap();

@@ -15,7 +15,7 @@ const REQUEST_FAILED_EXIT_CODE: u8 = 125;
 /// Property that `trellis run` puts on the containers it creates.
 const CREATED_BY_PROPERTY: &str = "trellis.created-by";
 
-/// Which server the command talks to.
+/// Server address option shared by every client command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TargetArgs {
     /// Garden server address: `host:port` for TCP, or the path of a Unix
@@ -27,7 +27,7 @@ pub struct TargetArgs {
 /// Client subcommands, each pointed at a server by `--target`.
 #[derive(Debug, clap::Subcommand)]
 pub enum ClientCommand {
-    /// Check that the server answers.
+    /// Check that the server responds to a ping.
     Ping {
         #[command(flatten)]
         target: TargetArgs,
@@ -123,7 +123,7 @@ pub struct ContainerArgs {
 }
 
 impl ContainerArgs {
-    /// Whether any option was given.
+    /// Returns whether any option was given.
     fn sets_anything(&self) -> bool {
         !self.properties.is_empty()
             || !self.container_env.is_empty()

@@ -9,7 +9,7 @@ use crate::api::{
 /// Everything a client call can fail with.
 ///
 /// The first six variants come from the server's error envelope and are
-/// chosen by its `Type` key alone, as the Go client does; the HTTP status
+/// chosen by its `Type` key alone, as the Go client does. The HTTP status
 /// only decides that a response is an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -37,7 +37,7 @@ pub enum ClientError {
     #[error("{message}")]
     Server { status: u16, message: String },
 
-    /// The server answered with an error status and a body that is not an
+    /// The server responded with an error status and a body that is not an
     /// error envelope, such as the router's plain-text 404.
     #[error("bad response: status {status}, body {body:?}")]
     BadResponse { status: u16, body: String },

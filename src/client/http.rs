@@ -26,7 +26,7 @@ const MAX_CHUNK_LINE_BYTES: usize = 4096;
 /// Bytes requested from the socket per read.
 const READ_BYTES: usize = 64 * 1024;
 
-/// Where the Garden server listens.
+/// Address of a Garden server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A TCP `host:port`.
@@ -107,7 +107,7 @@ pub async fn connect(target: &Target, timeout: Duration) -> ClientResult<Connect
     }
 }
 
-/// How a request body is framed.
+/// Framing of a request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestFraming {
     /// No body and no framing header.
@@ -168,7 +168,7 @@ pub struct ResponseHead {
     pub headers: Vec<(String, String)>,
 }
 
-/// How a response body ends.
+/// Framing of a response body, which decides where it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseFraming {
     Length(u64),
@@ -186,7 +186,7 @@ impl ResponseHead {
             .map(|(_, value)| value.as_str())
     }
 
-    /// Whether the status is in 200..=299.
+    /// Returns whether the status is in 200..=299.
     pub fn is_success(&self) -> bool {
         (200..300).contains(&self.status)
     }
@@ -211,7 +211,7 @@ impl ResponseHead {
         Ok(ResponseFraming::Close)
     }
 
-    /// Whether the head tells the client that the server closes the
+    /// Returns whether the head announces that the server closes the
     /// connection after this response.
     pub fn closes_connection(&self) -> bool {
         let close_token = self
@@ -288,7 +288,7 @@ pub(crate) fn io_error(route: &str, source: io::Error) -> ClientError {
     }
 }
 
-/// Where a chunked body reader stands.
+/// Position of a chunked body reader in the chunk framing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     /// Before a chunk-size line.
@@ -317,8 +317,8 @@ pub struct BodyReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> BodyReader<R> {
-    /// Starts reading a body framed as `framing`; `buffer` holds the bytes
-    /// already read after the head.
+    /// Starts reading a body framed as `framing`. `buffer` contains the
+    /// bytes already read after the head.
     pub fn new(reader: R, buffer: BytesMut, framing: ResponseFraming) -> Self {
         let state = match framing {
             ResponseFraming::Length(0) => BodyState::Done,
@@ -536,7 +536,7 @@ mod tests {
     }
 
     async fn body_of(framing: ResponseFraming, bytes: &'static [u8]) -> io::Result<Vec<u8>> {
-        // Feed the bytes one at a time so every framing state sees split input.
+        // Feed the bytes one at a time so every framing state gets split input.
         let (mut client, mut server) = tokio::io::duplex(1);
         let feeder = tokio::spawn(async move {
             for byte in bytes {

@@ -104,7 +104,7 @@ impl Client {
         self
     }
 
-    /// The server this client talks to.
+    /// Returns the address of the server this client connects to.
     pub fn target(&self) -> &Target {
         &self.target
     }
@@ -300,7 +300,7 @@ impl Client {
 
     /// Streams `source` out of the container as a tar archive, read as
     /// `user` (empty means root). A `source` ending in `/` gives the
-    /// directory's contents; otherwise the archive holds one top-level entry.
+    /// directory's contents; otherwise the archive contains one top-level entry.
     pub async fn stream_out(&self, handle: &str, source: &str, user: &str) -> ClientResult<StreamOut> {
         let path = format!(
             "{}?{}",
@@ -327,9 +327,9 @@ impl Client {
         Process::start(&self.target, self.connect_timeout, request, io).await
     }
 
-    /// Attaches to a process started earlier. It receives output produced
-    /// from now on (and output buffered while nobody was attached) and the
-    /// exit status.
+    /// Attaches to a process started earlier. The new attachment receives
+    /// output produced from now on, output the server buffered while no
+    /// client was attached, and the exit status.
     pub async fn attach(&self, handle: &str, process_id: &str, io: ProcessIo) -> ClientResult<Process> {
         let request = process::ControlRequest {
             method: "GET",
@@ -364,9 +364,9 @@ impl Client {
         };
         let written = write_request(&mut connection, head.to_bytes(), body).await;
 
-        // A server may answer before it has read the whole body, for
-        // example an unknown handle on stream-in, and then the body write
-        // fails. Its answer explains more than the write error does.
+        // A server may respond before it has read the whole body, for
+        // example to an unknown handle on stream-in, and then the body write
+        // fails. Its response explains more than the write error does.
         let mut buffer = bytes::BytesMut::new();
         let response = match (http::read_head(&mut connection, &mut buffer, &route).await, written) {
             (Ok(response), _) => response,

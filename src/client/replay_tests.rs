@@ -639,6 +639,7 @@ async fn wait_returns_after_all_output() {
     let client = Client::new(Target::Tcp(listener.local_addr().unwrap().to_string()));
     let output: Vec<u8> = (0..3_000_000u32).map(|n| (n % 253) as u8).collect();
     let sent = output.clone();
+
     let server = tokio::spawn(async move {
         let (mut control, _) = listener.accept().await.unwrap();
         let _run = read_request(&mut control, &mut BytesMut::new()).await;
@@ -658,6 +659,7 @@ async fn wait_returns_after_all_output() {
         stdout.write_all(&sent).await.unwrap();
         stdout.shutdown().await.unwrap();
     });
+
     let received = SharedOutput::default();
     let spec = ProcessSpec {
         path: "true".into(),

@@ -32,7 +32,7 @@ use trellis::client::{Client, ClientError, ProcessIo, Target};
 
 /// Environment variable that turns every skip into a failure (CI sets it).
 pub const REQUIRE_ROOT_VARIABLE: &str = "TRELLIS_REQUIRE_ROOT_TESTS";
-/// How long a server may take to answer its first ping.
+/// How long a server may take to respond to its first ping.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server may take to exit after SIGTERM before it gets SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,7 +41,7 @@ const CLEANUP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 static SERVER_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether this process runs as root.
+/// Returns whether this process runs as root.
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -212,6 +212,7 @@ impl TestServer {
             return None;
         }
         let rootfs = busybox_rootfs();
+
         let number = SERVER_COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("trellis-t{}-{number}", std::process::id());
         let temp = tempfile::Builder::new()
@@ -224,6 +225,7 @@ impl TestServer {
             .enable_all()
             .build()
             .expect("building the test's tokio runtime");
+
         let socket = directory.join("garden.sock");
         let mut server = TestServer {
             test: test.to_string(),
@@ -243,6 +245,7 @@ impl TestServer {
             temp: Some(temp),
             handle_counter: AtomicUsize::new(0),
         };
+
         fs::create_dir_all(&server.depot).expect("creating the depot");
         server.create_netns();
         let config = server.write_config(rootfs, &options);
@@ -324,7 +327,7 @@ impl TestServer {
         }
     }
 
-    /// The server's pid.
+    /// Returns the server's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
@@ -362,7 +365,7 @@ impl TestServer {
             .unwrap_or_else(|error| panic!("{}: running {path} {args:?} failed: {error}", self.test))
     }
 
-    /// The server's log so far.
+    /// Returns the server's log so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_else(|error| format!("(cannot read {}: {error})", self.log.display()))
     }
@@ -459,8 +462,10 @@ impl Drop for TestServer {
         if panicking {
             self.dump_state();
         }
+
         let mut problems = Vec::new();
-        if self.child.is_some() {
+        let server_running = self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)));
+        if server_running {
             problems.extend(self.destroy_remaining());
         }
         problems.extend(self.stop_server());
@@ -469,12 +474,14 @@ impl Drop for TestServer {
                 problems.push(error);
             }
         }
+
         let leftovers = self.leftovers();
         problems.extend(leftovers.iter().map(|leftover| format!("left behind: {leftover}")));
         if let Some(temp) = self.temp.take() {
             let directory = temp.keep();
             remove_tree_if_unmounted(&directory);
         }
+
         if problems.is_empty() {
             return;
         }
@@ -571,7 +578,7 @@ pub fn processes_in_cgroups_named(pattern: &str) -> Vec<(u32, String)> {
     found
 }
 
-/// A process spec for `path` with `args` and nothing else.
+/// Returns a process spec for `path` with `args` and nothing else.
 pub fn command_spec(path: &str, args: &[&str]) -> ProcessSpec {
     ProcessSpec {
         path: path.to_string(),
@@ -641,7 +648,7 @@ impl SharedOutput {
 /// How long [`wait_for_output`] waits before it fails the test.
 const OUTPUT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Waits until `output` holds at least `length` bytes; panics after a
+/// Waits until `output` contains at least `length` bytes; panics after a
 /// minute, so that a lost byte fails the test instead of hanging it.
 pub async fn wait_for_output(output: &SharedOutput, length: usize, what: &str) {
     let deadline = Instant::now() + OUTPUT_TIMEOUT;
