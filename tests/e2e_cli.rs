@@ -88,3 +88,126 @@ fn cli_exit_codes_and_errors() {
     let destroy = trellis(&server, &["destroy", &handle]);
     assert!(destroy.status.success(), "trellis destroy: {}", text(&destroy.stderr));
 }
+
+/// Reads one request head and its `Content-Length` body from `stream`.
+fn read_request(stream: &mut std::os::unix::net::UnixStream) -> (String, String) {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let mut byte = [0u8; 1];
+    while !bytes.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "connection closed inside a request head");
+        bytes.push(byte[0]);
+    }
+    let head = String::from_utf8(bytes).unwrap();
+    let length = head
+        .lines()
+        .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string))
+        .map_or(0, |value| value.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+/// Plays a server for `trellis run -- echo hello from the container`:
+/// create, run, the two attaches, then the exit status.
+fn serve_canned_run(listener: std::os::unix::net::UnixListener, exit_status: i32) {
+    use std::io::{Read, Write};
+    let (mut create, _) = listener.accept().unwrap();
+    let (head, body) = read_request(&mut create);
+    assert!(head.starts_with("POST /containers HTTP/1.1\r\n"), "{head}");
+    assert!(body.contains("\"trellis.created-by\":\"run\""), "{body}");
+    create
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 21\r\n\r\n{\"Handle\":\"canned-1\"}\n")
+        .unwrap();
+    drop(create);
+
+    let (mut control, _) = listener.accept().unwrap();
+    let (head, body) = read_request(&mut control);
+    assert!(head.starts_with("POST /containers/canned-1/processes HTTP/1.1\r\n"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    let spec: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(spec["path"], "echo");
+    assert_eq!(spec["args"], serde_json::json!(["hello from the container"]));
+    control
+        .write_all(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{\"process_id\":\"p1\",\"stream_id\":\"1\"}\n")
+        .unwrap();
+
+    let (mut stdout, _) = listener.accept().unwrap();
+    let (head, _) = read_request(&mut stdout);
+    assert!(head.starts_with("GET /containers/canned-1/processes/p1/attaches/1/stdout HTTP/1.1\r\n"), "{head}");
+    stdout.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let (mut stderr, _) = listener.accept().unwrap();
+    let (head, _) = read_request(&mut stderr);
+    assert!(head.starts_with("GET /containers/canned-1/processes/p1/attaches/1/stderr HTTP/1.1\r\n"), "{head}");
+    stderr.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+
+    // The CLI's stdin is /dev/null, so its first message closes stdin.
+    let mut message = Vec::new();
+    let mut byte = [0u8; 1];
+    while !message.ends_with(b"\n") {
+        assert_eq!(control.read(&mut byte).unwrap(), 1, "control connection closed early");
+        message.push(byte[0]);
+    }
+    let close: serde_json::Value = serde_json::from_slice(&message).unwrap();
+    assert_eq!(close, serde_json::json!({"process_id": "p1", "source": 0}));
+
+    stdout.write_all(b"hello from the container\n").unwrap();
+    drop(stdout);
+    drop(stderr);
+    control
+        .write_all(format!("{{\"process_id\":\"p1\",\"exit_status\":{exit_status}}}\n").as_bytes())
+        .unwrap();
+}
+
+/// Checks the CLI's output and exit code against canned server bytes; needs
+/// no root and no server.
+#[test]
+fn cli_run_against_canned_server() {
+    for exit_status in [0, 3] {
+        let directory = tempfile::tempdir().unwrap();
+        let socket = directory.path().join("canned.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || serve_canned_run(listener, exit_status));
+
+        let run = Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(["run", "--target", socket.to_str().unwrap(), "--", "echo", "hello from the container"])
+            .env_remove("TRELLIS_TARGET")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        server.join().expect("the canned server's checks passed");
+        assert_eq!(text(&run.stdout), "hello from the container\n");
+        assert_eq!(text(&run.stderr), "");
+        assert_eq!(run.status.code(), Some(exit_status));
+    }
+}
+
+/// Checks that the CLI prints the server's error message and exits
+/// non-zero; needs no root and no server.
+#[test]
+fn cli_prints_server_error() {
+    use std::io::Write;
+    let directory = tempfile::tempdir().unwrap();
+    let socket = directory.path().join("canned.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let (head, _) = read_request(&mut stream);
+        assert!(head.starts_with("DELETE /containers/nope HTTP/1.1\r\n"), "{head}");
+        let body = "{\"Type\":\"ContainerNotFoundError\",\"Message\":\"unknown handle: nope\",\"Handle\":\"nope\",\"ProcessID\":\"\",\"Binary\":\"\"}\n";
+        let response = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(response.as_bytes()).unwrap();
+    });
+    let destroy = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["destroy", "nope"])
+        .env("TRELLIS_TARGET", &socket)
+        .output()
+        .unwrap();
+    server.join().expect("the canned server's checks passed");
+    assert_eq!(destroy.status.code(), Some(1));
+    assert_eq!(text(&destroy.stderr), "trellis: unknown handle: nope\n");
+    assert_eq!(text(&destroy.stdout), "");
+}
