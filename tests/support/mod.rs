@@ -161,6 +161,30 @@ pub fn mounts_under(mountinfo: &Path, directory: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Returns a server tag unique to this process and server number. Tags
+/// are 1 to 8 lowercase letters or digits, because they become part of
+/// interface names: `t`, the pid in 5 base-36 digits (pids are below
+/// 36^5), then the server number in base 36.
+fn short_tag(pid: u32, number: usize) -> String {
+    let tag = format!("t{:0>5}{}", base36(pid as u64), base36(number as u64));
+    assert!(tag.len() <= 8, "server number {number} is too large for a tag");
+    tag
+}
+
+fn base36(mut value: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut digits = Vec::new();
+    loop {
+        digits.push(DIGITS[(value % 36) as usize]);
+        value /= 36;
+        if value == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    String::from_utf8(digits).unwrap()
+}
+
 /// Options for one test server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -215,6 +239,7 @@ impl TestServer {
 
         let number = SERVER_COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("trellis-t{}-{number}", std::process::id());
+        let tag = short_tag(std::process::id(), number);
         let temp = tempfile::Builder::new()
             .prefix(&format!("{name}-"))
             .tempdir()
@@ -229,11 +254,7 @@ impl TestServer {
         let socket = directory.join("garden.sock");
         let mut server = TestServer {
             test: test.to_string(),
-            // NOTE: the tag doubles as the network namespace name, so
-            // leak-check's default pattern `trellis` finds leftovers of
-            // tests too. If the server limits the tag's length (interface
-            // names have at most 15 bytes), shorten it here.
-            tag: name.clone(),
+            tag,
             name,
             depot: directory.join("depot"),
             socket: socket.clone(),
