@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeMap;
 
 use support::{command_spec, cgroups_named, mounts_under, TestServer};
-use trellis::api::{BindMount, ContainerSpec, Properties};
+use trellis::api::{BindMount, ContainerSpec, Limits, MemoryLimits, Properties};
 use trellis::client::{ClientError, ProcessIo, Signal};
 
 #[test]
@@ -213,19 +213,19 @@ fn failed_create_leaves_nothing() {
         rootfs: format!("/nonexistent/{}/rootfs", server.name),
         ..ContainerSpec::default()
     };
-    // The bind mount source is checked late, after the root filesystem
-    // and cgroups exist, so this create fails half way.
-    let missing_bind_source = ContainerSpec {
-        handle: server.unique_handle("no-bind-source"),
-        bind_mounts: vec![BindMount {
-            src_path: format!("/nonexistent/{}/source", server.name),
-            dst_path: "/mnt/source".into(),
-            ..BindMount::default()
-        }],
+    // The root filesystem and the cgroup exist before garden-init starts,
+    // and garden-init cannot start in a cgroup that allows one page of
+    // memory, so this create fails half way.
+    let tiny_memory = ContainerSpec {
+        handle: server.unique_handle("tiny-memory"),
+        limits: Limits {
+            memory_limits: MemoryLimits { limit_in_bytes: 4096 },
+            ..Limits::default()
+        },
         ..ContainerSpec::default()
     };
     let mut failures = BTreeMap::new();
-    for spec in [missing_rootfs, missing_bind_source] {
+    for spec in [missing_rootfs, tiny_memory] {
         let error = server.block_on(server.client.create(&spec)).unwrap_err();
         assert!(matches!(error, ClientError::Server { .. }), "{}: {error:?}", spec.handle);
         failures.insert(spec.handle.clone(), error.to_string());
@@ -246,6 +246,25 @@ fn failed_create_leaves_nothing() {
     // A valid create still works afterwards.
     let handle = server.create("after-failures");
     assert_eq!(server.run_command(&handle, "true", &[]).status, 0);
+}
+
+#[test]
+fn missing_bind_source_rejected() {
+    let Some(server) = TestServer::start("missing_bind_source_rejected") else { return };
+    let missing_bind_source = ContainerSpec {
+        handle: server.unique_handle("no-bind-source"),
+        bind_mounts: vec![BindMount {
+            src_path: format!("/nonexistent/{}/source", server.name),
+            dst_path: "/mnt/source".into(),
+            ..BindMount::default()
+        }],
+        ..ContainerSpec::default()
+    };
+    let error = server.block_on(server.client.create(&missing_bind_source)).unwrap_err();
+    assert!(matches!(error, ClientError::Server { .. }), "{error:?}");
+    let listed = server.block_on(server.client.list(&Properties::new())).unwrap();
+    assert!(!listed.contains(&missing_bind_source.handle), "failed create is listed");
+    assert_eq!(cgroups_named(&missing_bind_source.handle), Vec::<std::path::PathBuf>::new());
 }
 
 /// Returns the paths of every file and directory below `directory`, without

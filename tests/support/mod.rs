@@ -21,6 +21,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -36,6 +37,9 @@ pub const REQUIRE_ROOT_VARIABLE: &str = "TRELLIS_REQUIRE_ROOT_TESTS";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server may take to exit after SIGTERM before it gets SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a test's client call may take before the test fails. It only
+/// guards against hangs; tests never assert speed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long cleanup waits for one API call.
 const CLEANUP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -304,21 +308,32 @@ impl TestServer {
         path
     }
 
+    /// Starts the server inside the network namespace.
+    ///
+    /// The child enters only the network namespace (setns between fork and
+    /// exec), and not through `ip netns exec`, because that also gives the
+    /// command a new mount namespace with a fresh sysfs on /sys, which hides
+    /// the cgroup hierarchies under /sys/fs/cgroup from the server.
     fn spawn(&mut self, config: &Path) {
         let log = fs::File::create(&self.log).expect("creating the server log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .arg(env!("CARGO_BIN_EXE_trellis"))
+        let netns_path = format!("/run/netns/{}", self.name);
+        let netns = fs::File::open(&netns_path).unwrap_or_else(|error| panic!("opening {netns_path} failed: {error}"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_trellis"));
+        command
             .arg("server")
             .arg("--config")
             .arg(config)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning the log file handle"))
-            .stderr(log)
-            .spawn()
-            .expect("starting `ip netns exec ... trellis server`");
-        // `ip netns exec` enters the namespace and then execs the server,
-        // so this pid is the server's own.
+            .stderr(log);
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes the setns system call on a descriptor opened before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().expect("starting `trellis server` in its network namespace");
         self.child = Some(child);
     }
 
@@ -353,9 +368,15 @@ impl TestServer {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// Runs `future` on this server's runtime.
+    /// Runs `future` on this server's runtime. Panics when it takes longer
+    /// than [`CALL_TIMEOUT`], so that a request the server never completes
+    /// fails the test instead of hanging it.
     pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.runtime.block_on(future)
+        // The timer must be created inside the runtime.
+        match self.runtime.block_on(async { tokio::time::timeout(CALL_TIMEOUT, future).await }) {
+            Ok(output) => output,
+            Err(_) => panic!("{}: a client call did not finish within {CALL_TIMEOUT:?}", self.test),
+        }
     }
 
     /// Returns a handle that no other test or server uses.
@@ -394,7 +415,7 @@ impl TestServer {
     /// Destroys every container the server still lists.
     fn destroy_remaining(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let listed = self.block_on(async {
+        let listed = self.runtime.block_on(async {
             tokio::time::timeout(CLEANUP_CALL_TIMEOUT, self.client.list(&Default::default())).await
         });
         let handles = match listed {
@@ -403,7 +424,7 @@ impl TestServer {
             Err(_) => return vec!["listing containers timed out".into()],
         };
         for handle in handles {
-            let destroyed = self.block_on(async {
+            let destroyed = self.runtime.block_on(async {
                 tokio::time::timeout(CLEANUP_CALL_TIMEOUT, self.client.destroy(&handle)).await
             });
             match destroyed {
