@@ -50,9 +50,9 @@ fn list_filters_by_property() {
     let blue_handle = server.block_on(server.client.create(&blue)).unwrap();
 
     let filter = Properties::from([("team".into(), "red".into())]);
-    assert_eq!(server.block_on(server.client.list(&filter)).unwrap(), [red_handle.clone()]);
+    assert_eq!(server.block_on(server.client.list(&filter)).unwrap(), std::slice::from_ref(&red_handle));
     let filter = Properties::from([("team".into(), "red".into()), ("tier".into(), "a b/c".into())]);
-    assert_eq!(server.block_on(server.client.list(&filter)).unwrap(), [red_handle.clone()]);
+    assert_eq!(server.block_on(server.client.list(&filter)).unwrap(), std::slice::from_ref(&red_handle));
     let filter = Properties::from([("team".into(), "blue".into()), ("tier".into(), "a b/c".into())]);
     assert!(server.block_on(server.client.list(&filter)).unwrap().is_empty());
 
@@ -82,7 +82,8 @@ fn stdin_round_trip_with_cat() {
     // Stdin travels as JSON strings, so the input is text; multi-byte
     // characters check that no character is cut between messages.
     let line = "stdin line with ü, € and 🦀 characters\n";
-    let input = line.repeat(1 << 20 / line.len() + 1);
+    // About 1 MiB, so stdin spans many 32 KiB messages.
+    let input = line.repeat((1 << 20) / line.len() + 1);
     let output = server
         .run(&handle, &command_spec("cat", &[]), Some(input.clone().into_bytes()))
         .unwrap();

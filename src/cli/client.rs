@@ -33,7 +33,7 @@ pub enum ClientCommand {
         target: TargetArgs,
     },
     /// Create a container and print its handle.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List container handles, one per line.
     List {
         /// Only list containers with this property, as KEY=VALUE; repeat to
@@ -56,7 +56,7 @@ pub enum ClientCommand {
     /// is kept after the command exits, so `trellis list` shows it, unless
     /// --rm is given; it carries the property `trellis.created-by=run`.
     /// Exits with 125 when a request fails.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Attach to a running process, stream its output and exit with its
     /// exit code (125 when a request fails).
     Attach {
@@ -226,7 +226,7 @@ pub fn main(command: ClientCommand) -> ExitCode {
 
 async fn dispatch(command: ClientCommand) -> ExitCode {
     let result = match command {
-        ClientCommand::Run(args) => return run_command(args).await,
+        ClientCommand::Run(args) => return run_command(*args).await,
         ClientCommand::Attach {
             handle,
             process_id,
@@ -234,7 +234,7 @@ async fn dispatch(command: ClientCommand) -> ExitCode {
             target,
         } => return attach_command(&target, &handle, &process_id, stdin).await,
         ClientCommand::Ping { target } => ping(&target).await,
-        ClientCommand::Create(args) => create_command(args).await,
+        ClientCommand::Create(args) => create_command(*args).await,
         ClientCommand::List { properties, target } => list(&target, properties).await,
         ClientCommand::Info { handle, target } => info(&target, &handle).await,
         ClientCommand::Stop { handle, kill, target } => stop(&target, &handle, kill).await,

@@ -470,12 +470,9 @@ async fn copy_stdin(mut stdin: StdinReader, control: ControlWriter, process_id: 
     let mut buffer = vec![0u8; STDIN_CHUNK_BYTES];
     let mut pending = Vec::new();
     loop {
-        let read = match stdin.read(&mut buffer).await {
-            Ok(read) => read,
-            // NOTE: a failed local read is treated as end of input, because
-            // the process would otherwise wait for stdin forever.
-            Err(_) => 0,
-        };
+        // NOTE: a failed local read is treated as end of input, because
+        // the process would otherwise wait for stdin forever.
+        let read = stdin.read(&mut buffer).await.unwrap_or(0);
         if read == 0 {
             break;
         }
