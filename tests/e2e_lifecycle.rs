@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeMap;
 
 use support::{command_spec, cgroups_named, mounts_under, TestServer};
-use trellis::api::{BindMount, ContainerSpec, Limits, MemoryLimits, Properties};
+use trellis::api::{BindMount, ContainerSpec, Limits, MemoryLimits, Properties, TtySpec, WindowSize};
 use trellis::client::{ClientError, ProcessIo, Signal};
 
 #[test]
@@ -283,4 +283,47 @@ fn walk_names(directory: &std::path::Path) -> Vec<String> {
         }
     }
     names
+}
+
+#[test]
+fn tty_window_size_and_resize() {
+    let Some(server) = TestServer::start("tty_window_size_and_resize") else { return };
+    let handle = server.create("tty");
+    let mut spec = command_spec("sh", &[]);
+    spec.tty = Some(TtySpec {
+        window_size: Some(WindowSize { columns: 100, rows: 30 }),
+    });
+    server.block_on(async {
+        let stdout = support::SharedOutput::default();
+        let io = ProcessIo {
+            stdout: Some(Box::new(stdout.clone())),
+            stderr: Some(Box::new(support::SharedOutput::default())),
+            ..ProcessIo::default()
+        };
+        let mut process = server.client.run(&handle, &spec, io).await.unwrap();
+
+        // A terminal echoes input and may add prompts, so the test looks
+        // for the sizes in the output rather than comparing it whole.
+        process.write_stdin(b"stty size; echo first-done\n").await.unwrap();
+        wait_for_text(&stdout, "first-done\r\n").await;
+        process.resize(120, 40).await.unwrap();
+        process.write_stdin(b"stty size; exit 4\n").await.unwrap();
+        assert_eq!(process.wait().await.unwrap(), 4);
+
+        let text = String::from_utf8_lossy(&stdout.take()).into_owned();
+        assert!(text.contains("30 100\r\n"), "first size missing from {text:?}");
+        assert!(text.contains("40 120\r\n"), "size after resize missing from {text:?}");
+    });
+}
+
+/// Waits until `output` contains `needle`; panics after a minute.
+async fn wait_for_text(output: &support::SharedOutput, needle: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if output.contains(needle.as_bytes()) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "waited a minute for {needle:?} in the output");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -681,6 +681,11 @@ impl SharedOutput {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
 
+    /// Returns whether the bytes collected so far contain `needle`.
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        self.0.lock().unwrap().windows(needle.len()).any(|window| window == needle)
+    }
+
     /// Returns the number of bytes collected so far.
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().len()
