@@ -121,8 +121,10 @@ fn attach_to_running_process() {
         // The two writes travel on different connections, so waiting for
         // the first line's output keeps their order.
         support::wait_for_output(&stdout, "got-one\n".len(), "the answer to the first line").await;
+        // The close goes on the same connection as the second line, which
+        // keeps it behind that line.
         first.write_stdin(b"two\n").await.unwrap();
-        second.close_stdin().await.unwrap();
+        first.close_stdin().await.unwrap();
 
         assert_eq!(second.wait().await.unwrap(), 7);
         assert_eq!(first.wait().await.unwrap(), 7);
