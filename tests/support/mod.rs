@@ -310,10 +310,10 @@ impl TestServer {
 
     /// Starts the server inside the network namespace.
     ///
-    /// The child enters only the network namespace (setns between fork and
-    /// exec), and not through `ip netns exec`, because that also gives the
-    /// command a new mount namespace with a fresh sysfs on /sys, which hides
-    /// the cgroup hierarchies under /sys/fs/cgroup from the server.
+    /// The child enters only the network namespace, with setns between fork
+    /// and exec. `ip netns exec` would also give the server a new mount
+    /// namespace with a fresh sysfs on /sys, which hides the cgroup
+    /// hierarchies under /sys/fs/cgroup.
     fn spawn(&mut self, config: &Path) {
         let log = fs::File::create(&self.log).expect("creating the server log");
         let netns_path = format!("/run/netns/{}", self.name);
