@@ -156,14 +156,12 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
         .map_err(|error| RuntimeError::failed(format!("failed to create the processes directory: {error}")))?;
 
     let init_config = InitConfig { root: prepared.root.clone(), hostname: users::hostname_for(&config.handle), privileged: container.privileged };
-    let init = start_init(container, &init_config, config.id_mappings.as_ref())?;
-    *container.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(init);
-    Ok(())
+    start_init(container, &init_config, config.id_mappings.as_ref())
 }
 
 /// Starts garden-init and walks it through the start-up protocol of
-/// [`super::init`].
-fn start_init(container: &LinuxContainer, init_config: &InitConfig, mappings: Option<&crate::runtime::IdMappings>) -> Result<InitProcess, RuntimeError> {
+/// [`super::init`]; records pid 1 in the container as soon as it is known.
+fn start_init(container: &LinuxContainer, init_config: &InitConfig, mappings: Option<&crate::runtime::IdMappings>) -> Result<(), RuntimeError> {
     let (server_end, init_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
     let log_path = container.container_dir.join("init.log");
     let log = fs::File::create(&log_path).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", log_path.display())))?;
@@ -184,7 +182,7 @@ fn start_init(container: &LinuxContainer, init_config: &InitConfig, mappings: Op
     }
     let _ = child.wait();
     match result {
-        Ok(init) => Ok(init),
+        Ok(()) => Ok(()),
         Err(error) => {
             let log = fs::read_to_string(&log_path).unwrap_or_default();
             let detail = log.trim();
@@ -193,7 +191,7 @@ fn start_init(container: &LinuxContainer, init_config: &InitConfig, mappings: Op
     }
 }
 
-fn talk_to_init(container: &LinuxContainer, socket: &UnixStream, first_pid: u32, mappings: Option<&crate::runtime::IdMappings>) -> Result<InitProcess, RuntimeError> {
+fn talk_to_init(container: &LinuxContainer, socket: &UnixStream, first_pid: u32, mappings: Option<&crate::runtime::IdMappings>) -> Result<(), RuntimeError> {
     socket.set_read_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
     let mut reader = BufReader::new(socket.try_clone().map_err(|error| RuntimeError::failed(error.to_string()))?);
     let mut read_line = || -> Result<String, RuntimeError> {
@@ -218,28 +216,25 @@ fn talk_to_init(container: &LinuxContainer, socket: &UnixStream, first_pid: u32,
 
     let mut pid = None;
     let mut ready = false;
-    let mut pidfd = None;
     while pid.is_none() || !ready {
         let line = read_line()?;
         if let Some(value) = line.strip_prefix("pid ") {
             let value: i32 = value.parse().map_err(|_| RuntimeError::failed(format!("invalid pid from garden-init: {value:?}")))?;
             // Opened while the first process, pid 1's parent, has not been
             // reaped, so the pid cannot have been reused yet.
-            pidfd = Some(syscalls::pidfd_open(value).map_err(|error| RuntimeError::failed(format!("failed to open a pidfd for garden-init: {error}")))?);
+            let pidfd = syscalls::pidfd_open(value).map_err(|error| RuntimeError::failed(format!("failed to open a pidfd for garden-init: {error}")))?;
+            // Recorded at once, so a rollback from here on kills pid 1.
+            *container.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(InitProcess { pid: value, pidfd });
             pid = Some(value);
         } else if line == "ready" {
             ready = true;
         } else if let Some(message) = line.strip_prefix("error ") {
-            if let (Some(pid), Some(pidfd)) = (pid, pidfd.take()) {
-                // Kept so teardown can make sure pid 1 is gone.
-                *container.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(InitProcess { pid, pidfd });
-            }
             return Err(RuntimeError::failed(format!("garden-init failed: {message}")));
         } else {
             return Err(RuntimeError::failed(format!("unexpected message from garden-init: {line:?}")));
         }
     }
-    Ok(InitProcess { pid: pid.unwrap_or_default(), pidfd: pidfd.expect("set with pid") })
+    Ok(())
 }
 
 impl LinuxContainer {

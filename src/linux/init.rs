@@ -122,7 +122,13 @@ fn start(config: &InitConfig, mut socket: UnixStream) -> Result<(), String> {
                 Ok(()) => {
                     let _ = send(&mut socket, "ready");
                     drop(socket);
-                    reap_forever()
+                    match redirect_stdio_to_null() {
+                        Ok(()) => reap_forever(),
+                        Err(message) => {
+                            eprintln!("garden-init: {message}");
+                            1
+                        }
+                    }
                 }
                 Err(message) => {
                     let _ = send(&mut socket, &format!("error {}", message.replace('\n', " ")));
@@ -184,7 +190,6 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
     set_loopback_up();
 
     nix::sys::prctl::set_name(c"garden-init").map_err(|error| format!("failed to set the task name: {error}"))?;
-    redirect_stdio_to_null()?;
     // NOTE: the capability sets of pid 1 are not reduced yet; they stay the
     // full set of the container's user namespace.
     Ok(())
@@ -299,6 +304,8 @@ fn set_loopback_up() {
     }
 }
 
+/// Points stdin, stdout and stderr at the container's /dev/null and closes
+/// every other fd, the server's socket included.
 fn redirect_stdio_to_null() -> Result<(), String> {
     let null = fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|error| format!("failed to open /dev/null: {error}"))?;
     for fd in 0..3 {
