@@ -31,11 +31,15 @@ fn tag() -> String {
     format!("trellis-t{}", std::process::id())
 }
 
-/// The busybox rootfs, built once per test process.
+/// The busybox rootfs, built by the script on the first run and kept in
+/// cargo's temporary directory for integration tests.
 fn rootfs() -> &'static Path {
     static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
     ROOTFS.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("busybox-rootfs-{}", std::process::id()));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("busybox-rootfs");
+        if dir.join("bin/busybox").is_file() {
+            return dir;
+        }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-busybox-rootfs");
         let status = std::process::Command::new(script).arg(&dir).status().expect("run build-busybox-rootfs");
         assert!(status.success(), "build-busybox-rootfs failed");

@@ -192,6 +192,16 @@ fn join_namespaces(namespaces: &Namespaces) -> Result<(), ChildError> {
     for (fd, flag, name) in order {
         setns(fd, flag).map_err(|error| ChildError::other(format!("failed to join the container's {name} namespace: {error}")))?;
     }
+    if namespaces.user.is_some() {
+        // The host's root is unmapped in the container's user namespace;
+        // become container root so files made before the switch to the
+        // process's user (the working directory) get a mapped owner.
+        let root_gid = Gid::from_raw(0);
+        let root_uid = Uid::from_raw(0);
+        nix::unistd::setgroups(&[]).map_err(|error| ChildError::other(format!("failed to clear groups: {error}")))?;
+        nix::unistd::setresgid(root_gid, root_gid, root_gid).map_err(|error| ChildError::other(format!("failed to set gid 0: {error}")))?;
+        nix::unistd::setresuid(root_uid, root_uid, root_uid).map_err(|error| ChildError::other(format!("failed to set uid 0: {error}")))?;
+    }
     // Joining a mount namespace sets root and cwd to its root; chdir makes
     // that explicit.
     nix::unistd::chdir("/").map_err(|error| ChildError::other(format!("failed to enter /: {error}")))?;

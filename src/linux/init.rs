@@ -239,7 +239,7 @@ fn mount_dev(root: &Path, privileged: bool) -> Result<(), String> {
     create_dir(&shm)?;
     // No size option: the kernel default (half of RAM) applies and pages are
     // charged to the container's memory cgroup.
-    mount_at("shm", &shm, "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some("mode=1777"))?;
+    mount_at("tmpfs", &shm, "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some("mode=1777"))?;
     let mqueue = dev.join("mqueue");
     create_dir(&mqueue)?;
     mount_at("mqueue", &mqueue, "mqueue", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV, None)?;
