@@ -243,6 +243,18 @@ fn mounts_match_garden() {
     assert_eq!(sh(&container, "echo data > /dev/null && head -c 4 /dev/zero | wc -c").stdout().trim(), "4");
     let tmp = run(&container, process("stat", &["-c", "%A", "/tmp"])).stdout();
     assert_eq!(tmp.trim(), "drwxrwxrwt");
+
+    // Masked paths: /dev/null over proc files the host has, an empty
+    // directory over /sys/firmware.
+    for name in ["kcore", "keys", "timer_list"] {
+        if Path::new("/proc").join(name).exists() {
+            let device = run(&container, process("stat", &["-c", "%t,%T", &format!("/proc/{name}")])).stdout();
+            assert_eq!(device.trim(), "1,3", "/proc/{name}");
+        }
+    }
+    assert_eq!(run(&container, process("ls", &["-A", "/sys/firmware"])).stdout(), "");
+    let links = sh(&container, "readlink /dev/ptmx; readlink /dev/fd; readlink /dev/stdin").stdout();
+    assert_eq!(links, "pts/ptmx\n/proc/self/fd\n/proc/self/fd/0\n");
 }
 
 #[test]
@@ -420,6 +432,123 @@ fn stop_terminates_then_kills() {
 
     // garden-init survives Stop, so the container still runs processes.
     assert_eq!(run(&container, process("true", &[])).status, 0);
+}
+
+#[test]
+fn stop_waits_for_trapping_and_ignoring_processes() {
+    if !is_root() {
+        return;
+    }
+    let fixture = fixture();
+    let container = fixture.create();
+    let trapping = container.inner.run("trap", &process("sh", &["-c", "trap 'exit 42' TERM; touch /tmp/trap; while true; do sleep 1; done"])).expect("run");
+    let ignoring = container.inner.run("ignore", &process("sh", &["-c", "trap '' TERM; touch /tmp/ignore; while true; do sleep 1; done"])).expect("run");
+    // A TERM that arrives before the shells set their traps would end them
+    // with 143, so wait until both have.
+    for _ in 0..250 {
+        if sh(&container, "test -e /tmp/trap && test -e /tmp/ignore").status == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Stop blocks until the ignoring shell is killed after its grace period.
+    container.inner.stop(false).expect("stop");
+    assert_eq!(collect(connection(trapping.stdio)).status, 42);
+    assert_eq!(collect(connection(ignoring.stdio)).status, 137);
+    let left = run(&container, process("ps", &["-a"])).stdout();
+    assert_eq!(left.lines().count(), 3, "{left}");
+}
+
+#[test]
+fn exit_status_is_recorded_on_disk() {
+    if !is_root() {
+        return;
+    }
+    let fixture = fixture();
+    let container = fixture.create();
+    assert_eq!(sh(&container, "exit 7").status, 7);
+    let processes = container.dir.join("processes");
+    let mut statuses = Vec::new();
+    for entry in std::fs::read_dir(&processes).unwrap().flatten() {
+        // The shim writes the file just before it exits, which can be just
+        // after the Exited frame arrived.
+        for _ in 0..100 {
+            if let Ok(status) = std::fs::read_to_string(entry.path().join("exit-status")) {
+                statuses.push(status);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    assert_eq!(statuses, ["7\n"]);
+}
+
+#[test]
+fn unread_output_blocks_process_until_read() {
+    if !is_root() {
+        return;
+    }
+    let fixture = fixture();
+    let container = fixture.create();
+    let spec = process("sh", &["-c", "head -c 20000000 /dev/zero; touch /tmp/written"]);
+    let started = container.inner.run("writer", &spec).expect("run");
+    // Nobody reads for a while: the shim buffers at most about 1 MiB plus
+    // the pipe, so the writer cannot have finished its 20 MB.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_ne!(run(&container, process("ls", &["/tmp/written"])).status, 0, "process finished while its output was unread");
+    let output = collect(connection(started.stdio));
+    assert_eq!((output.stdout.len(), output.status), (20_000_000, 0));
+    assert_eq!(run(&container, process("ls", &["/tmp/written"])).status, 0);
+}
+
+#[test]
+fn closed_connection_leaves_process_running() {
+    if !is_root() {
+        return;
+    }
+    let fixture = fixture();
+    let container = fixture.create();
+    let spec = process("sh", &["-c", "head -c 5000000 /dev/zero; echo finished > /tmp/finished"]);
+    let started = container.inner.run("orphan", &spec).expect("run");
+    drop(started.stdio);
+    let mut finished = String::new();
+    for _ in 0..250 {
+        finished = run(&container, process("sh", &["-c", "cat /tmp/finished 2>/dev/null"])).stdout();
+        if !finished.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(finished, "finished\n");
+}
+
+#[test]
+fn simple_limits_reach_cgroup_files() {
+    if !is_root() {
+        return;
+    }
+    let fixture = fixture();
+    let mut spec = ContainerSpec::default();
+    spec.limits.memory_limits.limit_in_bytes = 64 << 20;
+    spec.limits.pid_limits.max = 50;
+    spec.limits.cpu_limits.limit_in_shares = 512;
+    let container = fixture.create_with(spec, false);
+    let description = container.inner.describe();
+    let mut seen = Vec::new();
+    for dir in description["cgroups"].as_array().unwrap() {
+        let dir = PathBuf::from(dir.as_str().unwrap());
+        for (file, expected) in [("memory.limit_in_bytes", "67108864"), ("pids.max", "50"), ("cpu.shares", "512")] {
+            if let Ok(value) = std::fs::read_to_string(dir.join(file)) {
+                assert_eq!(value.trim(), expected, "{file}");
+                seen.push(file);
+            }
+        }
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // The init process sits in the container's cgroups.
+    let init_pid = description["init_pid"].as_i64().unwrap();
+    let self_cgroup = std::fs::read_to_string(format!("/proc/{init_pid}/cgroup")).unwrap();
+    assert!(self_cgroup.contains(&format!("/{}/{}", tag(), container.handle)), "{self_cgroup}");
 }
 
 fn mounts_under(dir: &Path) -> Vec<String> {

@@ -296,16 +296,18 @@ impl LinuxContainer {
         }
     }
 
-    /// Kills every process in the container's cgroup but garden-init, with
-    /// the cgroup frozen so none can fork meanwhile. Returns whether any was
-    /// found.
+    /// Kills every process in the container's cgroup (garden-init only with
+    /// `include_init`), with the cgroup frozen so none can fork meanwhile.
+    /// Returns whether any process was found.
     fn kill_cgroup(&self, include_init: bool) -> Result<bool, CgroupError> {
         let init_pid = self.init_pid();
         let victims: Vec<i32> = self.cgroup.pids()?.into_iter().filter(|pid| include_init || *pid != init_pid).collect();
         if victims.is_empty() {
             return Ok(false);
         }
-        if !include_init && self.cgroup.kill_all()? {
+        // cgroup.kill takes every task, garden-init included, so only
+        // destroy may use it.
+        if include_init && self.cgroup.kill_all()? {
             return Ok(true);
         }
         self.cgroup.freeze()?;

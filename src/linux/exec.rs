@@ -295,3 +295,19 @@ fn find_executable(path: &str, env: &[String]) -> Result<CString, ChildError> {
         message: format!("exec: {path:?}: executable file not found in $PATH"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_error_round_trips_through_pipe_bytes() {
+        let error = ChildError { failure: StartFailure::ExecutableNotFound, message: "exec: \"x\": not found".into() };
+        let decoded = ChildError::decode(&error.encode()).expect("non-empty report");
+        assert_eq!(decoded.failure, StartFailure::ExecutableNotFound);
+        assert_eq!(decoded.message, error.message);
+        let invalid = ChildError::decode(&[2]).expect("kind only");
+        assert_eq!((invalid.failure, invalid.message.as_str()), (StartFailure::InvalidRequest, ""));
+        assert!(ChildError::decode(&[]).is_none());
+    }
+}
