@@ -31,8 +31,8 @@ fn tag() -> String {
     format!("trellis-t{}", std::process::id())
 }
 
-/// The busybox rootfs, built by the script on the first run and kept in
-/// cargo's temporary directory for integration tests.
+/// Returns the busybox rootfs, which the script builds on the first run
+/// into cargo's temporary directory for integration tests.
 fn rootfs() -> &'static Path {
     static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
     ROOTFS.get_or_init(|| {
@@ -492,7 +492,7 @@ fn unread_output_blocks_process_until_read() {
     let container = fixture.create();
     let spec = process("sh", &["-c", "head -c 20000000 /dev/zero; touch /tmp/written"]);
     let started = container.inner.run("writer", &spec).expect("run");
-    // Nobody reads for a while: the shim buffers at most about 1 MiB plus
+    // No one reads for a while: the shim buffers at most about 1 MiB plus
     // the pipe, so the writer cannot have finished its 20 MB.
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_ne!(run(&container, process("ls", &["/tmp/written"])).status, 0, "process finished while its output was unread");
@@ -652,7 +652,9 @@ fn ping_and_capacity_report_host() {
     let fixture = fixture();
     fixture.runtime.ping().expect("ping");
     let capacity = fixture.runtime.capacity().expect("capacity");
-    assert!(capacity.memory_in_bytes > 0 && capacity.disk_in_bytes > 0 && capacity.schedulable_disk_in_bytes > 0);
+    assert!(capacity.memory_in_bytes > 0);
+    assert!(capacity.disk_in_bytes > 0);
+    assert!(capacity.schedulable_disk_in_bytes > 0);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
     let kib: u64 = meminfo.lines().next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
     assert_eq!(capacity.memory_in_bytes, kib * 1024);

@@ -59,7 +59,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     message
 }
 
-/// garden-init as the server sees it.
+/// The host pid and pidfd of a container's garden-init.
 #[derive(Debug)]
 struct InitProcess {
     pid: i32,

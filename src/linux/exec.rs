@@ -71,7 +71,7 @@ pub enum ChildStdio {
     Tty { slave: OwnedFd },
 }
 
-/// What the child needs besides the spec.
+/// The container state the child needs besides the spec.
 pub struct ChildSetup<'a> {
     pub spec: &'a ProcessSpec,
     pub container_env: &'a [String],
@@ -193,9 +193,9 @@ fn join_namespaces(namespaces: &Namespaces) -> Result<(), ChildError> {
         setns(fd, flag).map_err(|error| ChildError::other(format!("failed to join the container's {name} namespace: {error}")))?;
     }
     if namespaces.user.is_some() {
-        // The host's root is unmapped in the container's user namespace;
-        // become container root so files made before the switch to the
-        // process's user (the working directory) get a mapped owner.
+        // The host's root is unmapped in the container's user namespace.
+        // Becoming container root gives files made before the switch to the
+        // process's user (the working directory) a mapped owner.
         let root_gid = Gid::from_raw(0);
         let root_uid = Uid::from_raw(0);
         nix::unistd::setgroups(&[]).map_err(|error| ChildError::other(format!("failed to clear groups: {error}")))?;

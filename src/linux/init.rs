@@ -27,7 +27,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Uid};
 
-/// What garden-init needs to build a container.
+/// Settings garden-init builds a container from.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InitConfig {
     /// The prepared root filesystem (host path) to pivot into.
@@ -171,7 +171,7 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
     // be a plain directory.
     bind(root, root, MsFlags::MS_REC)?;
 
-    mount_proc_and_sys(root, config.privileged)?;
+    mount_proc_and_sys(root)?;
     mount_dev(root, config.privileged)?;
 
     let tmp = root.join("tmp");
@@ -195,7 +195,7 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
     Ok(())
 }
 
-fn mount_proc_and_sys(root: &Path, privileged: bool) -> Result<(), String> {
+fn mount_proc_and_sys(root: &Path) -> Result<(), String> {
     let proc_dir = root.join("proc");
     create_dir(&proc_dir)?;
     let locked = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
@@ -205,9 +205,8 @@ fn mount_proc_and_sys(root: &Path, privileged: bool) -> Result<(), String> {
     create_dir(&sys_dir)?;
     // sysfs shows the network devices of the mounting process's network
     // namespace, which is the container's own here.
-    mount_at("sysfs", &sys_dir, "sysfs", locked | MsFlags::MS_RDONLY, None)?;
-    let _ = privileged;
-    Ok(())
+    mount_at("sysfs", &sys_dir, "sysfs", locked | MsFlags::MS_RDONLY, None)
+
 }
 
 fn mount_dev(root: &Path, privileged: bool) -> Result<(), String> {
@@ -276,8 +275,8 @@ fn mask_paths(root: &Path) -> Result<(), String> {
 /// Makes `root` the root of this mount namespace and drops the host's tree.
 fn pivot_into(root: &Path) -> Result<(), String> {
     nix::unistd::chdir(root).map_err(|error| format!("failed to enter {}: {error}", root.display()))?;
-    // pivot_root(".", ".") stacks the old root on top of the new one, so no
-    // directory for it is needed in the image; detaching "." then removes it.
+    // pivot_root(".", ".") stacks the old root on top of the new one, so the
+    // image needs no directory for it. Detaching "." then removes it.
     nix::unistd::pivot_root(".", ".").map_err(|error| format!("failed to pivot_root into {}: {error}", root.display()))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|error| format!("failed to detach the old root: {error}"))?;
     nix::unistd::chdir("/").map_err(|error| format!("failed to enter /: {error}"))

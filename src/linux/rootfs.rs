@@ -44,7 +44,8 @@ pub enum RootfsError {
 }
 
 impl RootfsError {
-    /// Whether the error is the client's (a bad spec) rather than the host's.
+    /// Returns true when the error is the client's (a bad spec) rather
+    /// than the host's.
     pub fn is_invalid_request(&self) -> bool {
         matches!(
             self,
@@ -131,7 +132,7 @@ impl UsernsCache {
 }
 
 /// Argument of garden-init mode that only creates a user namespace and
-/// holds it until its stdin closes.
+/// keeps it alive until its stdin closes.
 pub const USERNS_HOLDER_ARG: &str = "userns-holder";
 
 /// Starts a holder process in a new user namespace, writes its maps and
@@ -203,10 +204,10 @@ const UPPER_DIR: &str = "upper";
 const WORK_DIR: &str = "work";
 const ROOTFS_DIR: &str = "rootfs";
 
-/// Prepares the root of a container in `container_dir`. For a directory
-/// image that is an overlay with a fresh upper layer; the image is the lower
-/// layer, idmapped through `userns` for an unprivileged container. On error
-/// the caller undoes what was made with [`remove`].
+/// Prepares the root of a container in `container_dir`. A directory image
+/// becomes the lower layer of an overlay with a fresh upper layer, idmapped
+/// through `userns` for an unprivileged container. On error the caller
+/// undoes what was made with [`remove`].
 pub fn prepare(
     container_dir: &Path,
     source: &RootfsSource,
@@ -226,8 +227,8 @@ pub fn prepare(
     }
 
     // The merged root directory takes its owner and mode from the upper
-    // layer's root, so that one must look like the image's root as the
-    // container sees it.
+    // layer's root, so that one must match the image's root as mapped into
+    // the container.
     let image_meta = fs::metadata(image).map_err(|source| RootfsError::Unusable { path: image.clone(), source })?;
     let (uid, gid) = match userns {
         Some((_, mappings)) => (map_host(&mappings.uid_map, image_meta.uid()), map_host(&mappings.gid_map, image_meta.gid())),

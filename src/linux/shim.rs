@@ -26,7 +26,7 @@ use super::syscalls;
 use crate::api::ProcessSpec;
 use crate::runtime::stdio::{ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD};
 
-/// What a shim needs to start one process.
+/// Settings a shim starts one process from.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ShimConfig {
     /// Host pid of the container's garden-init, whose namespaces are joined.
@@ -227,7 +227,7 @@ fn write_exit_status(path: &Path, status: i32) {
     }
 }
 
-/// Which output stream a read end carries.
+/// The output stream a read end carries.
 #[derive(Clone, Copy)]
 enum Stream {
     Stdout,
@@ -386,8 +386,8 @@ impl IoLoop {
     }
 
     fn server_gone(&mut self) {
-        // NOTE: output produced while no server is connected is discarded;
-        // keeping it for a reconnecting server needs a named socket and a
+        // NOTE: output produced while no server is connected is discarded.
+        // Keeping it for a reconnecting server needs a named socket and a
         // bounded buffer, which are not built yet.
         self.socket_open = false;
         self.to_server.clear();
@@ -506,7 +506,7 @@ impl IoLoop {
         status
     }
 
-    /// Reads what output `index` holds now, without waiting for
+    /// Reads what output `index` contains now, without waiting for
     /// descendants that keep the pipe open and write more.
     fn drain_output(&mut self, index: usize) {
         let Some(fd) = &self.outputs[index].0 else { return };

@@ -39,7 +39,7 @@ pub fn open_tree_clone(path: &Path) -> io::Result<OwnedFd> {
     let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
     // SAFETY: the path is a valid C string and the kernel returns a new fd.
     let fd = check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) })?;
-    // SAFETY: the fd was just returned by the kernel and is owned by nobody else.
+    // SAFETY: the fd was just returned by the kernel and has no other owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
@@ -85,7 +85,7 @@ pub fn move_mount_to(mount: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain system call with integer arguments.
     let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
-    // SAFETY: the fd was just returned by the kernel and is owned by nobody else.
+    // SAFETY: the fd was just returned by the kernel and has no other owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 

@@ -114,9 +114,9 @@ fn variable_name(entry: &str) -> &str {
     entry.split_once('=').map_or(entry, |(name, _)| name)
 }
 
-/// Builds a process environment as Garden does: container env, then
-/// process env, each name kept only at its last occurrence; then `PATH`,
-/// `USER` and `HOME` appended when missing.
+/// Builds a process environment as Garden does. Container env comes first,
+/// then process env, and each name is kept only at its last occurrence.
+/// `PATH`, `USER` and `HOME` are appended when missing.
 pub fn build_env(container_env: &[String], process_env: &[String], user_field: &str, exec_user: &ExecUser) -> Vec<String> {
     let all: Vec<&String> = container_env.iter().chain(process_env).collect();
     let mut env = Vec::new();
