@@ -238,6 +238,14 @@ fn mounts_match_garden() {
     assert!(mounts.lines().any(|line| line.starts_with("mqueue /dev/mqueue mqueue")), "{mounts}");
     assert!(mounts.lines().any(|line| line.starts_with("proc /proc proc")), "{mounts}");
 
+    // One read-only bind per v1 hierarchy, showing the container's cgroup.
+    let cgroup_lines: Vec<&str> = mounts.lines().filter(|line| line.contains("/sys/fs/cgroup/")).collect();
+    assert!(cgroup_lines.len() >= 6, "{mounts}");
+    assert!(cgroup_lines.iter().all(|line| line.split_whitespace().nth(3).unwrap().starts_with("ro,")), "{cgroup_lines:?}");
+    let procs = run(&container, process("cat", &["/sys/fs/cgroup/memory/cgroup.procs"])).stdout();
+    assert!(!procs.trim().is_empty(), "the container's memory cgroup lists no process");
+    assert_ne!(sh(&container, "echo 1 > /sys/fs/cgroup/memory/memory.limit_in_bytes").status, 0);
+
     let null = run(&container, process("stat", &["-c", "%F %t,%T", "/dev/null"])).stdout();
     assert_eq!(null.trim(), "character special file 1,3");
     assert_eq!(sh(&container, "echo data > /dev/null && head -c 4 /dev/zero | wc -c").stdout().trim(), "4");
@@ -642,6 +650,9 @@ fn privileged_container_runs_as_host_root() {
     assert_eq!(run(&container, process("cat", &["/proc/self/uid_map"])).stdout().split_whitespace().collect::<Vec<_>>(), ["0", "0", "4294967295"]);
     let listing = run(&container, process("ls", &["-l", "/bin/busybox"])).stdout();
     assert!(listing.contains(" root "), "{listing}");
+    let mounts = run(&container, process("cat", &["/proc/mounts"])).stdout();
+    assert!(!mounts.contains("cgroup"), "{mounts}");
+    assert!(mounts.lines().any(|line| line.starts_with("proc /proc proc rw")), "{mounts}");
 }
 
 #[test]

@@ -76,7 +76,7 @@ pub fn discover_v1(mountinfo: &str, self_cgroup: &str, wanted: &[&str]) -> Resul
             .find_map(|(mount, fstype, super_options)| {
                 let controllers: Vec<String> = super_options
                     .split(',')
-                    .filter(|option| !matches!(*option, "rw" | "ro") && !option.contains('='))
+                    .filter(|option| !is_cgroup_mount_option(option))
                     .map(str::to_string)
                     .collect();
                 (fstype == "cgroup" && controllers.iter().any(|c| c == controller)).then_some((mount, controllers))
@@ -93,6 +93,24 @@ pub fn discover_v1(mountinfo: &str, self_cgroup: &str, wanted: &[&str]) -> Resul
         hierarchies.push(Hierarchy { mount: PathBuf::from(mount), controllers, own_path });
     }
     Ok(hierarchies)
+}
+
+/// Returns true for the v1 super options that are not controller names.
+fn is_cgroup_mount_option(option: &str) -> bool {
+    matches!(option, "rw" | "ro" | "xattr" | "noprefix" | "clone_children" | "cpuset_v2_mode" | "favordynmods") || option.contains('=')
+}
+
+/// Lists every v1 hierarchy that has at least one controller, with the
+/// calling process's cgroup in each; empty on a pure cgroup v2 host.
+pub fn all_v1(mountinfo: &str, self_cgroup: &str) -> Vec<Hierarchy> {
+    // /proc/self/cgroup has one line per v1 hierarchy ("<id>:<controllers>:
+    // <path>"); named hierarchies such as name=systemd have no controller.
+    let wanted: Vec<&str> = self_cgroup
+        .lines()
+        .filter_map(|line| line.split(':').nth(1))
+        .filter_map(|list| list.split(',').find(|controller| !controller.is_empty() && !controller.starts_with("name=")))
+        .collect();
+    discover_v1(mountinfo, self_cgroup, &wanted).unwrap_or_default()
 }
 
 /// Finds the cgroup v2 mount and the server's own cgroup in it.
@@ -389,6 +407,14 @@ mod tests {
         assert_eq!(found[0].own_path, PathBuf::from("supervisor/job"));
         assert_eq!(found[1].controllers, vec!["cpu".to_string(), "cpuacct".to_string()]);
         assert_eq!(found[2].own_path, PathBuf::from(""));
+    }
+
+    #[test]
+    fn all_v1_lists_hierarchies_with_controllers() {
+        let found = all_v1(MOUNTINFO, SELF_CGROUP);
+        let mounts: Vec<&Path> = found.iter().map(|hierarchy| hierarchy.mount.as_path()).collect();
+        assert_eq!(mounts, [Path::new("/sys/fs/cgroup/freezer"), Path::new("/sys/fs/cgroup/memory"), Path::new("/sys/fs/cgroup/cpu,cpuacct")]);
+        assert!(all_v1("41 31 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n", "0::/\n").is_empty());
     }
 
     #[test]

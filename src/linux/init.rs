@@ -181,9 +181,8 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
     }
     if !config.privileged {
         mask_paths(root)?;
+        bind_cgroups(root)?;
     }
-    // NOTE: cgroup v1 hierarchies are not yet bound read-only at
-    // /sys/fs/cgroup in unprivileged containers.
 
     nix::unistd::sethostname(&config.hostname).map_err(|error| format!("failed to set hostname: {error}"))?;
     pivot_into(root)?;
@@ -270,6 +269,34 @@ fn mask_paths(root: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Binds this process's cgroup of each v1 hierarchy read-only at
+/// `/sys/fs/cgroup/<hierarchy>`, on a read-only tmpfs. A user namespace
+/// without its own cgroup namespace may not mount cgroupfs, hence binds.
+/// Nothing is mounted on a cgroup v2 host.
+fn bind_cgroups(root: &Path) -> Result<(), String> {
+    let read = |path: &str| fs::read_to_string(path).map_err(|error| format!("failed to read {path}: {error}"));
+    let hierarchies = super::cgroup::all_v1(&read("/proc/self/mountinfo")?, &read("/proc/self/cgroup")?);
+    if hierarchies.is_empty() {
+        return Ok(());
+    }
+    let base = root.join("sys/fs/cgroup");
+    let locked = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mount_at("tmpfs", &base, "tmpfs", locked, Some("mode=755"))?;
+    for hierarchy in &hierarchies {
+        let Some(name) = hierarchy.mount.file_name() else { continue };
+        let target = base.join(name);
+        create_dir(&target)?;
+        bind(&hierarchy.mount.join(&hierarchy.own_path), &target, MsFlags::empty())?;
+        // The host mounts are relatime and a user namespace may not change
+        // locked atime flags, so MS_RELATIME is kept in the remount.
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_RELATIME | locked;
+        mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+            .map_err(|error| format!("failed to make {} read-only: {error}", target.display()))?;
+    }
+    mount(None::<&str>, &base, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | locked, Some("mode=755"))
+        .map_err(|error| format!("failed to make {} read-only: {error}", base.display()))
 }
 
 /// Makes `root` the root of this mount namespace and drops the host's tree.
