@@ -590,7 +590,7 @@ fn destroy_leaves_nothing() {
     }
     let fixture = fixture();
     let container = fixture.create();
-    let _sleeper = container.inner.run("sleeper", &process("sleep", &["1000"])).expect("run");
+    let sleeper = container.inner.run("sleeper", &process("sleep", &["1000"])).expect("run");
     let description = container.inner.describe();
     let init_pid = description["init_pid"].as_i64().unwrap();
     assert!(init_pid > 0);
@@ -599,6 +599,7 @@ fn destroy_leaves_nothing() {
     assert!(!mounts_under(&container.dir).is_empty());
 
     container.inner.destroy().expect("destroy");
+    assert_eq!(collect(connection(sleeper.stdio)).status, 137);
     assert!(cgroups.iter().all(|dir| !dir.exists()), "{cgroups:?}");
     assert!(mounts_under(&container.dir).is_empty());
     assert!(!container.dir.exists());
