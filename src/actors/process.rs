@@ -71,7 +71,7 @@ pub enum ExitOutcome {
 }
 
 /// A ring of recent output that drops the oldest bytes beyond its capacity.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RecentOutput {
     chunks: VecDeque<Bytes>,
     len: usize,
@@ -127,11 +127,16 @@ struct Reader {
     sender: mpsc::Sender<Bytes>,
 }
 
-#[derive(Default)]
 struct OutputState {
     unattached: RecentOutput,
     readers: Vec<Reader>,
     delivered_bytes: u64,
+}
+
+impl Default for OutputState {
+    fn default() -> Self {
+        OutputState { unattached: RecentOutput::new(UNATTACHED_BUFFER_BYTES), readers: Vec::new(), delivered_bytes: 0 }
+    }
 }
 
 struct StreamRecord {
@@ -368,7 +373,8 @@ impl Handler<ShimExited> for Process {
             ExitOutcome::Status(status) => info!(self.logger, "process exited"; "exit_status" => status),
             ExitOutcome::Error(error) => warn!(self.logger, "process wait failed"; "error" => error),
         }
-        let _ = self.exit.send(Some(message.outcome));
+        // `send_replace` stores the outcome even while no stream is open.
+        self.exit.send_replace(Some(message.outcome));
         let stream_ids: Vec<String> = self.streams.keys().cloned().collect();
         for stream_id in stream_ids {
             self.finish_stream(&stream_id, ctx);
