@@ -30,6 +30,7 @@ impl Harness {
     /// Starts a server on 127.0.0.1 port 0 after `adjust` has changed the
     /// configuration.
     pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Harness {
+        enter_private_network();
         let depot = tempfile::Builder::new().prefix("trellis-test-depot").tempdir().unwrap();
         let mut config = Config::default();
         config.bind_ip = "127.0.0.1".parse().unwrap();
@@ -93,6 +94,30 @@ impl Drop for Harness {
         if let Some(server) = self.server.take() {
             server.stop();
         }
+    }
+}
+
+/// Moves the calling test thread into a new network namespace with only a
+/// loopback interface, so the server it starts (its threads inherit the
+/// namespace) has no route out of the machine. Needs CAP_SYS_ADMIN.
+pub fn enter_private_network() {
+    let host = std::fs::read_link("/proc/1/ns/net").ok();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("tests need CAP_SYS_ADMIN to start the server in a private network namespace");
+    assert_ne!(std::fs::read_link("/proc/thread-self/ns/net").ok(), host, "the test thread is still in the host's network namespace");
+    // Bring `lo` up with SIOCGIFFLAGS/SIOCSIFFLAGS; a new namespace starts
+    // with it down.
+    unsafe {
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(socket >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+            *slot = *byte as libc::c_char;
+        }
+        assert_eq!(libc::ioctl(socket, libc::SIOCGIFFLAGS, &mut request), 0, "SIOCGIFFLAGS: {}", std::io::Error::last_os_error());
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(libc::ioctl(socket, libc::SIOCSIFFLAGS, &request), 0, "SIOCSIFFLAGS: {}", std::io::Error::last_os_error());
+        libc::close(socket);
     }
 }
 

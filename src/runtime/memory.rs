@@ -89,6 +89,8 @@ struct State {
     containers: BTreeSet<String>,
     calls: Vec<String>,
     capacity: Capacity,
+    /// How long each destroy takes, so tests can overlap two destroys.
+    destroy_delay: std::time::Duration,
     /// Control channels of running processes, per container.
     running: HashMap<String, Vec<mpsc::UnboundedSender<i32>>>,
 }
@@ -133,6 +135,11 @@ impl MemoryRuntime {
     /// Sets what capacity reports.
     pub fn set_capacity(&self, capacity: Capacity) {
         self.lock().capacity = capacity;
+    }
+
+    /// Makes every destroy take `delay` before it completes.
+    pub fn set_destroy_delay(&self, delay: std::time::Duration) {
+        self.lock().destroy_delay = delay;
     }
 
     /// Returns every call recorded so far, one line each.
@@ -237,6 +244,8 @@ impl ContainerRuntime for MemoryContainer {
 
     fn destroy(&self) -> Result<(), RuntimeError> {
         self.runtime.record(format!("destroy {}", self.handle));
+        let delay = self.runtime.lock().destroy_delay;
+        std::thread::sleep(delay);
         self.signal_all(9);
         let mut state = self.runtime.lock();
         state.running.remove(&self.handle);
