@@ -440,6 +440,16 @@ mod tests {
     }
 
     #[test]
+    fn shipped_file_matches_defaults() {
+        let text = include_str!("../config/trellis.toml");
+        assert_eq!(load(text).unwrap(), Config::default());
+        // Every key is documented in the shipped file.
+        for key in KEYS {
+            assert!(text.contains(&format!("{key} =")), "config/trellis.toml does not document {key}");
+        }
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));

@@ -79,6 +79,10 @@ pub struct ServerArgs {
     /// Number of gids mapped one to one (default: up to 4294967293).
     #[arg(long, value_name = "COUNT")]
     pub gid_map_length: Option<String>,
+    /// Container runtime: `linux`, or `memory` (processes are scripted
+    /// stand-ins; only for testing the server itself).
+    #[arg(long, value_name = "RUNTIME", default_value = "linux", hide = true)]
+    pub runtime: String,
 }
 
 impl ServerArgs {
@@ -183,7 +187,15 @@ pub fn main(args: ServerArgs) -> ExitCode {
         }
     };
     let (logger, _guard) = build_logger(&config);
-    let runtime = match build_runtime(&config, &logger) {
+    let runtime = match args.runtime.as_str() {
+        "memory" => {
+            slog::warn!(logger, "using the in-memory runtime; containers are not real");
+            Ok(Arc::new(crate::runtime::memory::MemoryRuntime::new()) as Arc<dyn Runtime>)
+        }
+        "linux" | "" => build_runtime(&config, &logger),
+        other => Err(format!("unknown runtime `{other}`; expected linux or memory")),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(reason) => {
             error!(logger, "cannot start the container runtime"; "error" => %reason);

@@ -63,6 +63,15 @@ pub enum ListenAddr {
     Unix(PathBuf),
 }
 
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(formatter, "tcp://{addr}"),
+            ListenAddr::Unix(path) => write!(formatter, "unix://{}", path.display()),
+        }
+    }
+}
+
 /// How long a graceful stop waits for plain requests in flight.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -132,7 +141,7 @@ impl Server {
         let server = builder.run();
         let handle = server.handle();
         actix_rt::spawn(server);
-        info!(logger, "server listening"; "address" => format!("{addr:?}"));
+        info!(logger, "server listening"; "address" => %addr);
         Ok(Server { handle, shutdown, addr, registry, logger })
     }
 
