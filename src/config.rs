@@ -3,8 +3,8 @@
 //!
 //! Keys and flags use the names of gdn, Garden's reference server
 //! (`bind-ip`, `default-grace-time` and so on). Every value is checked when
-//! it is loaded; an invalid one is reported with the file (or flag), the key
-//! and the reason, and an unknown key is an error naming the key.
+//! it is loaded. An invalid value is reported with the file (or flag), the
+//! key and the reason, and an unknown key is an error naming the key.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};

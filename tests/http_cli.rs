@@ -33,7 +33,8 @@ fn invalid_config_names_file_and_key() {
     let output = trellis().args(["server", "--default-grace-time", "soon"]).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("command line") && stderr.contains("default-grace-time"), "{stderr}");
+    assert!(stderr.contains("command line"), "{stderr}");
+    assert!(stderr.contains("default-grace-time"), "{stderr}");
 }
 
 #[test]

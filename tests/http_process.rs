@@ -84,7 +84,8 @@ fn open_process(harness: &Harness, request: &str) -> ProcessConnection {
     let handshake: serde_json::Value = serde_json::from_slice(&line).unwrap();
     let process_id = handshake["process_id"].as_str().unwrap().to_string();
     let stream_id = handshake["stream_id"].as_str().unwrap().to_string();
-    assert!(!process_id.is_empty() && !stream_id.is_empty(), "{handshake}");
+    assert!(!process_id.is_empty(), "{handshake}");
+    assert!(!stream_id.is_empty(), "{handshake}");
     assert_eq!(handshake.as_object().unwrap().len(), 2, "{handshake}");
     ProcessConnection { stream, buffer, head, process_id, stream_id }
 }
@@ -109,7 +110,7 @@ fn failed_process_request(harness: &Harness, request: &str) -> Response {
     Response::parse(&whole).unwrap()
 }
 
-/// One stdout or stderr attach (C2 or C3) with its head already checked.
+/// Opens a stdout or stderr attach (C2 or C3) and checks its head.
 fn attach_output(harness: &Harness, connection: &ProcessConnection, stream_name: &str) -> (TcpStream, Vec<u8>) {
     attach_output_ids(harness, &connection.process_id, &connection.stream_id, stream_name)
 }

@@ -121,8 +121,8 @@ pub fn enter_private_network() {
     }
 }
 
-/// A logger that prints when `TRELLIS_TEST_LOG` is set and discards
-/// otherwise.
+/// Returns a logger that prints when `TRELLIS_TEST_LOG` is set and
+/// discards otherwise.
 pub fn test_logger() -> slog::Logger {
     use slog::Drain;
     if std::env::var_os("TRELLIS_TEST_LOG").is_some() {
@@ -236,7 +236,7 @@ pub fn read_until(stream: &mut TcpStream, buffer: &mut Vec<u8>, needle: &[u8]) -
     }
 }
 
-/// Reads exactly `count` bytes, using what `buffer` already holds first.
+/// Reads exactly `count` bytes, taking the bytes already in `buffer` first.
 pub fn read_exact_buffered(stream: &mut TcpStream, buffer: &mut Vec<u8>, count: usize) -> Vec<u8> {
     while buffer.len() < count {
         let mut chunk = [0u8; 4096];

@@ -2,9 +2,9 @@
 //!
 //! A reader task decodes the shim's frames and hands each output chunk to
 //! the actor, waiting for the actor's reply before it reads the next frame.
-//! That wait is the backpressure: while at least one client is attached to
+//! That wait is the backpressure. While at least one client is attached to
 //! a stream, a chunk is only done once every attached reader's queue has
-//! room for it, so the shim (and then the process) stops when the slowest
+//! room for it. So the shim, and then the process, stops when the slowest
 //! reader falls a bounded amount behind. While no client is attached, the
 //! chunk goes into a ring buffer that keeps the most recent output and never
 //! blocks; the next attacher receives it.
@@ -38,7 +38,7 @@ const SHIM_QUEUE_FRAMES: usize = 64;
 /// How long a finished stream stays attachable.
 pub const FINISHED_STREAM_RETENTION: Duration = Duration::from_secs(60);
 
-/// Which output of the process.
+/// An output stream of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutputKind {
     Stdout,
@@ -61,7 +61,7 @@ impl OutputKind {
     }
 }
 
-/// How a process ended, as sent on C1.
+/// The end of a process, as sent on the Run or Attach connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitOutcome {
     /// The exit status (exit code, or 128 plus the signal number).
@@ -141,8 +141,8 @@ impl Default for OutputState {
 
 struct StreamRecord {
     finished: bool,
-    /// Dropped when the stream finishes; each attached output connection
-    /// holds a clone, so the C1 handler's receiver ends once all are done.
+    /// Dropped when the stream finishes. Each attached output connection
+    /// keeps a clone, so the C1 handler's receiver ends once all are done.
     liveness: Option<mpsc::Sender<()>>,
 }
 
@@ -226,7 +226,7 @@ impl Actor for Process {
     }
 }
 
-/// What a Run or Attach connection (C1) holds for its stream.
+/// The handles a Run or Attach connection (C1) uses for its stream.
 pub struct StreamHandle {
     pub process_id: String,
     pub stream_id: String,
@@ -288,7 +288,7 @@ impl Handler<CloseStream> for Process {
     }
 }
 
-/// What a stdout or stderr connection reads from.
+/// The queue a stdout or stderr connection reads from.
 pub struct OutputSubscription {
     pub chunks: mpsc::Receiver<Bytes>,
     /// Held until the connection has written everything and closed.

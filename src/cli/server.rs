@@ -177,7 +177,7 @@ pub fn build_runtime(config: &Config, logger: &Logger) -> Result<Arc<dyn Runtime
     Err("the Linux runtime is not part of this build yet".into())
 }
 
-/// Runs the server until it is told to stop.
+/// Runs the server until SIGTERM or SIGINT.
 pub fn main(args: ServerArgs) -> ExitCode {
     let config = match load_config(&args) {
         Ok(config) => config,

@@ -4,9 +4,9 @@
 //! size cap) and parses it with httparse. A process route is served on the
 //! raw socket by [`super::hijack`]. Any other connection is wrapped in a
 //! [`Replay`] stream that returns the bytes already read before reading the
-//! socket again, and is passed to actix-http's HTTP/1 service built from the
-//! actix-web app; later requests on a kept-alive connection go to actix
-//! directly. Checking only the first request is enough because the Go
+//! socket again. That stream goes to actix-http's HTTP/1 service built from
+//! the actix-web app, which also serves later requests on a kept-alive
+//! connection. Checking only the first request is enough because the Go
 //! client opens a new connection for every process route.
 
 use std::io;
@@ -171,7 +171,7 @@ where
     let head = loop {
         match parse_head(&buffer) {
             Ok(Some(head)) => break Some(head),
-            // Let actix-http answer a malformed head with its 400.
+            // actix-http rejects a malformed head with its 400 response.
             Err(_) => break None,
             Ok(None) if buffer.len() >= MAX_HEAD_BYTES => break None,
             Ok(None) => {}

@@ -1,7 +1,7 @@
 //! The HTTP front end.
 //!
 //! Garden's four process routes (Run, Attach and the stdout and stderr
-//! attaches) answer with an HTTP head and then use the raw connection, which
+//! attaches) send an HTTP head and then use the raw connection, which
 //! actix-web cannot do. So every connection goes through a demux first
 //! ([`demux`]): it reads the first request head, serves a process route on
 //! the socket itself ([`hijack`]), and hands any other connection, with the
@@ -56,7 +56,7 @@ impl AppState {
     }
 }
 
-/// Where the API listens.
+/// The address of the API listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
     Tcp(SocketAddr),

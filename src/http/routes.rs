@@ -39,7 +39,7 @@ pub fn error_response(error: &ApiError) -> HttpResponse {
     HttpResponse::build(status).content_type("application/json").body(body)
 }
 
-/// The default service: routes and serves every plain request.
+/// Routes and serves every plain request (the app's default service).
 pub async fn dispatch(request: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
     let found = match match_route(request.method().as_str(), request.path()) {
         Ok(found) => found,
@@ -211,7 +211,7 @@ async fn serve(
         Route::BulkInfo | Route::BulkMetrics => Err(ApiError::NotImplemented { route: found.route.name() }),
         _ => {
             // TODO: stream in/out, limits, net-in/out, grace time and
-            // metrics are served by later work; until then an existing
+            // metrics are not served yet. Until they are, an existing
             // container gets this envelope and an unknown one a 404.
             let _ = read_body(payload, state.max_body_bytes).await;
             lookup(state, handle).await?;

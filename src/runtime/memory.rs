@@ -61,17 +61,17 @@ pub struct ProcessScript {
 }
 
 impl ProcessScript {
-    /// A process that writes `stdout` and exits with `status` at once.
+    /// Returns a script that writes `stdout` and exits with `status` at once.
     pub fn output_then_exit(stdout: &[u8], status: i32) -> ProcessScript {
         ProcessScript { on_start: vec![Action::stdout(stdout), Action::Exit(status)], ..ProcessScript::default() }
     }
 
-    /// A process that runs until it is signalled (like `sleep`).
+    /// Returns a script that runs until it is signalled (like `sleep`).
     pub fn sleeper() -> ProcessScript {
         ProcessScript::default()
     }
 
-    /// A process that fails to start because its executable is missing.
+    /// Returns a script that fails to start because its executable is missing.
     pub fn not_found(message: &str) -> ProcessScript {
         ProcessScript {
             start_failure: Some((StartFailure::ExecutableNotFound, message.to_string())),
