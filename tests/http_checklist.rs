@@ -314,3 +314,63 @@ fn runtime_create_failure_rolls_back() {
     // The handle is free again.
     harness.create(r#"{"handle":"h"}"#);
 }
+
+/// Polls the unfiltered list until `handle` is gone; fails after 10 s.
+fn wait_until_gone(harness: &Harness, handle: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let handles = harness.request("GET", "/containers", None).json()["Handles"].clone();
+        if !handles.as_array().unwrap().iter().any(|found| found == handle) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{handle} was not reaped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn idle_container_is_reaped() {
+    let harness = Harness::start();
+    harness.create(r#"{"handle":"short","grace_time":200000000}"#);
+    harness.create(r#"{"handle":"kept"}"#);
+    wait_until_gone(&harness, "short");
+    assert!(harness.runtime.calls().iter().any(|call| call == "destroy short"));
+    harness.request("GET", "/containers/kept/info", None);
+    assert_eq!(harness.request("GET", "/containers/kept/info", None).status, 200);
+}
+
+#[test]
+fn set_grace_time_is_stored_and_reaps() {
+    let harness = Harness::start();
+    harness.create(r#"{"handle":"h"}"#);
+    harness.request("PUT", "/containers/h/grace_time", Some("\"1s\"")).assert_envelope(500, "");
+    let response = harness.request("PUT", "/containers/h/grace_time", Some("3600000000000"));
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"{}\n");
+    let properties = harness.request("GET", "/containers/h/properties", None).json();
+    assert_eq!(properties["garden.grace-time"], "3600000000000");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(harness.depot.path().join("h/container.json")).unwrap()).unwrap();
+    assert_eq!(state["grace_time"], 3600000000000i64);
+    harness.request("PUT", "/containers/h/grace_time", Some("100000000"));
+    wait_until_gone(&harness, "h");
+}
+
+#[test]
+fn open_process_connection_keeps_container() {
+    let harness = Harness::start();
+    harness.create(r#"{"handle":"h","grace_time":300000000}"#);
+    harness.runtime.script_path("sleep", trellis::runtime::memory::ProcessScript::sleeper());
+    let body = r#"{"path":"sleep","rlimits":{},"image":{}}"#;
+    let mut stream = harness.connect();
+    stream
+        .write_all(format!("POST /containers/h/processes HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+        .unwrap();
+    let mut buffer = Vec::new();
+    support::read_until(&mut stream, &mut buffer, b"\n");
+    std::thread::sleep(Duration::from_millis(1000));
+    let handles = harness.request("GET", "/containers", None).json()["Handles"].clone();
+    assert_eq!(handles, serde_json::json!(["h"]), "container reaped while a process connection was open");
+    drop(stream);
+    wait_until_gone(&harness, "h");
+}

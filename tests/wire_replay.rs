@@ -39,6 +39,7 @@ const SCENARIOS: &[&str] = &[
     "08-lookup-unknown",
     "09-info",
     "10-info-unknown",
+    "23-set-grace-time",
     "24-properties",
     "25-property",
     "26-set-property",

@@ -303,6 +303,42 @@ impl Handler<RemoveProperty> for Container {
     }
 }
 
+/// Changes the grace time and stores it as the `garden.grace-time`
+/// property (removed for zero).
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct SetGraceTime {
+    pub grace_time: i64,
+}
+
+impl Handler<SetGraceTime> for Container {
+    type Result = AtomicResponse<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: SetGraceTime, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.check_not_destroying() {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
+        }
+        let previous = (self.grace_time, self.properties.get(PROPERTY_GRACE_TIME).cloned());
+        self.grace_time = message.grace_time;
+        if message.grace_time == 0 {
+            self.properties.remove(PROPERTY_GRACE_TIME);
+        } else {
+            self.properties.insert(PROPERTY_GRACE_TIME.into(), message.grace_time.to_string());
+        }
+        let write = self.persist();
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, container, _| {
+            if result.is_err() {
+                container.grace_time = previous.0;
+                match previous.1 {
+                    Some(value) => container.properties.insert(PROPERTY_GRACE_TIME.into(), value),
+                    None => container.properties.remove(PROPERTY_GRACE_TIME),
+                };
+            }
+            result
+        })))
+    }
+}
+
 /// Stops every process of the container (SIGTERM, then SIGKILL after 10 s,
 /// or SIGKILL at once with `kill`). The container is `stopped` afterwards.
 #[derive(Message)]

@@ -7,9 +7,11 @@
 //!   and process table, and calls the runtime off the actor thread.
 //! - [`process::Process`] fans a process's output out to every attached
 //!   client and forwards stdin, signals and resizes to its shim.
+//! - [`reaper::Reaper`] destroys containers left idle for their grace time.
 
 pub mod container;
 pub mod process;
+pub mod reaper;
 pub mod registry;
 
 use std::sync::atomic::{AtomicU64, Ordering};

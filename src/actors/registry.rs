@@ -15,6 +15,7 @@ use actix::prelude::*;
 use slog::{info, warn, Logger};
 
 use super::container::{self, blocking, Container, DestroyContainer, GetProperties, PersistState};
+use super::reaper::{Defuse, Reaper, Strap};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::ContainerSpec;
 use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
@@ -44,6 +45,7 @@ pub struct Registry {
     entries: BTreeMap<String, Entry>,
     runtime: Arc<dyn Runtime>,
     uid_pool: Addr<UidPool>,
+    reaper: Addr<Reaper>,
     settings: RegistrySettings,
     stream_table: StreamTable,
     logger: Logger,
@@ -53,11 +55,12 @@ impl Registry {
     pub fn new(
         runtime: Arc<dyn Runtime>,
         uid_pool: Addr<UidPool>,
+        reaper: Addr<Reaper>,
         settings: RegistrySettings,
         stream_table: StreamTable,
         logger: Logger,
     ) -> Registry {
-        Registry { entries: BTreeMap::new(), runtime, uid_pool, settings, stream_table, logger }
+        Registry { entries: BTreeMap::new(), runtime, uid_pool, reaper, settings, stream_table, logger }
     }
 }
 
@@ -124,6 +127,7 @@ impl Handler<CreateContainer> for Registry {
         let stream_table = self.stream_table.clone();
         let logger = self.logger.clone();
         let privileged = spec.privileged;
+        let grace_time = spec.grace_time;
         let create = async move {
             let id_mappings = if privileged {
                 None
@@ -169,6 +173,7 @@ impl Handler<CreateContainer> for Registry {
         Box::pin(create.into_actor(self).map(move |result, registry, _| match result {
             Ok(addr) => {
                 registry.entries.insert(handle.clone(), Entry::Ready { addr, privileged });
+                registry.reaper.do_send(Strap { handle: handle.clone(), grace_time });
                 Ok(handle)
             }
             Err(error) => {
@@ -299,6 +304,7 @@ impl Handler<DestroyByHandle> for Registry {
             match &result {
                 Ok(()) => {
                     registry.entries.remove(&handle);
+                    registry.reaper.do_send(Defuse { handle: handle.clone() });
                     if !privileged {
                         registry.uid_pool.do_send(ReleaseIdMappings);
                     }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::demux::{RequestHead, HEAD_TIMEOUT};
 use super::error::ApiError;
 use super::router::{Route, RouteMatch};
-use super::AppState;
+use super::{AppState, PauseGuard};
 use crate::actors::container::{FindProcess, RunProcess};
 use crate::actors::process::{AttachOutput, CloseStream, ExitOutcome, OpenStream, OutputKind, Process, StreamHandle};
 use crate::actors::registry::LookupContainer;
@@ -99,31 +99,36 @@ where
         buffer.advance(head.head_len);
         let body = buffer.split_to(body_len);
         let handle = found.param("handle");
-        let process = if found.route == Route::Run {
+        let (process, pause) = if found.route == Route::Run {
             // Like the Go server, the body is decoded before the lookup.
             let spec: ProcessSpec = api::decode(&body)?;
             let container = lookup(&state, handle).await?;
-            container
+            let pause = PauseGuard::new(&state, handle);
+            let process = container
                 .send(RunProcess { spec })
                 .await
-                .map_err(|_| ContainerError::Mailbox { operation: "starting the process" })??
+                .map_err(|_| ContainerError::Mailbox { operation: "starting the process" })??;
+            (process, pause)
         } else {
             let container = lookup(&state, handle).await?;
-            container
+            let pause = PauseGuard::new(&state, handle);
+            let process = container
                 .send(FindProcess { process_id: found.param("pid").to_string() })
                 .await
-                .map_err(|_| ContainerError::Mailbox { operation: "finding the process" })??
+                .map_err(|_| ContainerError::Mailbox { operation: "finding the process" })??;
+            (process, pause)
         };
         let stream_id = state.stream_ids.next();
         let stream = process
             .send(OpenStream { stream_id })
             .await
             .map_err(|_| ContainerError::Mailbox { operation: "opening the process stream" })?;
-        Ok((process, stream))
+        Ok((process, stream, pause))
     }
     .await;
 
-    let (process, stream) = match opened {
+    // The grace timer stays paused until the process connection ends.
+    let (process, stream, _pause) = match opened {
         Ok(opened) => opened,
         Err(error) => {
             let status = error.to_envelope().0;

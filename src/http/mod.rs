@@ -24,6 +24,7 @@ use actix::prelude::*;
 use slog::{info, Logger};
 use tokio_util::sync::CancellationToken;
 
+use crate::actors::reaper::{Reaper, SetDestroyer};
 use crate::actors::registry::{Registry, RegistrySettings};
 use crate::actors::{StreamIds, StreamTable};
 use crate::config::{Config, MAX_JSON_BODY_BYTES};
@@ -35,6 +36,7 @@ pub use error::ApiError;
 /// Shared state of every request handler.
 pub struct AppState {
     pub registry: Addr<Registry>,
+    pub reaper: Addr<Reaper>,
     pub runtime: Arc<dyn Runtime>,
     pub stream_table: StreamTable,
     pub stream_ids: StreamIds,
@@ -53,6 +55,26 @@ impl AppState {
     pub fn request_logger(&self, route: router::Route, found: &router::RouteMatch) -> Logger {
         let request_id = self.request_ids.fetch_add(1, Ordering::Relaxed) + 1;
         routes::route_logger(&self.logger, request_id, route, found)
+    }
+}
+
+/// Pauses a container's grace timer while alive; dropping it ends the
+/// request for the timer.
+pub struct PauseGuard {
+    reaper: Addr<Reaper>,
+    handle: String,
+}
+
+impl PauseGuard {
+    pub fn new(state: &AppState, handle: &str) -> PauseGuard {
+        state.reaper.do_send(crate::actors::reaper::Pause { handle: handle.to_string() });
+        PauseGuard { reaper: state.reaper.clone(), handle: handle.to_string() }
+    }
+}
+
+impl Drop for PauseGuard {
+    fn drop(&mut self) {
+        self.reaper.do_send(crate::actors::reaper::Unpause { handle: std::mem::take(&mut self.handle) });
     }
 }
 
@@ -94,9 +116,11 @@ impl Server {
         )
         .start();
         let stream_table = StreamTable::default();
+        let reaper = Reaper::new(logger.clone()).start();
         let registry = Registry::new(
             runtime.clone(),
             uid_pool,
+            reaper.clone(),
             RegistrySettings {
                 depot: config.depot.clone(),
                 default_grace_time: config.default_grace_time,
@@ -106,9 +130,11 @@ impl Server {
             logger.clone(),
         )
         .start();
+        reaper.do_send(SetDestroyer(registry.clone().recipient()));
         let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {
             registry: registry.clone(),
+            reaper,
             runtime,
             stream_table,
             stream_ids: StreamIds::default(),

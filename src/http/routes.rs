@@ -14,10 +14,11 @@ use slog::{info, o, warn, Logger};
 
 use super::error::ApiError;
 use super::router::{match_route, Route, RouteError, RouteMatch};
-use super::AppState;
+use super::{AppState, PauseGuard};
 use crate::actors::container::{
-    blocking, GetInfo, GetProperties, GetProperty, RemoveProperty, SetProperty, StopContainer,
+    blocking, GetInfo, GetProperties, GetProperty, RemoveProperty, SetGraceTime, SetProperty, StopContainer,
 };
+use crate::actors::reaper::Reset;
 use crate::actors::registry::{CreateContainer, DestroyByHandle, ListContainers, LookupContainer};
 use crate::actors::{Container, ContainerError};
 use crate::api::{self, ContainerSpec, CreateResponse, ListResponse, PropertyValue, StopRequest};
@@ -175,34 +176,49 @@ async fn serve(
         }
         Route::Info => {
             let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
             Ok(json_ok(&ask(&addr, GetInfo, "reading container info").await?))
         }
         Route::Stop => {
             // Like the Go server, the body is decoded before the lookup.
             let stop: StopRequest = decode_body(payload, state).await?;
             let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
             ask(&addr, StopContainer { kill: stop.kill }, "stopping the container").await?;
             Ok(json_ok(&serde_json::json!({})))
         }
         Route::Properties => {
             let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
             Ok(json_ok(&ask(&addr, GetProperties, "reading properties").await?))
         }
         Route::Property => {
             let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
             let value = ask(&addr, GetProperty { key: found.param("key").to_string() }, "reading a property").await?;
             Ok(json_ok(&PropertyValue { value }))
         }
         Route::SetProperty => {
             let body: PropertyValue = decode_body(payload, state).await?;
             let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
             let message = SetProperty { key: found.param("key").to_string(), value: body.value };
             ask(&addr, message, "setting a property").await?;
             Ok(json_ok(&serde_json::json!({})))
         }
         Route::RemoveProperty => {
             let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
             ask(&addr, RemoveProperty { key: found.param("key").to_string() }, "removing a property").await?;
+            Ok(json_ok(&serde_json::json!({})))
+        }
+        Route::SetGraceTime => {
+            // The body is a bare integer of nanoseconds; this route resets
+            // the timer instead of pausing it.
+            let grace_time: i64 = decode_body(payload, state).await?;
+            let addr = lookup(state, handle).await?;
+            ask(&addr, SetGraceTime { grace_time }, "setting the grace time").await?;
+            state.reaper.do_send(Reset { handle: handle.to_string(), grace_time });
             Ok(json_ok(&serde_json::json!({})))
         }
         Route::Run | Route::Attach | Route::Stdout | Route::Stderr => {
@@ -215,6 +231,7 @@ async fn serve(
             // container gets this envelope and an unknown one a 404.
             let _ = read_body(payload, state.max_body_bytes).await;
             lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
             Err(ApiError::NotImplemented { route: found.route.name() })
         }
     }
