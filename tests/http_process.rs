@@ -476,3 +476,54 @@ fn server_stop_ends_process_connections() {
     assert_eq!(read_output(stdout, buffer), b"");
     assert!(!harness.runtime.calls().iter().any(|call| call.starts_with("destroy")), "containers survive a stop");
 }
+
+/// Returns the stdout byte count the process actor `process_id` has taken
+/// from its shim, from the debug snapshot.
+fn stdout_bytes_taken(harness: &Harness, process_id: &str) -> u64 {
+    let snapshot = harness.introspect();
+    for container in snapshot["registry"]["containers"].as_array().unwrap() {
+        for process in container["container"]["processes"].as_array().unwrap() {
+            if process["process_id"] == process_id {
+                return process["outputs"][0]["total_bytes"].as_u64().unwrap();
+            }
+        }
+    }
+    panic!("process {process_id} not in snapshot {snapshot}");
+}
+
+#[test]
+fn slow_reader_applies_backpressure() {
+    let harness = harness_with_container();
+    let chunk = bytes::Bytes::from(vec![b'y'; 64 * 1024]);
+    let mut flood: Vec<Action> = (0..100).map(|_| Action::Stdout(chunk.clone())).collect();
+    flood.push(Action::Exit(0));
+    harness.runtime.script_path(
+        "flood",
+        ProcessScript { on_stdin: vec![(bytes::Bytes::from_static(b"go"), flood)], ..ProcessScript::default() },
+    );
+    let mut connection = run(&harness, "h", r#"{"id":"flood","path":"flood","rlimits":{},"image":{}}"#);
+    let (stdout, buffer) = attach_output(&harness, &connection, "stdout");
+    connection.send_stdin("go");
+    std::thread::sleep(Duration::from_millis(500));
+    let taken = stdout_bytes_taken(&harness, "flood");
+    assert!(taken < 100 * 64 * 1024, "the shim was read to the end ({taken} bytes) while the reader read nothing");
+    let output = read_output(stdout, buffer);
+    assert_eq!(output.len(), 100 * 64 * 1024, "nothing is dropped while a reader is attached");
+    connection.expect_exit(0);
+}
+
+#[test]
+fn unattached_output_is_bounded_and_never_blocks() {
+    let harness = harness_with_container();
+    let mut actions: Vec<Action> = (0..16u8).map(|i| Action::Stdout(bytes::Bytes::from(vec![b'a' + i; 64 * 1024]))).collect();
+    actions.push(Action::Exit(0));
+    harness.runtime.script_path("noisy", ProcessScript { on_start: actions, ..ProcessScript::default() });
+    let mut connection = run(&harness, "h", r#"{"path":"noisy","rlimits":{},"image":{}}"#);
+    // No reader is attached, so the process runs to its exit.
+    connection.expect_exit(0);
+    let (stdout, buffer) = attach_output(&harness, &connection, "stdout");
+    let output = read_output(stdout, buffer);
+    let kept = trellis::actors::process::UNATTACHED_BUFFER_BYTES;
+    assert_eq!(output.len(), kept, "the most recent output is kept");
+    assert!(output.ends_with(&vec![b'a' + 15; 64 * 1024]), "the newest chunk is kept");
+}

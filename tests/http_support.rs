@@ -35,6 +35,7 @@ impl Harness {
         let mut config = Config::default();
         config.bind_ip = "127.0.0.1".parse().unwrap();
         config.bind_port = 0;
+        config.debug_bind_port = 0;
         config.depot = depot.path().to_path_buf();
         config.network_pool = "10.200.0.0/22".parse().unwrap();
         adjust(&mut config);
@@ -73,6 +74,18 @@ impl Harness {
         let mut received = Vec::new();
         stream.read_to_end(&mut received).unwrap();
         Response::parse(&received).unwrap_or_else(|| panic!("unparsable response {:?}", String::from_utf8_lossy(&received)))
+    }
+
+    /// Returns the actor snapshot of the debug listener.
+    pub fn introspect(&self) -> serde_json::Value {
+        let mut stream = TcpStream::connect(self.server.as_ref().unwrap().debug_addr()).unwrap();
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.write_all(b"GET /debug/introspect HTTP/1.1\r\nHost: debug\r\nConnection: close\r\n\r\n").unwrap();
+        let mut received = Vec::new();
+        stream.read_to_end(&mut received).unwrap();
+        let response = Response::parse(&received).unwrap();
+        assert_eq!(response.status, 200, "{}", response.text());
+        response.json()
     }
 
     pub fn connect(&self) -> TcpStream {

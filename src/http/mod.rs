@@ -8,6 +8,7 @@
 //! bytes already read, to actix-http's HTTP/1 service running the actix-web
 //! app of [`routes`].
 
+pub mod debug;
 pub mod demux;
 pub mod error;
 pub mod hijack;
@@ -100,6 +101,8 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A running server inside the current actix system.
 pub struct Server {
     handle: actix_server::ServerHandle,
+    debug: actix_web::dev::ServerHandle,
+    debug_addr: SocketAddr,
     shutdown: CancellationToken,
     addr: ListenAddr,
     registry: Addr<Registry>,
@@ -115,6 +118,7 @@ impl Server {
             IdRange { start: config.gid_map_start, length: config.gid_map_length },
         )
         .start();
+        let debug_uid_pool = uid_pool.clone();
         let stream_table = StreamTable::default();
         let reaper = Reaper::new(logger.clone()).start();
         let registry = Registry::new(
@@ -131,6 +135,11 @@ impl Server {
         )
         .start();
         reaper.do_send(SetDestroyer(registry.clone().recipient()));
+        let debug_listener = std::net::TcpListener::bind((config.debug_bind_ip, config.debug_bind_port))?;
+        let (debug, debug_addr) = debug::start(
+            debug_listener,
+            debug::DebugState { registry: registry.clone(), reaper: reaper.clone(), uid_pool: debug_uid_pool },
+        )?;
         let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {
             registry: registry.clone(),
@@ -167,14 +176,19 @@ impl Server {
         let server = builder.run();
         let handle = server.handle();
         actix_rt::spawn(server);
-        info!(logger, "server listening"; "address" => %addr);
-        Ok(Server { handle, shutdown, addr, registry, logger })
+        info!(logger, "server listening"; "address" => %addr, "debug_address" => %debug_addr);
+        Ok(Server { handle, debug, debug_addr, shutdown, addr, registry, logger })
     }
 
     /// Returns the address the API listens on (with the real port when the
     /// configuration asked for port 0).
     pub fn addr(&self) -> &ListenAddr {
         &self.addr
+    }
+
+    /// Returns the address of the debug listener.
+    pub fn debug_addr(&self) -> SocketAddr {
+        self.debug_addr
     }
 
     pub fn registry(&self) -> &Addr<Registry> {
@@ -188,6 +202,7 @@ impl Server {
         info!(self.logger, "server stopping");
         self.shutdown.cancel();
         self.handle.stop(true).await;
+        self.debug.stop(true).await;
         if let ListenAddr::Unix(path) = &self.addr {
             let _ = std::fs::remove_file(path);
         }
@@ -219,6 +234,7 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<std::os::unix::net::Unix
 /// are not themselves actix programs.
 pub struct TestServer {
     addr: ListenAddr,
+    debug_addr: SocketAddr,
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -239,7 +255,7 @@ impl TestServer {
                         return;
                     }
                 };
-                let _ = started_sender.send(Ok(server.addr().clone()));
+                let _ = started_sender.send(Ok((server.addr().clone(), server.debug_addr())));
                 // Wait for the stop request without blocking the system's thread.
                 let (wake, woken) = tokio::sync::oneshot::channel();
                 std::thread::spawn(move || {
@@ -250,14 +266,18 @@ impl TestServer {
                 server.stop().await;
             });
         })?;
-        let addr = started
+        let (addr, debug_addr) = started
             .recv()
             .map_err(|_| std::io::Error::other("the server thread ended during start-up"))??;
-        Ok(TestServer { addr, stop: Some(stop), thread: Some(thread) })
+        Ok(TestServer { addr, debug_addr, stop: Some(stop), thread: Some(thread) })
     }
 
     pub fn addr(&self) -> &ListenAddr {
         &self.addr
+    }
+
+    pub fn debug_addr(&self) -> SocketAddr {
+        self.debug_addr
     }
 
     /// Returns the TCP address; panics for a Unix socket server.
