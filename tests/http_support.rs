@@ -32,12 +32,14 @@ impl Harness {
     pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Harness {
         enter_private_network();
         let depot = tempfile::Builder::new().prefix("trellis-test-depot").tempdir().unwrap();
-        let mut config = Config::default();
-        config.bind_ip = "127.0.0.1".parse().unwrap();
-        config.bind_port = 0;
-        config.debug_bind_port = 0;
-        config.depot = depot.path().to_path_buf();
-        config.network_pool = "10.200.0.0/22".parse().unwrap();
+        let mut config = Config {
+            bind_ip: "127.0.0.1".parse().unwrap(),
+            bind_port: 0,
+            debug_bind_port: 0,
+            depot: depot.path().to_path_buf(),
+            network_pool: "10.200.0.0/22".parse().unwrap(),
+            ..Config::default()
+        };
         adjust(&mut config);
         let runtime = MemoryRuntime::new();
         let logger = test_logger();

@@ -40,8 +40,8 @@ pub enum ContainerState {
 }
 
 impl ContainerState {
-    /// The `State` Info reports. A container being destroyed still reports
-    /// the state it had before.
+    /// Returns the `State` that Info reports. A container being destroyed
+    /// reports `stopped`, because its processes are being killed.
     pub fn as_info(self) -> &'static str {
         match self {
             ContainerState::Active => "active",

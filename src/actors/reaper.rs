@@ -77,8 +77,8 @@ impl Actor for Reaper {
     type Context = Context<Self>;
 }
 
-/// Sets where expired containers are destroyed (the registry, which is
-/// started after the reaper).
+/// Sets the recipient that destroys expired containers: the registry,
+/// which is started after the reaper.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetDestroyer(pub Recipient<DestroyByHandle>);
@@ -91,7 +91,7 @@ impl Handler<SetDestroyer> for Reaper {
     }
 }
 
-/// A container was created: start its timer.
+/// Starts the grace timer of a container that was just created.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Strap {
@@ -108,7 +108,7 @@ impl Handler<Strap> for Reaper {
     }
 }
 
-/// A request for the container began: discard the timer.
+/// Discards a container's timer because a request for it began.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Pause {
@@ -128,7 +128,8 @@ impl Handler<Pause> for Reaper {
     }
 }
 
-/// A request for the container ended: the last one restarts the full timer.
+/// Ends one request for a container. The end of the last one in flight
+/// restarts the full timer.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Unpause {
@@ -149,8 +150,8 @@ impl Handler<Unpause> for Reaper {
     }
 }
 
-/// The grace time changed: restart the timer with the new value if it was
-/// running or nothing is in flight (a zero value then expires at once).
+/// Changes the grace time. The timer restarts with the new value if it was
+/// running or nothing is in flight, so a zero value then expires at once.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Reset {
@@ -182,7 +183,7 @@ impl Handler<Reset> for Reaper {
     }
 }
 
-/// The container was destroyed through the API: forget it.
+/// Forgets a container that was destroyed through the API.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Defuse {

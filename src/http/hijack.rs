@@ -206,6 +206,9 @@ where
             read = reader.read_buf(&mut input) => match read {
                 Ok(0) | Err(_) => {
                     // The client closed C1: detach. The process keeps running.
+                    // NOTE: the reference backend also closes the process's
+                    // stdin here; Trellis leaves it open, because other
+                    // attachments of the same process may still write to it.
                     process.do_send(CloseStream { stream_id: stream_id.clone() });
                     break None;
                 }
