@@ -527,3 +527,33 @@ fn unattached_output_is_bounded_and_never_blocks() {
     assert_eq!(output.len(), kept, "the most recent output is kept");
     assert!(output.ends_with(&vec![b'a' + 15; 64 * 1024]), "the newest chunk is kept");
 }
+
+#[test]
+fn run_body_split_across_writes() {
+    let harness = harness_with_container();
+    harness.runtime.script_path("cat", cat_script());
+    let body = r#"{"path":"cat","rlimits":{},"image":{}}"#;
+    let head = format!("POST /containers/h/processes HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n", body.len());
+    let mut stream = harness.connect();
+    stream.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    stream.write_all(&body.as_bytes()[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    stream.write_all(&body.as_bytes()[10..]).unwrap();
+    let mut buffer = Vec::new();
+    let response_head = read_until(&mut stream, &mut buffer, b"\r\n\r\n");
+    assert!(response_head.starts_with(b"HTTP/1.1 201 Created\r\n"), "{}", String::from_utf8_lossy(&response_head));
+    let handshake: serde_json::Value = serde_json::from_slice(&read_until(&mut stream, &mut buffer, b"\n")).unwrap();
+    let process_id = handshake["process_id"].as_str().unwrap().to_string();
+    let stream_id = handshake["stream_id"].as_str().unwrap().to_string();
+    let mut connection = ProcessConnection { stream, buffer, head: response_head, process_id, stream_id };
+    connection.close_stdin();
+    connection.expect_exit(0);
+}
+
+#[test]
+fn attach_on_unknown_container_is_404() {
+    let harness = harness_with_container();
+    let response = failed_process_request(&harness, "GET /containers/nope/processes/p HTTP/1.1\r\nHost: api\r\n\r\n");
+    assert_eq!(response.assert_envelope(404, "ContainerNotFoundError")["Handle"], "nope");
+}

@@ -311,8 +311,8 @@ fn frame_name(frame: &ServerFrame) -> &'static str {
     }
 }
 
-/// Serves C2 or C3: the head at once, then the stream's output until it
-/// finishes. An unknown stream id gets the head and an immediate close.
+/// Serves C2 or C3: the head without waiting for output, then the
+/// stream's output until it finishes. An unknown stream id gets the head and an immediate close.
 async fn serve_output<T>(mut io: T, stream_id: String, kind: OutputKind, state: Arc<AppState>, logger: Logger)
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
@@ -320,14 +320,17 @@ where
     let logger = logger.new(o!("stream_id" => stream_id.clone(), "stream" => kind.name()));
     let started = Instant::now();
     info!(logger, "started");
-    if io.write_all(output_head().as_bytes()).await.is_err() {
-        return;
-    }
+    // The reader is registered before the head goes out, so output the
+    // process writes after the client has seen the head reaches this
+    // connection. The registration does not wait for output.
     let process = state.stream_table.get(&stream_id).map(|entry| entry.value().clone());
     let subscription = match process {
         Some(process) => process.send(AttachOutput { stream_id: stream_id.clone(), kind }).await.ok().flatten(),
         None => None,
     };
+    if io.write_all(output_head().as_bytes()).await.is_err() {
+        return;
+    }
     let mut bytes = 0u64;
     let end = match subscription {
         None => "unknown stream",

@@ -100,6 +100,19 @@ impl Handler<ReleasePort> for PortPool {
     }
 }
 
+impl Handler<crate::actors::Introspect> for PortPool {
+    type Result = MessageResult<crate::actors::Introspect>;
+
+    fn handle(&mut self, _message: crate::actors::Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(serde_json::json!({
+            "start": self.ports.start,
+            "end": self.ports.end,
+            "free": self.ports.free_count(),
+            "allocated": self.ports.allocated.len(),
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +144,8 @@ mod tests {
         assert_eq!(pool.send(AllocatePort).await.unwrap().unwrap(), 40000);
         pool.send(ReleasePort { port: 40000 }).await.unwrap();
         assert_eq!(pool.send(AllocatePort).await.unwrap().unwrap(), 40001);
+        let snapshot = pool.send(crate::actors::Introspect).await.unwrap();
+        assert_eq!(snapshot["allocated"], 1);
+        assert_eq!(snapshot["free"], 1);
     }
 }
