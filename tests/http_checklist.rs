@@ -374,3 +374,17 @@ fn open_process_connection_keeps_container() {
     drop(stream);
     wait_until_gone(&harness, "h");
 }
+
+#[test]
+fn unprivileged_create_gets_id_mapping() {
+    let harness = Harness::start();
+    harness.create(r#"{"handle":"unpriv"}"#);
+    harness.create(r#"{"handle":"priv","privileged":true}"#);
+    let calls = harness.runtime.calls();
+    assert!(calls.iter().any(|call| call == "create unpriv grace_time=0 privileged=false mapped_root=Some(4294967294)"), "{calls:?}");
+    assert!(calls.iter().any(|call| call == "create priv grace_time=0 privileged=true mapped_root=None"), "{calls:?}");
+    let snapshot = harness.introspect();
+    assert_eq!(snapshot["uid_pool"]["holders"], 1, "{snapshot}");
+    harness.request("DELETE", "/containers/unpriv", None);
+    assert_eq!(harness.introspect()["uid_pool"]["holders"], 0);
+}

@@ -240,8 +240,10 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server with `config` and `runtime`. Use port 0 in `config`
-    /// to get a free port; [`TestServer::addr`] reports it.
+    /// Starts a server with `config` and `runtime`. Set both `bind_port`
+    /// and `debug_bind_port` to 0 to get free ports, so parallel servers do
+    /// not collide; [`TestServer::addr`] and [`TestServer::debug_addr`]
+    /// report them.
     pub fn start(config: Config, runtime: Arc<dyn Runtime>, logger: Logger) -> std::io::Result<TestServer> {
         let (started_sender, started) = std::sync::mpsc::channel();
         let (stop, stop_receiver) = std::sync::mpsc::channel::<()>();
