@@ -278,14 +278,15 @@ fn parse_level(text: &str) -> Result<slog::Level, String> {
     }
 }
 
-/// Accepts 1 to 8 lowercase letters and digits, because the tag becomes
-/// part of interface names, which the kernel limits to 15 bytes.
+/// Accepts 1 to 16 lowercase letters and digits: the tag names cgroup
+/// directories and mount points as it is. Interface names, which the kernel
+/// limits to 15 bytes, must use a shortened form of it.
 fn parse_tag(text: &str) -> Result<String, String> {
-    let valid = !text.is_empty() && text.len() <= 8 && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let valid = !text.is_empty() && text.len() <= 16 && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if valid {
         Ok(text.to_string())
     } else {
-        Err(format!("`{text}` must be 1 to 8 lowercase letters or digits"))
+        Err(format!("`{text}` must be 1 to 16 lowercase letters or digits"))
     }
 }
 

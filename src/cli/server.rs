@@ -163,18 +163,17 @@ fn log_level_of(level: slog::Level) -> log::Level {
 /// Logger)`) is built on another branch; until it is merged this returns an
 /// error, and the lead connects it here.
 pub fn build_runtime(config: &Config, logger: &Logger) -> Result<Arc<dyn Runtime>, String> {
-    let _linux_config = crate::linux::LinuxConfig {
+    std::fs::create_dir_all(&config.depot)
+        .map_err(|error| format!("failed to create the depot {}: {error}", config.depot.display()))?;
+    let linux_config = crate::linux::LinuxConfig {
         depot: config.depot.clone(),
         default_rootfs: config.default_rootfs.clone(),
         tag: config.tag.clone(),
         executable: PathBuf::from("/proc/self/exe"),
     };
-    let _ = logger;
-    // Once merged:
-    // let runtime = crate::linux::LinuxRuntime::new(_linux_config, logger.new(o!("component" => "linux")))
-    //     .map_err(|error| error.to_string())?;
-    // return Ok(Arc::new(runtime));
-    Err("the Linux runtime is not part of this build yet".into())
+    let runtime = crate::linux::LinuxRuntime::new(linux_config, logger.new(o!("component" => "linux")))
+        .map_err(|error| crate::linux::error_chain(&error))?;
+    Ok(Arc::new(runtime))
 }
 
 /// Runs the server until SIGTERM or SIGINT.

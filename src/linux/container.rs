@@ -48,7 +48,7 @@ impl From<CgroupError> for RuntimeError {
 }
 
 /// Joins an error and its sources into one message.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

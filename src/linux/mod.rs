@@ -29,6 +29,7 @@ use crate::api::Capacity;
 use crate::runtime::{ContainerConfig, ContainerRuntime, Runtime, RuntimeError};
 
 pub use container::LinuxContainer;
+pub(crate) use container::error_chain;
 
 /// First argument that starts this executable as a container's init.
 pub const GARDEN_INIT_COMMAND: &str = "__garden-init";
