@@ -164,7 +164,9 @@ impl Container {
     fn info(&self) -> ContainerInfo {
         ContainerInfo {
             state: self.state.as_info().into(),
-            events: Some(Vec::new()),
+            // No out-of-memory event has been recorded, and Garden reports
+            // none as null.
+            events: None,
             container_path: self.dir.display().to_string(),
             process_ids: None,
             properties: Some(self.properties.clone()),
