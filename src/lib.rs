@@ -15,6 +15,7 @@
 //! - [`linux`]: the Linux runtime: namespaces, garden-init, the process shim,
 //!   root filesystems and mounts, cgroups, users.
 //! - [`cli`]: the `trellis` subcommands.
+//! - [`config`]: the server configuration file and flags.
 //!
 //! `api` and `client` depend on neither actix nor `linux`.
 
@@ -22,6 +23,7 @@ pub mod actors;
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod http;
 pub mod linux;
 pub mod pools;

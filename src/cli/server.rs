@@ -1,13 +1,236 @@
-//! `trellis server`: loads the configuration and runs the server.
+//! `trellis server`: loads the configuration and runs the server until
+//! SIGTERM or SIGINT.
+//!
+//! On a stop signal the server stops accepting connections, ends every
+//! process connection without an exit message, waits for plain requests in
+//! flight and exits 0. Containers and their processes keep running.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-/// Options of `trellis server`.
-#[derive(Debug, clap::Args)]
-pub struct ServerArgs {}
+use slog::{error, info, o, Drain, Logger};
 
-/// Runs the server until it is told to stop.
-pub fn main(_args: ServerArgs) -> ExitCode {
-    eprintln!("trellis server: not built yet");
-    ExitCode::FAILURE
+use crate::config::{Config, ConfigError, LogFormat};
+use crate::http::Server;
+use crate::runtime::Runtime;
+
+/// Options of `trellis server`. Each flag overrides the key of the same
+/// name in the configuration file.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServerArgs {
+    /// Configuration file (TOML); without it the defaults apply.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// IP address of the TCP listener (default 127.0.0.1).
+    #[arg(long, value_name = "IP")]
+    pub bind_ip: Option<String>,
+    /// Port of the TCP listener (default 7777).
+    #[arg(long, value_name = "PORT")]
+    pub bind_port: Option<String>,
+    /// Unix socket to listen on instead of TCP; a stale socket file is replaced.
+    #[arg(long, value_name = "PATH")]
+    pub bind_socket: Option<String>,
+    /// Directory holding one state directory per container.
+    #[arg(long, value_name = "DIR")]
+    pub depot: Option<String>,
+    /// Root filesystem of containers created without an image.
+    #[arg(long, value_name = "DIR")]
+    pub default_rootfs: Option<String>,
+    /// Grace time of containers created without one, such as 0, 30s or 5m (0 means never).
+    #[arg(long, value_name = "DURATION")]
+    pub default_grace_time: Option<String>,
+    /// Maximum number of containers (0 means only the network pool limits it).
+    #[arg(long, value_name = "COUNT")]
+    pub max_containers: Option<String>,
+    /// IP address of the debug listener (default 127.0.0.1).
+    #[arg(long, value_name = "IP")]
+    pub debug_bind_ip: Option<String>,
+    /// Port of the debug listener (default 17013).
+    #[arg(long, value_name = "PORT")]
+    pub debug_bind_port: Option<String>,
+    /// Minimum log level: trace, debug, info, warn, error or critical.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: json (default) or human.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Short tag carried by every host object the server creates.
+    #[arg(long, value_name = "TAG")]
+    pub tag: Option<String>,
+    /// IPv4 pool of container subnets, in CIDR form (default 10.254.0.0/22).
+    #[arg(long, value_name = "CIDR")]
+    pub network_pool: Option<String>,
+    /// First host port handed out by net-in (default 61001).
+    #[arg(long, value_name = "PORT")]
+    pub port_pool_start: Option<String>,
+    /// Number of host ports handed out by net-in (default 4534).
+    #[arg(long, value_name = "COUNT")]
+    pub port_pool_size: Option<String>,
+    /// First host uid mapped one to one into unprivileged containers (default 1).
+    #[arg(long, value_name = "UID")]
+    pub uid_map_start: Option<String>,
+    /// Number of uids mapped one to one (default: up to 4294967293).
+    #[arg(long, value_name = "COUNT")]
+    pub uid_map_length: Option<String>,
+    /// First host gid mapped one to one into unprivileged containers (default 1).
+    #[arg(long, value_name = "GID")]
+    pub gid_map_start: Option<String>,
+    /// Number of gids mapped one to one (default: up to 4294967293).
+    #[arg(long, value_name = "COUNT")]
+    pub gid_map_length: Option<String>,
+    /// Container runtime: `linux`, or `memory` (processes are scripted
+    /// stand-ins; only for testing the server itself).
+    #[arg(long, value_name = "RUNTIME", default_value = "linux", hide = true)]
+    pub runtime: String,
+}
+
+impl ServerArgs {
+    fn overrides(&self) -> Vec<(&'static str, &String)> {
+        let pairs: [(&'static str, &Option<String>); 19] = [
+            ("bind-ip", &self.bind_ip),
+            ("bind-port", &self.bind_port),
+            ("bind-socket", &self.bind_socket),
+            ("depot", &self.depot),
+            ("default-rootfs", &self.default_rootfs),
+            ("default-grace-time", &self.default_grace_time),
+            ("max-containers", &self.max_containers),
+            ("debug-bind-ip", &self.debug_bind_ip),
+            ("debug-bind-port", &self.debug_bind_port),
+            ("log-level", &self.log_level),
+            ("log-format", &self.log_format),
+            ("tag", &self.tag),
+            ("network-pool", &self.network_pool),
+            ("port-pool-start", &self.port_pool_start),
+            ("port-pool-size", &self.port_pool_size),
+            ("uid-map-start", &self.uid_map_start),
+            ("uid-map-length", &self.uid_map_length),
+            ("gid-map-start", &self.gid_map_start),
+            ("gid-map-length", &self.gid_map_length),
+        ];
+        pairs.into_iter().filter_map(|(key, value)| value.as_ref().map(|value| (key, value))).collect()
+    }
+}
+
+/// Loads the file (if any), then applies the flags.
+pub fn load_config(args: &ServerArgs) -> Result<Config, ConfigError> {
+    let mut config = match &args.config {
+        Some(path) => Config::load_file(path)?,
+        None => Config::default(),
+    };
+    for (key, value) in args.overrides() {
+        config.set("command line", key, value)?;
+    }
+    config.validate("command line")?;
+    Ok(config)
+}
+
+/// Builds the root logger. Records of the `log` crate (actix and other
+/// libraries) are routed into it through slog-stdlog; the returned guard
+/// keeps that routing installed.
+pub fn build_logger(config: &Config) -> (Logger, slog_scope::GlobalLoggerGuard) {
+    let drain = match config.log_format {
+        LogFormat::Json => {
+            let json = slog_json::Json::new(std::io::stderr()).add_default_keys().build().fuse();
+            slog_async::Async::new(json).build().fuse()
+        }
+        LogFormat::Human => {
+            let decorator = slog_term::TermDecorator::new().stderr().build();
+            let term = slog_term::FullFormat::new(decorator).build().fuse();
+            slog_async::Async::new(term).build().fuse()
+        }
+    };
+    let drain = slog::LevelFilter::new(drain, config.log_level).fuse();
+    let logger = Logger::root(drain, o!("service" => "trellis"));
+    let guard = slog_scope::set_global_logger(logger.new(o!("source" => "log")));
+    let _ = slog_stdlog::init_with_level(log_level_of(config.log_level));
+    (logger, guard)
+}
+
+fn log_level_of(level: slog::Level) -> log::Level {
+    match level {
+        slog::Level::Critical | slog::Level::Error => log::Level::Error,
+        slog::Level::Warning => log::Level::Warn,
+        slog::Level::Info => log::Level::Info,
+        slog::Level::Debug => log::Level::Debug,
+        slog::Level::Trace => log::Level::Trace,
+    }
+}
+
+/// Constructs the runtime the server uses in production.
+///
+/// NOTE: the Linux runtime (`crate::linux::LinuxRuntime::new(LinuxConfig,
+/// Logger)`) is built on another branch; until it is merged this returns an
+/// error, and the lead connects it here.
+pub fn build_runtime(config: &Config, logger: &Logger) -> Result<Arc<dyn Runtime>, String> {
+    std::fs::create_dir_all(&config.depot)
+        .map_err(|error| format!("failed to create the depot {}: {error}", config.depot.display()))?;
+    let linux_config = crate::linux::LinuxConfig {
+        depot: config.depot.clone(),
+        default_rootfs: config.default_rootfs.clone(),
+        tag: config.tag.clone(),
+        executable: PathBuf::from("/proc/self/exe"),
+    };
+    let runtime = crate::linux::LinuxRuntime::new(linux_config, logger.new(o!("component" => "linux")))
+        .map_err(|error| crate::linux::error_chain(&error))?;
+    Ok(Arc::new(runtime))
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+pub fn main(args: ServerArgs) -> ExitCode {
+    let config = match load_config(&args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("trellis server: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (logger, _guard) = build_logger(&config);
+    let runtime = match args.runtime.as_str() {
+        "memory" => {
+            slog::warn!(logger, "using the in-memory runtime; containers are not real");
+            Ok(Arc::new(crate::runtime::memory::MemoryRuntime::new()) as Arc<dyn Runtime>)
+        }
+        "linux" | "" => build_runtime(&config, &logger),
+        other => Err(format!("unknown runtime `{other}`; expected linux or memory")),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(reason) => {
+            error!(logger, "cannot start the container runtime"; "error" => %reason);
+            return ExitCode::FAILURE;
+        }
+    };
+    run(config, runtime, logger)
+}
+
+/// Runs the server with `runtime` until SIGTERM or SIGINT.
+pub fn run(config: Config, runtime: Arc<dyn Runtime>, logger: Logger) -> ExitCode {
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let server = match Server::start(&config, runtime, logger.clone()) {
+            Ok(server) => server,
+            Err(error) => {
+                error!(logger, "cannot start the API listener"; "error" => %error);
+                return ExitCode::FAILURE;
+            }
+        };
+        let signal = wait_for_stop_signal().await;
+        info!(logger, "stop signal received"; "signal" => signal);
+        server.stop().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the server can only be killed.
+        std::future::pending::<()>().await;
+        unreachable!();
+    };
+    tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    }
 }

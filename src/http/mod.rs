@@ -1,1 +1,312 @@
-//! The HTTP front end: plain routes, the connection demux and the hijacked process routes.
+//! The HTTP front end.
+//!
+//! Garden's four process routes (Run, Attach and the stdout and stderr
+//! attaches) send an HTTP head and then use the raw connection, which
+//! actix-web cannot do. So every connection goes through a demux first
+//! ([`demux`]): it reads the first request head, serves a process route on
+//! the socket itself ([`hijack`]), and hands any other connection, with the
+//! bytes already read, to actix-http's HTTP/1 service running the actix-web
+//! app of [`routes`].
+
+pub mod debug;
+pub mod demux;
+pub mod error;
+pub mod hijack;
+pub mod router;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use slog::{info, Logger};
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::reaper::{Reaper, SetDestroyer};
+use crate::actors::registry::{Registry, RegistrySettings};
+use crate::actors::{StreamIds, StreamTable};
+use crate::config::{Config, MAX_JSON_BODY_BYTES};
+use crate::pools::uid::{IdRange, UidPool};
+use crate::runtime::Runtime;
+
+pub use error::ApiError;
+
+/// Shared state of every request handler.
+pub struct AppState {
+    pub registry: Addr<Registry>,
+    pub reaper: Addr<Reaper>,
+    pub runtime: Arc<dyn Runtime>,
+    pub stream_table: StreamTable,
+    pub stream_ids: StreamIds,
+    /// `max_containers` reported by Capacity.
+    pub max_containers: u64,
+    /// Largest JSON request body read.
+    pub max_body_bytes: usize,
+    pub logger: Logger,
+    /// Cancelled when the server stops, which ends every hijacked connection.
+    pub shutdown: CancellationToken,
+    request_ids: AtomicU64,
+}
+
+impl AppState {
+    /// Returns a child logger for a new request.
+    pub fn request_logger(&self, route: router::Route, found: &router::RouteMatch) -> Logger {
+        let request_id = self.request_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        routes::route_logger(&self.logger, request_id, route, found)
+    }
+}
+
+/// Pauses a container's grace timer while alive; dropping it ends the
+/// request for the timer.
+pub struct PauseGuard {
+    reaper: Addr<Reaper>,
+    handle: String,
+}
+
+impl PauseGuard {
+    pub fn new(state: &AppState, handle: &str) -> PauseGuard {
+        state.reaper.do_send(crate::actors::reaper::Pause { handle: handle.to_string() });
+        PauseGuard { reaper: state.reaper.clone(), handle: handle.to_string() }
+    }
+}
+
+impl Drop for PauseGuard {
+    fn drop(&mut self) {
+        self.reaper.do_send(crate::actors::reaper::Unpause { handle: std::mem::take(&mut self.handle) });
+    }
+}
+
+/// The address of the API listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(formatter, "tcp://{addr}"),
+            ListenAddr::Unix(path) => write!(formatter, "unix://{}", path.display()),
+        }
+    }
+}
+
+/// How long a graceful stop waits for plain requests in flight.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running server inside the current actix system.
+pub struct Server {
+    handle: actix_server::ServerHandle,
+    debug: actix_web::dev::ServerHandle,
+    debug_addr: SocketAddr,
+    shutdown: CancellationToken,
+    addr: ListenAddr,
+    registry: Addr<Registry>,
+    logger: Logger,
+}
+
+impl Server {
+    /// Starts the actors and the API listener of `config` with `runtime`.
+    /// Must be called inside an actix system.
+    pub fn start(config: &Config, runtime: Arc<dyn Runtime>, logger: Logger) -> std::io::Result<Server> {
+        let uid_pool = UidPool::from_proc(
+            IdRange { start: config.uid_map_start, length: config.uid_map_length },
+            IdRange { start: config.gid_map_start, length: config.gid_map_length },
+        )
+        .start();
+        let debug_uid_pool = uid_pool.clone();
+        let stream_table = StreamTable::default();
+        let reaper = Reaper::new(logger.clone()).start();
+        let registry = Registry::new(
+            runtime.clone(),
+            uid_pool,
+            reaper.clone(),
+            RegistrySettings {
+                depot: config.depot.clone(),
+                default_grace_time: config.default_grace_time,
+                max_containers: config.max_containers,
+            },
+            stream_table.clone(),
+            logger.clone(),
+        )
+        .start();
+        reaper.do_send(SetDestroyer(registry.clone().recipient()));
+        let debug_listener = std::net::TcpListener::bind((config.debug_bind_ip, config.debug_bind_port))?;
+        let (debug, debug_addr) = debug::start(
+            debug_listener,
+            debug::DebugState { registry: registry.clone(), reaper: reaper.clone(), uid_pool: debug_uid_pool },
+        )?;
+        let shutdown = CancellationToken::new();
+        let state = Arc::new(AppState {
+            registry: registry.clone(),
+            reaper,
+            runtime,
+            stream_table,
+            stream_ids: StreamIds::default(),
+            max_containers: config.effective_max_containers(),
+            max_body_bytes: MAX_JSON_BODY_BYTES,
+            logger: logger.clone(),
+            shutdown: shutdown.clone(),
+            request_ids: AtomicU64::new(0),
+        });
+
+        let builder = actix_server::Server::build()
+            .workers(2)
+            .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
+            .disable_signals();
+        let (builder, addr) = match &config.bind_socket {
+            Some(path) => {
+                let listener = bind_unix(path)?;
+                let factory_state = state.clone();
+                let builder = builder.listen_uds("garden-api", listener, move || demux::factory(factory_state.clone()))?;
+                (builder, ListenAddr::Unix(path.clone()))
+            }
+            None => {
+                let listener = std::net::TcpListener::bind((config.bind_ip, config.bind_port))?;
+                let local = listener.local_addr()?;
+                let factory_state = state.clone();
+                let builder = builder.listen("garden-api", listener, move || demux::factory(factory_state.clone()))?;
+                (builder, ListenAddr::Tcp(local))
+            }
+        };
+        let server = builder.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        info!(logger, "server listening"; "address" => %addr, "debug_address" => %debug_addr);
+        Ok(Server { handle, debug, debug_addr, shutdown, addr, registry, logger })
+    }
+
+    /// Returns the address the API listens on (with the real port when the
+    /// configuration asked for port 0).
+    pub fn addr(&self) -> &ListenAddr {
+        &self.addr
+    }
+
+    /// Returns the address of the debug listener.
+    pub fn debug_addr(&self) -> SocketAddr {
+        self.debug_addr
+    }
+
+    pub fn registry(&self) -> &Addr<Registry> {
+        &self.registry
+    }
+
+    /// Stops accepting, ends every hijacked connection without an exit
+    /// message, and waits for plain requests in flight. Containers and their
+    /// processes are left running.
+    pub async fn stop(self) {
+        info!(self.logger, "server stopping");
+        self.shutdown.cancel();
+        self.handle.stop(true).await;
+        self.debug.stop(true).await;
+        if let ListenAddr::Unix(path) = &self.addr {
+            let _ = std::fs::remove_file(path);
+        }
+        info!(self.logger, "server stopped");
+    }
+}
+
+/// Binds a Unix socket, replacing a stale socket file, with mode 0777 so
+/// clients running as other users can connect.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; refusing to replace it", path.display()),
+            ))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
+
+/// A server on its own thread and actix system, for tests and tools that
+/// are not themselves actix programs.
+pub struct TestServer {
+    addr: ListenAddr,
+    debug_addr: SocketAddr,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server with `config` and `runtime`. Set both `bind_port`
+    /// and `debug_bind_port` to 0 to get free ports, so parallel servers do
+    /// not collide; [`TestServer::addr`] and [`TestServer::debug_addr`]
+    /// report them.
+    pub fn start(config: Config, runtime: Arc<dyn Runtime>, logger: Logger) -> std::io::Result<TestServer> {
+        let (started_sender, started) = std::sync::mpsc::channel();
+        let (stop, stop_receiver) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new().name("trellis-test-server".into()).spawn(move || {
+            let system = actix_rt::System::new();
+            system.block_on(async move {
+                let server = match Server::start(&config, runtime, logger) {
+                    Ok(server) => server,
+                    Err(error) => {
+                        let _ = started_sender.send(Err(error));
+                        return;
+                    }
+                };
+                let _ = started_sender.send(Ok((server.addr().clone(), server.debug_addr())));
+                // Wait for the stop request without blocking the system's thread.
+                let (wake, woken) = tokio::sync::oneshot::channel();
+                std::thread::spawn(move || {
+                    let _ = stop_receiver.recv();
+                    let _ = wake.send(());
+                });
+                let _ = woken.await;
+                server.stop().await;
+            });
+        })?;
+        let (addr, debug_addr) = started
+            .recv()
+            .map_err(|_| std::io::Error::other("the server thread ended during start-up"))??;
+        Ok(TestServer { addr, debug_addr, stop: Some(stop), thread: Some(thread) })
+    }
+
+    pub fn addr(&self) -> &ListenAddr {
+        &self.addr
+    }
+
+    pub fn debug_addr(&self) -> SocketAddr {
+        self.debug_addr
+    }
+
+    /// Returns the TCP address; panics for a Unix socket server.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        match &self.addr {
+            ListenAddr::Tcp(addr) => *addr,
+            ListenAddr::Unix(path) => panic!("server listens on {}", path.display()),
+        }
+    }
+
+    /// Stops the server and waits for its thread.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}

@@ -1,9 +1,35 @@
 //! The Linux runtime: namespaces, garden-init, the process shim, root
 //! filesystems and mounts, cgroups and users.
+//!
+//! Files, one per concern:
+//!
+//! - [`container`]: create, run, stop, destroy of one container.
+//! - [`init`]: garden-init, pid 1 of each container.
+//! - [`shim`] and [`exec`]: the process shim and the child it forks.
+//! - [`rootfs`]: image choice, idmapped lower layer, overlay.
+//! - [`cgroup`]: per-container cgroups on v1 and v2.
+//! - [`users`]: user resolution and process environment.
+//! - [`syscalls`]: system calls nix does not wrap.
+
+pub mod cgroup;
+pub mod container;
+pub mod exec;
+pub mod init;
+pub mod rootfs;
+pub mod shim;
+pub mod syscalls;
+pub mod users;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::api::Capacity;
+use crate::runtime::{ContainerConfig, ContainerRuntime, Runtime, RuntimeError};
+
+pub use container::LinuxContainer;
+pub(crate) use container::error_chain;
 
 /// First argument that starts this executable as a container's init.
 pub const GARDEN_INIT_COMMAND: &str = "__garden-init";
@@ -25,12 +51,100 @@ pub struct LinuxConfig {
     pub executable: PathBuf,
 }
 
+/// Errors of setting up the runtime itself.
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    #[error("failed to read {path}")]
+    ReadHostFile { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cgroup discovery failed")]
+    Cgroups(#[from] cgroup::CgroupError),
+    #[error("tag {tag:?} must be 1 to 64 characters of A-Z a-z 0-9 _ . -")]
+    InvalidTag { tag: String },
+}
+
+/// The Linux implementation of [`Runtime`].
+pub struct LinuxRuntime {
+    config: LinuxConfig,
+    logger: slog::Logger,
+    /// The hierarchies containers get a cgroup in, found at start-up.
+    hierarchies: Vec<cgroup::Hierarchy>,
+    cgroup_version: cgroup::CgroupVersion,
+    userns: rootfs::UsernsCache,
+}
+
+impl LinuxRuntime {
+    /// Builds the runtime and discovers the host's cgroup hierarchies: v1
+    /// when the v1 controllers are mounted, else v2.
+    pub fn new(config: LinuxConfig, logger: slog::Logger) -> Result<LinuxRuntime, LinuxError> {
+        let tag_ok = !config.tag.is_empty()
+            && config.tag.len() <= 64
+            && config.tag.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"_.-".contains(&byte))
+            && config.tag != "."
+            && config.tag != "..";
+        if !tag_ok {
+            return Err(LinuxError::InvalidTag { tag: config.tag.clone() });
+        }
+        let read = |path: &str| {
+            std::fs::read_to_string(path).map_err(|source| LinuxError::ReadHostFile { path: PathBuf::from(path), source })
+        };
+        let mountinfo = read("/proc/self/mountinfo")?;
+        let self_cgroup = read("/proc/self/cgroup")?;
+        let (hierarchies, cgroup_version) = match cgroup::discover_v1(&mountinfo, &self_cgroup, &cgroup::V1_CONTROLLERS) {
+            Ok(found) => (found, cgroup::CgroupVersion::V1),
+            Err(v1_error) => match cgroup::discover_v2(&mountinfo, &self_cgroup) {
+                Ok(found) => (vec![found], cgroup::CgroupVersion::V2),
+                Err(_) => return Err(v1_error.into()),
+            },
+        };
+        slog::info!(logger, "linux runtime ready"; "cgroup_version" => ?cgroup_version, "hierarchies" => hierarchies.len());
+        Ok(LinuxRuntime { config, logger, hierarchies, cgroup_version, userns: rootfs::UsernsCache::default() })
+    }
+}
+
+impl Runtime for LinuxRuntime {
+    fn ping(&self) -> Result<(), RuntimeError> {
+        let depot = &self.config.depot;
+        let usable = std::fs::metadata(depot).map(|meta| meta.is_dir()).unwrap_or(false)
+            && nix::unistd::access(depot, nix::unistd::AccessFlags::W_OK).is_ok();
+        if !usable {
+            return Err(RuntimeError::Unavailable { message: format!("depot {} is not a writable directory", depot.display()) });
+        }
+        Ok(())
+    }
+
+    fn capacity(&self) -> Result<Capacity, RuntimeError> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|error| RuntimeError::failed(format!("failed to read /proc/meminfo: {error}")))?;
+        let memory_kib: u64 = meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse().ok())
+            .ok_or_else(|| RuntimeError::failed("no MemTotal line in /proc/meminfo"))?;
+        let stats = nix::sys::statvfs::statvfs(&self.config.depot)
+            .map_err(|error| RuntimeError::failed(format!("failed to stat the filesystem of {}: {error}", self.config.depot.display())))?;
+        let fragment = stats.fragment_size() as u64;
+        let disk = stats.blocks() as u64 * fragment;
+        let available = stats.blocks_available() as u64 * fragment;
+        Ok(Capacity {
+            memory_in_bytes: memory_kib * 1024,
+            disk_in_bytes: disk,
+            schedulable_disk_in_bytes: if available > 0 { available } else { disk },
+            max_containers: 0,
+        })
+    }
+
+    fn create(&self, config: &ContainerConfig) -> Result<Arc<dyn ContainerRuntime>, RuntimeError> {
+        let container = container::create(self, config)?;
+        Ok(Arc::new(container))
+    }
+}
+
 /// Entry point of garden-init, pid 1 of each container.
-pub fn garden_init_main(_args: Vec<OsString>) -> ExitCode {
-    ExitCode::FAILURE
+pub fn garden_init_main(args: Vec<OsString>) -> ExitCode {
+    init::main(args)
 }
 
 /// Entry point of a process shim.
-pub fn shim_main(_args: Vec<OsString>) -> ExitCode {
-    ExitCode::FAILURE
+pub fn shim_main(args: Vec<OsString>) -> ExitCode {
+    shim::main(args)
 }

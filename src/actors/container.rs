@@ -1,0 +1,630 @@
+//! The Container actor: one per container handle.
+//!
+//! It owns the container's spec, state, properties and process table. Runtime
+//! calls run in `spawn_blocking`; handlers that change what the state file
+//! records are atomic (no other message interleaves) so the file always
+//! matches the actor.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use actix::prelude::*;
+use bytes::BytesMut;
+use slog::{info, o, warn, Logger};
+use tokio::io::AsyncReadExt;
+
+use super::process::{Process, ProcessStart};
+use super::{ContainerError, Introspect, StreamTable};
+use crate::api::{ContainerInfo, ContainerSpec, ProcessSpec, Properties};
+use crate::runtime::stdio::{ShimFrame, StartFailure};
+use crate::runtime::{ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
+
+/// Reserved property set to `created` once create has finished.
+pub const PROPERTY_STATE: &str = "garden.state";
+/// Reserved property holding the effective grace time in nanoseconds.
+pub const PROPERTY_GRACE_TIME: &str = "garden.grace-time";
+
+/// Name of the state file inside the container's directory.
+pub const STATE_FILE: &str = "container.json";
+
+/// Lifecycle state of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerState {
+    Active,
+    Stopped,
+    Destroying,
+}
+
+impl ContainerState {
+    /// Returns the `State` that Info reports. A container being destroyed
+    /// reports `stopped`, because its processes are being killed.
+    pub fn as_info(self) -> &'static str {
+        match self {
+            ContainerState::Active => "active",
+            ContainerState::Stopped | ContainerState::Destroying => "stopped",
+        }
+    }
+
+    pub fn can_run(self) -> bool {
+        self == ContainerState::Active
+    }
+
+    pub fn can_stop(self) -> bool {
+        self != ContainerState::Destroying
+    }
+
+    pub fn can_destroy(self) -> bool {
+        self != ContainerState::Destroying
+    }
+
+    pub fn can_change_properties(self) -> bool {
+        self != ContainerState::Destroying
+    }
+}
+
+enum ProcessSlot {
+    /// The runtime is starting it; the id is reserved.
+    Starting,
+    Running(Addr<Process>),
+}
+
+/// The actor of one container.
+pub struct Container {
+    handle: String,
+    spec: ContainerSpec,
+    state: ContainerState,
+    properties: Properties,
+    grace_time: i64,
+    runtime: Arc<dyn ContainerRuntime>,
+    dir: PathBuf,
+    created_at: SystemTime,
+    processes: HashMap<String, ProcessSlot>,
+    stream_table: StreamTable,
+    logger: Logger,
+}
+
+/// The on-disk record of a container, written atomically.
+#[derive(serde::Serialize)]
+struct StateRecord<'a> {
+    handle: &'a str,
+    state: ContainerState,
+    grace_time: i64,
+    properties: &'a Properties,
+    created_at_unix_ns: u128,
+    spec: &'a ContainerSpec,
+}
+
+impl Container {
+    /// Builds the actor for a container the runtime has created.
+    pub fn new(
+        handle: String,
+        spec: ContainerSpec,
+        runtime: Arc<dyn ContainerRuntime>,
+        dir: PathBuf,
+        stream_table: StreamTable,
+        logger: &Logger,
+    ) -> Container {
+        let mut properties = spec.properties.clone();
+        if spec.grace_time != 0 {
+            properties.insert(PROPERTY_GRACE_TIME.into(), spec.grace_time.to_string());
+        }
+        properties.insert(PROPERTY_STATE.into(), "created".into());
+        Container {
+            logger: logger.new(o!("handle" => handle.clone())),
+            grace_time: spec.grace_time,
+            handle,
+            spec,
+            state: ContainerState::Active,
+            properties,
+            runtime,
+            dir,
+            created_at: SystemTime::now(),
+            processes: HashMap::new(),
+            stream_table,
+        }
+    }
+
+    /// Serialises the state record for [`write_atomically`].
+    pub fn state_record(&self) -> Vec<u8> {
+        let record = StateRecord {
+            handle: &self.handle,
+            state: self.state,
+            grace_time: self.grace_time,
+            properties: &self.properties,
+            created_at_unix_ns: self
+                .created_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|age| age.as_nanos())
+                .unwrap_or(0),
+            spec: &self.spec,
+        };
+        let mut bytes = serde_json::to_vec_pretty(&record).expect("state record serialises");
+        bytes.push(b'\n');
+        bytes
+    }
+
+    /// Returns a future that writes the current state file off the actor
+    /// thread.
+    fn persist(&self) -> impl std::future::Future<Output = Result<(), ContainerError>> + 'static {
+        let path = self.dir.join(STATE_FILE);
+        let bytes = self.state_record();
+        async move {
+            let target = path.clone();
+            tokio::task::spawn_blocking(move || write_atomically(&target, &bytes))
+                .await
+                .map_err(|error| ContainerError::StateFile { path: path.display().to_string(), reason: error.to_string() })?
+                .map_err(|error| ContainerError::StateFile { path: path.display().to_string(), reason: error.to_string() })
+        }
+    }
+
+    fn info(&self) -> ContainerInfo {
+        ContainerInfo {
+            state: self.state.as_info().into(),
+            // No out-of-memory event has been recorded, and Garden reports
+            // none as null.
+            events: None,
+            container_path: self.dir.display().to_string(),
+            process_ids: None,
+            properties: Some(self.properties.clone()),
+            mapped_ports: Some(Vec::new()),
+            ..ContainerInfo::default()
+        }
+    }
+
+    fn check_not_destroying(&self) -> Result<(), ContainerError> {
+        if self.state.can_change_properties() {
+            Ok(())
+        } else {
+            Err(ContainerError::AlreadyDestroying { handle: self.handle.clone() })
+        }
+    }
+}
+
+impl Actor for Container {
+    type Context = Context<Self>;
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new
+/// file: a temporary file in the same directory, fsync, rename, then fsync
+/// of the directory so the rename itself is durable.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let directory = path.parent().unwrap_or(Path::new("."));
+    let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or("state");
+    let temporary = directory.join(format!(".{file_name}.tmp"));
+    {
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temporary, path)?;
+    std::fs::File::open(directory)?.sync_all()
+}
+
+/// Returns the container's Info.
+#[derive(Message)]
+#[rtype(result = "Result<ContainerInfo, ContainerError>")]
+pub struct GetInfo;
+
+impl Handler<GetInfo> for Container {
+    type Result = Result<ContainerInfo, ContainerError>;
+
+    fn handle(&mut self, _message: GetInfo, _ctx: &mut Context<Self>) -> Self::Result {
+        Ok(self.info())
+    }
+}
+
+/// Returns all properties, reserved ones included.
+#[derive(Message)]
+#[rtype(result = "Result<Properties, ContainerError>")]
+pub struct GetProperties;
+
+impl Handler<GetProperties> for Container {
+    type Result = Result<Properties, ContainerError>;
+
+    fn handle(&mut self, _message: GetProperties, _ctx: &mut Context<Self>) -> Self::Result {
+        Ok(self.properties.clone())
+    }
+}
+
+/// Returns one property.
+#[derive(Message)]
+#[rtype(result = "Result<String, ContainerError>")]
+pub struct GetProperty {
+    pub key: String,
+}
+
+impl Handler<GetProperty> for Container {
+    type Result = Result<String, ContainerError>;
+
+    fn handle(&mut self, message: GetProperty, _ctx: &mut Context<Self>) -> Self::Result {
+        self.properties
+            .get(&message.key)
+            .cloned()
+            .ok_or(ContainerError::PropertyNotFound { key: message.key })
+    }
+}
+
+/// Sets one property, overwriting an existing value.
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct SetProperty {
+    pub key: String,
+    pub value: String,
+}
+
+impl Handler<SetProperty> for Container {
+    type Result = AtomicResponse<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: SetProperty, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.check_not_destroying() {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
+        }
+        let previous = self.properties.insert(message.key.clone(), message.value);
+        let write = self.persist();
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, container, _| {
+            if result.is_err() {
+                // Keep the actor equal to the file that is on disk.
+                match previous {
+                    Some(value) => container.properties.insert(message.key, value),
+                    None => container.properties.remove(&message.key),
+                };
+            }
+            result
+        })))
+    }
+}
+
+/// Removes one property; removing a missing key succeeds.
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct RemoveProperty {
+    pub key: String,
+}
+
+impl Handler<RemoveProperty> for Container {
+    type Result = AtomicResponse<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: RemoveProperty, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.check_not_destroying() {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
+        }
+        let Some(previous) = self.properties.remove(&message.key) else {
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
+        };
+        let write = self.persist();
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, container, _| {
+            if result.is_err() {
+                container.properties.insert(message.key, previous);
+            }
+            result
+        })))
+    }
+}
+
+/// Changes the grace time and stores it as the `garden.grace-time`
+/// property (removed for zero).
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct SetGraceTime {
+    pub grace_time: i64,
+}
+
+impl Handler<SetGraceTime> for Container {
+    type Result = AtomicResponse<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: SetGraceTime, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.check_not_destroying() {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
+        }
+        let previous = (self.grace_time, self.properties.get(PROPERTY_GRACE_TIME).cloned());
+        self.grace_time = message.grace_time;
+        if message.grace_time == 0 {
+            self.properties.remove(PROPERTY_GRACE_TIME);
+        } else {
+            self.properties.insert(PROPERTY_GRACE_TIME.into(), message.grace_time.to_string());
+        }
+        let write = self.persist();
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, container, _| {
+            if result.is_err() {
+                container.grace_time = previous.0;
+                match previous.1 {
+                    Some(value) => container.properties.insert(PROPERTY_GRACE_TIME.into(), value),
+                    None => container.properties.remove(PROPERTY_GRACE_TIME),
+                };
+            }
+            result
+        })))
+    }
+}
+
+/// Stops every process of the container (SIGTERM, then SIGKILL after 10 s,
+/// or SIGKILL at once with `kill`). The container is `stopped` afterwards.
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct StopContainer {
+    pub kill: bool,
+}
+
+impl Handler<StopContainer> for Container {
+    type Result = ResponseActFuture<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: StopContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        if !self.state.can_stop() {
+            return Box::pin(fut::ready(Err(ContainerError::AlreadyDestroying { handle: self.handle.clone() })));
+        }
+        let runtime = self.runtime.clone();
+        let stop = async move { blocking(move || runtime.stop(message.kill)).await };
+        Box::pin(stop.into_actor(self).then(|result, container, _| {
+            let persist = match result {
+                Ok(()) if container.state == ContainerState::Active => {
+                    container.state = ContainerState::Stopped;
+                    Some(container.persist())
+                }
+                _ => None,
+            };
+            async move {
+                result?;
+                if let Some(persist) = persist {
+                    persist.await?;
+                }
+                Ok(())
+            }
+            .into_actor(container)
+        }))
+    }
+}
+
+/// Destroys the container: kills every process and removes its host
+/// objects. On failure the container returns to its previous state, so
+/// destroy can be retried.
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct DestroyContainer;
+
+impl Handler<DestroyContainer> for Container {
+    type Result = ResponseActFuture<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, _message: DestroyContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        if !self.state.can_destroy() {
+            return Box::pin(fut::ready(Err(ContainerError::AlreadyDestroying { handle: self.handle.clone() })));
+        }
+        let previous = self.state;
+        self.state = ContainerState::Destroying;
+        let runtime = self.runtime.clone();
+        let destroy = async move { blocking(move || runtime.destroy()).await };
+        Box::pin(destroy.into_actor(self).map(move |result, container, ctx| {
+            match &result {
+                Ok(()) => {
+                    info!(container.logger, "container destroyed");
+                    container.processes.clear();
+                    ctx.stop();
+                }
+                Err(error) => {
+                    warn!(container.logger, "container destroy failed"; "error" => %error);
+                    container.state = previous;
+                }
+            }
+            result
+        }))
+    }
+}
+
+/// Starts a process and its actor.
+#[derive(Message)]
+#[rtype(result = "Result<Addr<Process>, ContainerError>")]
+pub struct RunProcess {
+    pub spec: ProcessSpec,
+}
+
+impl Handler<RunProcess> for Container {
+    type Result = ResponseActFuture<Self, Result<Addr<Process>, ContainerError>>;
+
+    fn handle(&mut self, message: RunProcess, _ctx: &mut Context<Self>) -> Self::Result {
+        match self.state {
+            ContainerState::Active => {}
+            ContainerState::Stopped => {
+                return Box::pin(fut::ready(Err(ContainerError::Stopped { handle: self.handle.clone() })))
+            }
+            ContainerState::Destroying => {
+                return Box::pin(fut::ready(Err(ContainerError::AlreadyDestroying { handle: self.handle.clone() })))
+            }
+        }
+        let process_id = if message.spec.id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            message.spec.id.clone()
+        };
+        if self.processes.contains_key(&process_id) {
+            return Box::pin(fut::ready(Err(ContainerError::ProcessIdInUse { process_id })));
+        }
+        self.processes.insert(process_id.clone(), ProcessSlot::Starting);
+
+        let runtime = self.runtime.clone();
+        let logger = self.logger.clone();
+        let stream_table = self.stream_table.clone();
+        let tty = message.spec.tty.is_some();
+        let id = process_id.clone();
+        let started_at = Instant::now();
+        let start = async move {
+            let spec = message.spec;
+            let run_id = id.clone();
+            let started = blocking(move || runtime.run(&run_id, &spec)).await?;
+            let (pid, leftover, reader, writer) = await_start_frame(started).await?;
+            info!(logger, "process started"; "process_id" => &id, "pid" => pid,
+                "duration_ms" => started_at.elapsed().as_millis() as u64);
+            Ok(Process::start_with(ProcessStart { process_id: id, pid, tty, logger, stream_table, leftover, reader, writer }))
+        };
+        Box::pin(start.into_actor(self).map(move |result: Result<Addr<Process>, ContainerError>, container, _| {
+            match &result {
+                Ok(addr) => {
+                    container.processes.insert(process_id, ProcessSlot::Running(addr.clone()));
+                }
+                Err(_) => {
+                    container.processes.remove(&process_id);
+                }
+            }
+            result
+        }))
+    }
+}
+
+/// Returns the actor of a process, for Attach.
+#[derive(Message)]
+#[rtype(result = "Result<Addr<Process>, ContainerError>")]
+pub struct FindProcess {
+    pub process_id: String,
+}
+
+impl Handler<FindProcess> for Container {
+    type Result = Result<Addr<Process>, ContainerError>;
+
+    fn handle(&mut self, message: FindProcess, _ctx: &mut Context<Self>) -> Self::Result {
+        match self.processes.get(&message.process_id) {
+            Some(ProcessSlot::Running(addr)) => Ok(addr.clone()),
+            _ => Err(ContainerError::ProcessNotFound { process_id: message.process_id }),
+        }
+    }
+}
+
+/// Writes the container's state file; used once after create.
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct PersistState;
+
+impl Handler<PersistState> for Container {
+    type Result = AtomicResponse<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, _message: PersistState, _ctx: &mut Context<Self>) -> Self::Result {
+        AtomicResponse::new(Box::pin(self.persist().into_actor(self)))
+    }
+}
+
+impl Handler<Introspect> for Container {
+    type Result = ResponseFuture<serde_json::Value>;
+
+    fn handle(&mut self, _message: Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+        let processes: Vec<(String, Option<Addr<Process>>)> = self
+            .processes
+            .iter()
+            .map(|(id, slot)| match slot {
+                ProcessSlot::Starting => (id.clone(), None),
+                ProcessSlot::Running(addr) => (id.clone(), Some(addr.clone())),
+            })
+            .collect();
+        let mut snapshot = serde_json::json!({
+            "handle": self.handle,
+            "state": self.state,
+            "grace_time_ns": self.grace_time,
+            "properties": self.properties,
+            "container_path": self.dir,
+            "runtime": self.runtime.describe(),
+        });
+        Box::pin(async move {
+            let mut list = Vec::new();
+            for (id, addr) in processes {
+                let value = match addr {
+                    None => serde_json::json!({ "process_id": id, "starting": true }),
+                    Some(addr) => addr.send(Introspect).await.unwrap_or(serde_json::Value::Null),
+                };
+                list.push(value);
+            }
+            snapshot["processes"] = serde_json::Value::Array(list);
+            snapshot
+        })
+    }
+}
+
+/// Runs a blocking runtime call off the actor thread.
+pub async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, RuntimeError> + Send + 'static,
+) -> Result<T, ContainerError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|error| ContainerError::Runtime { source: RuntimeError::failed(format!("runtime call panicked: {error}")) })?
+        .map_err(ContainerError::from)
+}
+
+type ShimHalves = (
+    u32,
+    BytesMut,
+    Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+);
+
+/// Reads the shim's first frame: `Started` gives the pid, `StartFailed`
+/// becomes the Run error. Output frames that follow in the same read stay in
+/// the returned buffer.
+async fn await_start_frame(started: StartedProcess) -> Result<ShimHalves, ContainerError> {
+    let (mut reader, writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) =
+        match started.stdio {
+            StdioConnection::Memory(stream) => {
+                let (reader, writer) = tokio::io::split(stream);
+                (Box::new(reader), Box::new(writer))
+            }
+            StdioConnection::Unix(stream) => {
+                let io_error = |error: std::io::Error| {
+                    ContainerError::from(RuntimeError::failed(format!("cannot use the process shim socket: {error}")))
+                };
+                stream.set_nonblocking(true).map_err(io_error)?;
+                let stream = tokio::net::UnixStream::from_std(stream).map_err(io_error)?;
+                let (reader, writer) = stream.into_split();
+                (Box::new(reader), Box::new(writer))
+            }
+        };
+    let mut buffer = BytesMut::new();
+    loop {
+        match ShimFrame::decode(&mut buffer) {
+            Ok(Some(ShimFrame::Started { pid })) => return Ok((pid, buffer, reader, writer)),
+            Ok(Some(ShimFrame::StartFailed { failure, message })) => {
+                let error = match failure {
+                    StartFailure::ExecutableNotFound => RuntimeError::ExecutableNotFound { message },
+                    StartFailure::InvalidRequest => RuntimeError::InvalidRequest { message },
+                    StartFailure::Other => RuntimeError::Failed { message },
+                };
+                return Err(error.into());
+            }
+            Ok(Some(frame)) => {
+                return Err(RuntimeError::failed(format!("process shim sent {frame:?} before its start frame")).into())
+            }
+            Ok(None) => {}
+            Err(error) => return Err(RuntimeError::failed(format!("invalid frame from the process shim: {error}")).into()),
+        }
+        let read = reader
+            .read_buf(&mut buffer)
+            .await
+            .map_err(|error| RuntimeError::failed(format!("reading from the process shim failed: {error}")))?;
+        if read == 0 {
+            return Err(RuntimeError::failed("the process shim closed its connection before the process started").into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_predicates() {
+        assert!(ContainerState::Active.can_run());
+        assert!(!ContainerState::Stopped.can_run());
+        assert!(ContainerState::Stopped.can_stop());
+        assert!(!ContainerState::Destroying.can_destroy());
+        assert!(!ContainerState::Destroying.can_change_properties());
+        assert_eq!(ContainerState::Stopped.as_info(), "stopped");
+    }
+
+    #[test]
+    fn atomic_write_replaces_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomically(&path, b"one").unwrap();
+        write_atomically(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+}

@@ -1,0 +1,520 @@
+//! The Process actor: one per container process.
+//!
+//! A reader task decodes the shim's frames and hands each output chunk to
+//! the actor, waiting for the actor's reply before it reads the next frame.
+//! That wait is the backpressure. While at least one client is attached to
+//! a stream, a chunk is only done once every attached reader's queue has
+//! room for it. So the shim, and then the process, stops when the slowest
+//! reader falls a bounded amount behind. While no client is attached, the
+//! chunk goes into a ring buffer that keeps the most recent output and never
+//! blocks; the next attacher receives it.
+//!
+//! Each Run or Attach opens a stream with a server-wide id. The client's C1
+//! handler holds the stream's exit receiver and a liveness channel: it sends
+//! the exit message only after every stdout or stderr connection of its
+//! stream has written its queued output and closed.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::{Bytes, BytesMut};
+use slog::{debug, info, o, warn, Logger};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use super::{Introspect, StreamTable};
+use crate::runtime::stdio::{ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD};
+
+/// Bytes of recent output kept per stream while no client is attached.
+pub const UNATTACHED_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Chunks queued per attached reader before the shim is no longer read.
+const READER_QUEUE_CHUNKS: usize = 16;
+
+/// Frames queued for the shim (stdin, signals, resizes).
+const SHIM_QUEUE_FRAMES: usize = 64;
+
+/// How long a finished stream stays attachable.
+pub const FINISHED_STREAM_RETENTION: Duration = Duration::from_secs(60);
+
+/// An output stream of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutputKind {
+    Stdout,
+    Stderr,
+}
+
+impl OutputKind {
+    fn index(self) -> usize {
+        match self {
+            OutputKind::Stdout => 0,
+            OutputKind::Stderr => 1,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputKind::Stdout => "stdout",
+            OutputKind::Stderr => "stderr",
+        }
+    }
+}
+
+/// The end of a process, as sent on the Run or Attach connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitOutcome {
+    /// The exit status (exit code, or 128 plus the signal number).
+    Status(i32),
+    /// Waiting for the process failed.
+    Error(String),
+}
+
+/// A ring of recent output that drops the oldest bytes beyond its capacity.
+#[derive(Debug)]
+pub struct RecentOutput {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+    capacity: usize,
+}
+
+impl RecentOutput {
+    pub fn new(capacity: usize) -> Self {
+        RecentOutput { chunks: VecDeque::new(), len: 0, capacity }
+    }
+
+    /// Appends `data`, dropping the oldest bytes beyond the capacity.
+    pub fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        self.chunks.push_back(data);
+        while self.len > self.capacity {
+            let excess = self.len - self.capacity;
+            let front = self.chunks.front_mut().expect("length counts queued chunks");
+            if front.len() <= excess {
+                self.len -= front.len();
+                self.chunks.pop_front();
+            } else {
+                *front = front.slice(excess..);
+                self.len -= excess;
+            }
+        }
+    }
+
+    /// Removes and returns everything kept, as one chunk.
+    pub fn take(&mut self) -> Option<Bytes> {
+        if self.len == 0 {
+            return None;
+        }
+        let mut joined = BytesMut::with_capacity(self.len);
+        for chunk in self.chunks.drain(..) {
+            joined.extend_from_slice(&chunk);
+        }
+        self.len = 0;
+        Some(joined.freeze())
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+struct Reader {
+    stream_id: String,
+    sender: mpsc::Sender<Bytes>,
+}
+
+struct OutputState {
+    unattached: RecentOutput,
+    readers: Vec<Reader>,
+    delivered_bytes: u64,
+}
+
+impl Default for OutputState {
+    fn default() -> Self {
+        OutputState { unattached: RecentOutput::new(UNATTACHED_BUFFER_BYTES), readers: Vec::new(), delivered_bytes: 0 }
+    }
+}
+
+struct StreamRecord {
+    finished: bool,
+    /// Dropped when the stream finishes. Each attached output connection
+    /// keeps a clone, so the C1 handler's receiver ends once all are done.
+    liveness: Option<mpsc::Sender<()>>,
+}
+
+/// The actor of one process.
+pub struct Process {
+    process_id: String,
+    pid: u32,
+    tty: bool,
+    logger: Logger,
+    shim: mpsc::Sender<ServerFrame>,
+    exit: watch::Sender<Option<ExitOutcome>>,
+    outputs: [OutputState; 2],
+    streams: HashMap<String, StreamRecord>,
+    stream_table: StreamTable,
+}
+
+/// Everything the process actor needs at start.
+pub struct ProcessStart {
+    pub process_id: String,
+    pub pid: u32,
+    pub tty: bool,
+    pub logger: Logger,
+    pub stream_table: StreamTable,
+    /// Frames already read past the start frame.
+    pub leftover: BytesMut,
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+}
+
+impl Process {
+    /// Starts the actor and its shim reader and writer tasks.
+    pub fn start_with(start: ProcessStart) -> Addr<Process> {
+        let (shim, shim_receiver) = mpsc::channel(SHIM_QUEUE_FRAMES);
+        let (exit, _) = watch::channel(None);
+        let logger = start.logger.new(o!("process_id" => start.process_id.clone()));
+        let process = Process {
+            process_id: start.process_id,
+            pid: start.pid,
+            tty: start.tty,
+            logger: logger.clone(),
+            shim,
+            exit,
+            outputs: [OutputState::default(), OutputState::default()],
+            streams: HashMap::new(),
+            stream_table: start.stream_table,
+        };
+        let addr = process.start();
+        actix_rt::spawn(write_shim_frames(start.writer, shim_receiver, logger.clone()));
+        actix_rt::spawn(read_shim_frames(start.reader, start.leftover, addr.clone(), logger));
+        addr
+    }
+
+    fn finish_stream(&mut self, stream_id: &str, ctx: &mut Context<Self>) {
+        let Some(record) = self.streams.get_mut(stream_id) else {
+            return;
+        };
+        if record.finished {
+            return;
+        }
+        record.finished = true;
+        record.liveness = None;
+        for output in &mut self.outputs {
+            output.readers.retain(|reader| reader.stream_id != stream_id);
+        }
+        debug!(self.logger, "stream finished"; "stream_id" => stream_id);
+        let stream_id = stream_id.to_string();
+        ctx.run_later(FINISHED_STREAM_RETENTION, move |process, _| {
+            process.streams.remove(&stream_id);
+            process.stream_table.remove(&stream_id);
+        });
+    }
+}
+
+impl Actor for Process {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        for stream_id in self.streams.keys() {
+            self.stream_table.remove(stream_id);
+        }
+    }
+}
+
+/// The handles a Run or Attach connection (C1) uses for its stream.
+pub struct StreamHandle {
+    pub process_id: String,
+    pub stream_id: String,
+    /// Stdin, signals and resizes for the shim.
+    pub shim: mpsc::Sender<ServerFrame>,
+    /// Becomes `Some` once the process has ended.
+    pub exit: watch::Receiver<Option<ExitOutcome>>,
+    /// Ends (returns `None`) once the stream has finished and every output
+    /// connection of the stream has written its output and closed.
+    pub liveness: mpsc::Receiver<()>,
+}
+
+/// Opens a new stream (a Run or Attach) on the process.
+#[derive(Message)]
+#[rtype(result = "StreamHandle")]
+pub struct OpenStream {
+    pub stream_id: String,
+}
+
+impl Handler<OpenStream> for Process {
+    type Result = MessageResult<OpenStream>;
+
+    fn handle(&mut self, message: OpenStream, ctx: &mut Context<Self>) -> Self::Result {
+        let (liveness_sender, liveness) = mpsc::channel(1);
+        let finished = self.exit.borrow().is_some();
+        self.streams.insert(
+            message.stream_id.clone(),
+            StreamRecord { finished: false, liveness: Some(liveness_sender) },
+        );
+        self.stream_table.insert(message.stream_id.clone(), ctx.address());
+        if finished {
+            // The process has already ended: the stream only serves the kept
+            // output to late output attaches.
+            self.finish_stream(&message.stream_id, ctx);
+        }
+        MessageResult(StreamHandle {
+            process_id: self.process_id.clone(),
+            stream_id: message.stream_id,
+            shim: self.shim.clone(),
+            exit: self.exit.subscribe(),
+            liveness,
+        })
+    }
+}
+
+/// Ends a stream without an exit message: the client closed C1, or the
+/// server is stopping. The process keeps running.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseStream {
+    pub stream_id: String,
+}
+
+impl Handler<CloseStream> for Process {
+    type Result = ();
+
+    fn handle(&mut self, message: CloseStream, ctx: &mut Context<Self>) {
+        self.finish_stream(&message.stream_id, ctx);
+    }
+}
+
+/// The queue a stdout or stderr connection reads from.
+pub struct OutputSubscription {
+    pub chunks: mpsc::Receiver<Bytes>,
+    /// Held until the connection has written everything and closed.
+    pub liveness: Option<mpsc::Sender<()>>,
+}
+
+/// Attaches a stdout or stderr connection (C2 or C3) to a stream. Returns
+/// `None` for a stream the process does not have.
+#[derive(Message)]
+#[rtype(result = "Option<OutputSubscription>")]
+pub struct AttachOutput {
+    pub stream_id: String,
+    pub kind: OutputKind,
+}
+
+impl Handler<AttachOutput> for Process {
+    type Result = MessageResult<AttachOutput>;
+
+    fn handle(&mut self, message: AttachOutput, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(record) = self.streams.get(&message.stream_id) else {
+            return MessageResult(None);
+        };
+        let (sender, chunks) = mpsc::channel(READER_QUEUE_CHUNKS);
+        let output = &mut self.outputs[message.kind.index()];
+        output.readers.retain(|reader| !reader.sender.is_closed());
+        if output.readers.is_empty() {
+            if let Some(kept) = output.unattached.take() {
+                sender.try_send(kept).expect("a new queue has room for one chunk");
+            }
+        }
+        let liveness = record.liveness.clone();
+        if !record.finished {
+            output.readers.push(Reader { stream_id: message.stream_id.clone(), sender });
+        }
+        debug!(self.logger, "output attached"; "stream_id" => &message.stream_id, "stream" => message.kind.name());
+        MessageResult(Some(OutputSubscription { chunks, liveness }))
+    }
+}
+
+/// One chunk of output read from the shim.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ShimOutput {
+    kind: OutputKind,
+    data: Bytes,
+}
+
+impl Handler<ShimOutput> for Process {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, message: ShimOutput, _ctx: &mut Context<Self>) -> Self::Result {
+        let output = &mut self.outputs[message.kind.index()];
+        output.readers.retain(|reader| !reader.sender.is_closed());
+        output.delivered_bytes += message.data.len() as u64;
+        if output.readers.is_empty() {
+            output.unattached.push(message.data);
+            return Box::pin(async {});
+        }
+        let senders: Vec<_> = output.readers.iter().map(|reader| reader.sender.clone()).collect();
+        Box::pin(async move {
+            // A reader that has disconnected fails at once; a slow one
+            // holds up the shim, which is the intended backpressure.
+            for sender in senders {
+                let _ = sender.send(message.data.clone()).await;
+            }
+        })
+    }
+}
+
+/// The shim reported the end of the process.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ShimExited {
+    outcome: ExitOutcome,
+}
+
+impl Handler<ShimExited> for Process {
+    type Result = ();
+
+    fn handle(&mut self, message: ShimExited, ctx: &mut Context<Self>) {
+        match &message.outcome {
+            ExitOutcome::Status(status) => info!(self.logger, "process exited"; "exit_status" => status),
+            ExitOutcome::Error(error) => warn!(self.logger, "process wait failed"; "error" => error),
+        }
+        // `send_replace` stores the outcome even while no stream is open.
+        self.exit.send_replace(Some(message.outcome));
+        let stream_ids: Vec<String> = self.streams.keys().cloned().collect();
+        for stream_id in stream_ids {
+            self.finish_stream(&stream_id, ctx);
+        }
+    }
+}
+
+/// Returns the exit outcome, if the process has ended.
+#[derive(Message)]
+#[rtype(result = "Option<ExitOutcome>")]
+pub struct GetExit;
+
+impl Handler<GetExit> for Process {
+    type Result = MessageResult<GetExit>;
+
+    fn handle(&mut self, _message: GetExit, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.exit.borrow().clone())
+    }
+}
+
+impl Handler<Introspect> for Process {
+    type Result = MessageResult<Introspect>;
+
+    fn handle(&mut self, _message: Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+        let exit = match &*self.exit.borrow() {
+            None => serde_json::Value::Null,
+            Some(ExitOutcome::Status(status)) => serde_json::json!({ "exit_status": status }),
+            Some(ExitOutcome::Error(error)) => serde_json::json!({ "error": error }),
+        };
+        let outputs: Vec<_> = [OutputKind::Stdout, OutputKind::Stderr]
+            .iter()
+            .map(|kind| {
+                let output = &self.outputs[kind.index()];
+                serde_json::json!({
+                    "stream": kind.name(),
+                    "readers": output.readers.iter().map(|reader| reader.stream_id.clone()).collect::<Vec<_>>(),
+                    "kept_bytes": output.unattached.len(),
+                    "total_bytes": output.delivered_bytes,
+                })
+            })
+            .collect();
+        let streams: Vec<_> = self
+            .streams
+            .iter()
+            .map(|(id, record)| serde_json::json!({ "stream_id": id, "finished": record.finished }))
+            .collect();
+        MessageResult(serde_json::json!({
+            "process_id": self.process_id,
+            "pid": self.pid,
+            "tty": self.tty,
+            "exit": exit,
+            "outputs": outputs,
+            "streams": streams,
+        }))
+    }
+}
+
+/// Reads frames from the shim and hands them to the actor one at a time.
+async fn read_shim_frames(
+    mut reader: Box<dyn AsyncRead + Send + Unpin>,
+    mut buffer: BytesMut,
+    addr: Addr<Process>,
+    logger: Logger,
+) {
+    let outcome = loop {
+        match ShimFrame::decode(&mut buffer) {
+            Ok(Some(ShimFrame::Stdout(data))) => {
+                if addr.send(ShimOutput { kind: OutputKind::Stdout, data }).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(ShimFrame::Stderr(data))) => {
+                if addr.send(ShimOutput { kind: OutputKind::Stderr, data }).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(ShimFrame::Exited { status })) => break ExitOutcome::Status(status),
+            Ok(Some(other)) => {
+                debug!(logger, "unexpected shim frame ignored"; "frame" => format!("{other:?}"));
+                continue;
+            }
+            Ok(None) => {}
+            Err(error) => break ExitOutcome::Error(format!("invalid frame from the process shim: {error}")),
+        }
+        match reader.read_buf(&mut buffer).await {
+            Ok(0) => break ExitOutcome::Error("the process shim closed its connection before reporting an exit status".into()),
+            Ok(_) => {}
+            Err(error) => break ExitOutcome::Error(format!("reading from the process shim failed: {error}")),
+        }
+    };
+    addr.do_send(ShimExited { outcome });
+}
+
+/// Writes stdin, signal and resize frames to the shim, splitting stdin
+/// larger than one frame.
+async fn write_shim_frames(
+    mut writer: Box<dyn AsyncWrite + Send + Unpin>,
+    mut frames: mpsc::Receiver<ServerFrame>,
+    logger: Logger,
+) {
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = frames.recv().await {
+        match frame {
+            ServerFrame::Stdin(data) if data.len() > MAX_FRAME_PAYLOAD => {
+                for piece in data.chunks(MAX_FRAME_PAYLOAD) {
+                    ServerFrame::Stdin(Bytes::copy_from_slice(piece)).encode(&mut buffer);
+                }
+            }
+            frame => frame.encode(&mut buffer),
+        }
+        if let Err(error) = writer.write_all(&buffer).await {
+            debug!(logger, "writing to the process shim failed"; "error" => %error);
+            return;
+        }
+        buffer.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_output_keeps_newest_bytes() {
+        let mut ring = RecentOutput::new(8);
+        ring.push(Bytes::from_static(b"abcd"));
+        ring.push(Bytes::from_static(b"efgh"));
+        ring.push(Bytes::from_static(b"ijk"));
+        assert_eq!(ring.len(), 8);
+        assert_eq!(ring.take().unwrap(), Bytes::from_static(b"defghijk"));
+        assert!(ring.is_empty());
+        assert_eq!(ring.take(), None);
+    }
+
+    #[test]
+    fn recent_output_drops_whole_oversized_chunk_prefix() {
+        let mut ring = RecentOutput::new(4);
+        ring.push(Bytes::from_static(b"0123456789"));
+        assert_eq!(ring.take().unwrap(), Bytes::from_static(b"6789"));
+    }
+}

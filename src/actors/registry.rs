@@ -1,0 +1,378 @@
+//! The Registry actor: maps handles to container actors.
+//!
+//! It validates and reserves handles in one step, so two creates of one
+//! handle cannot both proceed, counts creates in progress against the
+//! container limit, and refuses a second destroy of a handle whose destroy
+//! is running. The work itself happens in the container actors and the
+//! runtime.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use slog::{info, warn, Logger};
+
+use super::container::{self, blocking, Container, DestroyContainer, GetProperties, PersistState};
+use super::reaper::{Defuse, Reaper, Strap};
+use super::{ContainerError, Introspect, StreamTable};
+use crate::api::ContainerSpec;
+use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
+use crate::runtime::{ContainerConfig, Runtime};
+
+/// Longest handle accepted, in bytes.
+pub const MAX_HANDLE_LEN: usize = 255;
+
+/// Settings of the registry, from the server configuration.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    pub depot: PathBuf,
+    pub default_grace_time: Duration,
+    /// Maximum number of containers, creates in progress included; zero
+    /// means no limit.
+    pub max_containers: u64,
+}
+
+enum Entry {
+    Creating,
+    Ready { addr: Addr<Container>, privileged: bool },
+    Destroying { addr: Addr<Container>, privileged: bool },
+}
+
+/// The registry of containers.
+pub struct Registry {
+    entries: BTreeMap<String, Entry>,
+    runtime: Arc<dyn Runtime>,
+    uid_pool: Addr<UidPool>,
+    reaper: Addr<Reaper>,
+    settings: RegistrySettings,
+    stream_table: StreamTable,
+    logger: Logger,
+}
+
+impl Registry {
+    pub fn new(
+        runtime: Arc<dyn Runtime>,
+        uid_pool: Addr<UidPool>,
+        reaper: Addr<Reaper>,
+        settings: RegistrySettings,
+        stream_table: StreamTable,
+        logger: Logger,
+    ) -> Registry {
+        Registry { entries: BTreeMap::new(), runtime, uid_pool, reaper, settings, stream_table, logger }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+/// Checks a client-chosen handle: 1 to 255 bytes of `A-Z a-z 0-9 _ . + -`,
+/// and not `.` or `..`. The handle names the container's state directory, and
+/// the bulk routes split handle lists on commas.
+pub fn validate_handle(handle: &str) -> Result<(), ContainerError> {
+    let invalid = |reason: &str| ContainerError::InvalidHandle { handle: handle.to_string(), reason: reason.to_string() };
+    if handle.is_empty() || handle.len() > MAX_HANDLE_LEN {
+        return Err(invalid("a handle must be 1 to 255 bytes long"));
+    }
+    if handle == "." || handle == ".." {
+        return Err(invalid("a handle must not be . or .."));
+    }
+    if !handle.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'+' | b'-')) {
+        return Err(invalid("a handle may only contain letters, digits and _ . + -"));
+    }
+    Ok(())
+}
+
+/// Creates a container.
+#[derive(Message)]
+#[rtype(result = "Result<String, ContainerError>")]
+pub struct CreateContainer {
+    pub spec: ContainerSpec,
+}
+
+impl Handler<CreateContainer> for Registry {
+    type Result = ResponseActFuture<Self, Result<String, ContainerError>>;
+
+    fn handle(&mut self, message: CreateContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut spec = message.spec;
+        if spec.grace_time == 0 {
+            spec.grace_time = i64::try_from(self.settings.default_grace_time.as_nanos()).unwrap_or(i64::MAX);
+        }
+        if spec.handle.is_empty() {
+            spec.handle = uuid::Uuid::new_v4().to_string();
+        }
+        let handle = spec.handle.clone();
+        let checks = validate_handle(&handle).and_then(|()| {
+            if !spec.image.uri.is_empty() && !spec.rootfs.is_empty() {
+                return Err(ContainerError::BothImageAndRootfs);
+            }
+            if self.settings.max_containers > 0 && self.entries.len() as u64 >= self.settings.max_containers {
+                return Err(ContainerError::MaxContainersReached);
+            }
+            if self.entries.contains_key(&handle) {
+                return Err(ContainerError::HandleInUse { handle: handle.clone() });
+            }
+            Ok(())
+        });
+        if let Err(error) = checks {
+            return Box::pin(fut::ready(Err(error)));
+        }
+        self.entries.insert(handle.clone(), Entry::Creating);
+
+        let runtime = self.runtime.clone();
+        let uid_pool = self.uid_pool.clone();
+        let container_dir = self.settings.depot.join(&handle);
+        let stream_table = self.stream_table.clone();
+        let logger = self.logger.clone();
+        let privileged = spec.privileged;
+        let grace_time = spec.grace_time;
+        let create = async move {
+            let id_mappings = if privileged {
+                None
+            } else {
+                let mappings = uid_pool
+                    .send(AcquireIdMappings)
+                    .await
+                    .map_err(|_| ContainerError::Mailbox { operation: "acquiring id mappings" })?
+                    .map_err(|reason| ContainerError::NoIdMapping { reason })?;
+                Some(mappings)
+            };
+            let config = ContainerConfig { handle: spec.handle.clone(), spec: spec.clone(), container_dir: container_dir.clone(), id_mappings };
+            let created = create_in_runtime(runtime, config).await;
+            let container_runtime = match created {
+                Ok(container_runtime) => container_runtime,
+                Err(error) => {
+                    if !privileged {
+                        uid_pool.do_send(ReleaseIdMappings);
+                    }
+                    return Err(error);
+                }
+            };
+            let container = Container::new(spec.handle.clone(), spec, container_runtime.clone(), container_dir, stream_table, &logger);
+            let addr = container.start();
+            let persisted = addr
+                .send(PersistState)
+                .await
+                .map_err(|_| ContainerError::Mailbox { operation: "writing the container state" })
+                .and_then(|result| result);
+            if let Err(error) = persisted {
+                // Roll back: the container exists in the runtime but the
+                // server could not record it.
+                if let Err(cleanup) = blocking(move || container_runtime.destroy()).await {
+                    warn!(logger, "rollback of container failed"; "error" => %cleanup);
+                }
+                if !privileged {
+                    uid_pool.do_send(ReleaseIdMappings);
+                }
+                return Err(error);
+            }
+            Ok(addr)
+        };
+        Box::pin(create.into_actor(self).map(move |result, registry, _| match result {
+            Ok(addr) => {
+                registry.entries.insert(handle.clone(), Entry::Ready { addr, privileged });
+                registry.reaper.do_send(Strap { handle: handle.clone(), grace_time });
+                Ok(handle)
+            }
+            Err(error) => {
+                registry.entries.remove(&handle);
+                Err(error)
+            }
+        }))
+    }
+}
+
+/// Makes the container directory and calls the runtime; removes the
+/// directory again when the runtime fails.
+async fn create_in_runtime(
+    runtime: Arc<dyn Runtime>,
+    config: ContainerConfig,
+) -> Result<Arc<dyn crate::runtime::ContainerRuntime>, ContainerError> {
+    blocking(move || {
+        std::fs::create_dir_all(&config.container_dir).map_err(|error| {
+            crate::runtime::RuntimeError::failed(format!(
+                "cannot create the container directory {}: {error}",
+                config.container_dir.display()
+            ))
+        })?;
+        let result = runtime.create(&config);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&config.container_dir);
+        }
+        result
+    })
+    .await
+}
+
+/// Looks up a container by handle.
+#[derive(Message)]
+#[rtype(result = "Result<Addr<Container>, ContainerError>")]
+pub struct LookupContainer {
+    pub handle: String,
+}
+
+impl Handler<LookupContainer> for Registry {
+    type Result = Result<Addr<Container>, ContainerError>;
+
+    fn handle(&mut self, message: LookupContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        match self.entries.get(&message.handle) {
+            Some(Entry::Ready { addr, .. } | Entry::Destroying { addr, .. }) => Ok(addr.clone()),
+            Some(Entry::Creating) | None => Err(ContainerError::NotFound { handle: message.handle }),
+        }
+    }
+}
+
+/// Lists handles whose properties match every filter pair.
+#[derive(Message)]
+#[rtype(result = "Vec<String>")]
+pub struct ListContainers {
+    pub filters: Vec<(String, String)>,
+}
+
+impl Handler<ListContainers> for Registry {
+    type Result = ResponseFuture<Vec<String>>;
+
+    fn handle(&mut self, message: ListContainers, _ctx: &mut Context<Self>) -> Self::Result {
+        // `garden.state=all` asks to include containers still being created;
+        // those have no properties here yet, so the pair only stops filtering.
+        let filters: Vec<(String, String)> = message
+            .filters
+            .into_iter()
+            .filter(|(key, value)| !(key == container::PROPERTY_STATE && value == "all"))
+            .collect();
+        let candidates: Vec<(String, Addr<Container>)> = self
+            .entries
+            .iter()
+            .filter_map(|(handle, entry)| match entry {
+                Entry::Ready { addr, .. } | Entry::Destroying { addr, .. } => Some((handle.clone(), addr.clone())),
+                Entry::Creating => None,
+            })
+            .collect();
+        Box::pin(async move {
+            let mut handles = Vec::new();
+            for (handle, addr) in candidates {
+                if filters.is_empty() {
+                    handles.push(handle);
+                    continue;
+                }
+                let Ok(Ok(properties)) = addr.send(GetProperties).await else {
+                    continue;
+                };
+                if filters.iter().all(|(key, value)| properties.get(key) == Some(value)) {
+                    handles.push(handle);
+                }
+            }
+            handles
+        })
+    }
+}
+
+/// Destroys a container and forgets its handle.
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct DestroyByHandle {
+    pub handle: String,
+}
+
+impl Handler<DestroyByHandle> for Registry {
+    type Result = ResponseActFuture<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: DestroyByHandle, _ctx: &mut Context<Self>) -> Self::Result {
+        let handle = message.handle;
+        let (addr, privileged) = match self.entries.remove(&handle) {
+            None => return Box::pin(fut::ready(Err(ContainerError::NotFound { handle }))),
+            Some(Entry::Creating) => {
+                self.entries.insert(handle.clone(), Entry::Creating);
+                return Box::pin(fut::ready(Err(ContainerError::BeingCreated { handle })));
+            }
+            Some(entry @ Entry::Destroying { .. }) => {
+                self.entries.insert(handle.clone(), entry);
+                return Box::pin(fut::ready(Err(ContainerError::AlreadyDestroying { handle })));
+            }
+            Some(Entry::Ready { addr, privileged }) => (addr, privileged),
+        };
+        self.entries.insert(handle.clone(), Entry::Destroying { addr: addr.clone(), privileged });
+        let destroy = async move {
+            addr.send(DestroyContainer)
+                .await
+                .map_err(|_| ContainerError::Mailbox { operation: "destroying the container" })
+                .and_then(|result| result)
+        };
+        Box::pin(destroy.into_actor(self).map(move |result, registry, _| {
+            match &result {
+                Ok(()) => {
+                    registry.entries.remove(&handle);
+                    registry.reaper.do_send(Defuse { handle: handle.clone() });
+                    if !privileged {
+                        registry.uid_pool.do_send(ReleaseIdMappings);
+                    }
+                    info!(registry.logger, "container removed from registry"; "handle" => &handle);
+                }
+                Err(_) => {
+                    if let Some(Entry::Destroying { addr, privileged }) = registry.entries.remove(&handle) {
+                        registry.entries.insert(handle, Entry::Ready { addr, privileged });
+                    }
+                }
+            }
+            result
+        }))
+    }
+}
+
+/// Returns the number of containers, creates in progress included.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CountContainers;
+
+impl Handler<CountContainers> for Registry {
+    type Result = usize;
+
+    fn handle(&mut self, _message: CountContainers, _ctx: &mut Context<Self>) -> usize {
+        self.entries.len()
+    }
+}
+
+impl Handler<Introspect> for Registry {
+    type Result = ResponseFuture<serde_json::Value>;
+
+    fn handle(&mut self, _message: Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+        let entries: Vec<(String, &'static str, Option<Addr<Container>>)> = self
+            .entries
+            .iter()
+            .map(|(handle, entry)| match entry {
+                Entry::Creating => (handle.clone(), "creating", None),
+                Entry::Ready { addr, .. } => (handle.clone(), "ready", Some(addr.clone())),
+                Entry::Destroying { addr, .. } => (handle.clone(), "destroying", Some(addr.clone())),
+            })
+            .collect();
+        Box::pin(async move {
+            let mut containers = Vec::new();
+            for (handle, entry_state, addr) in entries {
+                let detail = match addr {
+                    Some(addr) => addr.send(Introspect).await.unwrap_or(serde_json::Value::Null),
+                    None => serde_json::Value::Null,
+                };
+                containers.push(serde_json::json!({ "handle": handle, "entry": entry_state, "container": detail }));
+            }
+            serde_json::json!({ "containers": containers })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handle_rules() {
+        for good in ["web-1", "a", "executor-healthcheck-0123", "a+b", "x.y_z", &"h".repeat(255)] {
+            assert!(validate_handle(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a,b", "a b", "ü", &"h".repeat(256)] {
+            let error = validate_handle(bad).unwrap_err();
+            assert!(error.to_string().starts_with("invalid handle"), "{bad}: {error}");
+        }
+    }
+}

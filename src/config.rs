@@ -1,0 +1,464 @@
+//! Server configuration: the TOML file of `trellis server --config FILE`
+//! and the command-line flags that override it.
+//!
+//! Keys and flags use the names of gdn, Garden's reference server
+//! (`bind-ip`, `default-grace-time` and so on). Every value is checked when
+//! it is loaded. An invalid value is reported with the file (or flag), the
+//! key and the reason, and an unknown key is an error naming the key.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+
+/// Largest request body with JSON content the server reads (1 MiB).
+pub const MAX_JSON_BODY_BYTES: usize = 1 << 20;
+
+/// The host id that container root maps to in an unprivileged container:
+/// the largest id a 32-bit user namespace can map (4294967294).
+pub const TOP_ID: u32 = u32::MAX - 1;
+
+/// A configuration value that could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("configuration file {path} is not valid TOML: {reason}")]
+    Syntax { path: PathBuf, reason: String },
+    #[error("{source_name}: unknown key `{key}`")]
+    UnknownKey { source_name: String, key: String },
+    #[error("{source_name}: invalid value for `{key}`: {reason}")]
+    InvalidValue { source_name: String, key: String, reason: String },
+}
+
+/// Output format of the server log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Text for a terminal.
+    Human,
+}
+
+/// Every setting of the server, with defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// TCP address of the Garden API, used unless `bind_socket` is set.
+    pub bind_ip: IpAddr,
+    pub bind_port: u16,
+    /// Unix socket path of the Garden API; replaces TCP when set.
+    pub bind_socket: Option<PathBuf>,
+    /// Directory with one state directory per container.
+    pub depot: PathBuf,
+    /// Root filesystem of containers whose spec names no image.
+    pub default_rootfs: PathBuf,
+    /// Grace time of containers created without one; zero means never.
+    pub default_grace_time: Duration,
+    /// Maximum number of containers; zero means only the subnet pool limits it.
+    pub max_containers: u64,
+    pub debug_bind_ip: IpAddr,
+    pub debug_bind_port: u16,
+    pub log_level: slog::Level,
+    pub log_format: LogFormat,
+    /// Short name carried by every host object the server creates.
+    pub tag: String,
+    /// Pool of container subnets, handed out as /30 blocks.
+    pub network_pool: Ipv4Network,
+    /// First host port of the net-in pool.
+    pub port_pool_start: u16,
+    /// Number of host ports in the net-in pool.
+    pub port_pool_size: u32,
+    /// First host id of the identity part of the uid mapping.
+    pub uid_map_start: u32,
+    /// Length of the identity part; `None` means up to just below the top id.
+    pub uid_map_length: Option<u32>,
+    pub gid_map_start: u32,
+    pub gid_map_length: Option<u32>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            bind_port: 7777,
+            bind_socket: None,
+            depot: PathBuf::from("/var/lib/trellis/depot"),
+            default_rootfs: PathBuf::from("/var/lib/trellis/rootfs/busybox"),
+            default_grace_time: Duration::ZERO,
+            max_containers: 0,
+            debug_bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            debug_bind_port: 17013,
+            log_level: slog::Level::Info,
+            log_format: LogFormat::Json,
+            tag: "trellis".to_string(),
+            network_pool: "10.254.0.0/22".parse().expect("default pool is valid"),
+            port_pool_start: 61001,
+            port_pool_size: 4534,
+            uid_map_start: 1,
+            uid_map_length: None,
+            gid_map_start: 1,
+            gid_map_length: None,
+        }
+    }
+}
+
+/// Every key the configuration file and the flags accept.
+pub const KEYS: &[&str] = &[
+    "bind-ip",
+    "bind-port",
+    "bind-socket",
+    "depot",
+    "default-rootfs",
+    "default-grace-time",
+    "max-containers",
+    "debug-bind-ip",
+    "debug-bind-port",
+    "log-level",
+    "log-format",
+    "tag",
+    "network-pool",
+    "port-pool-start",
+    "port-pool-size",
+    "uid-map-start",
+    "uid-map-length",
+    "gid-map-start",
+    "gid-map-length",
+];
+
+impl Config {
+    /// Loads `path` over the defaults.
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| ConfigError::Read { path: path.to_path_buf(), reason: error.to_string() })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses TOML text over the defaults; `path` names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|error: toml::de::Error| ConfigError::Syntax { path: path.to_path_buf(), reason: error.message().to_string() })?;
+        let source_name = path.display().to_string();
+        let mut config = Config::default();
+        for (key, value) in &table {
+            let text = match value {
+                toml::Value::String(text) => text.clone(),
+                toml::Value::Integer(number) => number.to_string(),
+                other => {
+                    if !KEYS.contains(&key.as_str()) {
+                        return Err(ConfigError::UnknownKey { source_name, key: key.clone() });
+                    }
+                    return Err(ConfigError::InvalidValue {
+                        source_name,
+                        key: key.clone(),
+                        reason: format!("expected a string or an integer, found a {}", other.type_str()),
+                    });
+                }
+            };
+            config.set(&source_name, key, &text)?;
+        }
+        config.validate(&source_name)?;
+        Ok(config)
+    }
+
+    /// Sets one key from its text form; `source_name` names the file or
+    /// "command line" in errors.
+    pub fn set(&mut self, source_name: &str, key: &str, text: &str) -> Result<(), ConfigError> {
+        let invalid = |reason: String| ConfigError::InvalidValue {
+            source_name: source_name.to_string(),
+            key: key.to_string(),
+            reason,
+        };
+        match key {
+            "bind-ip" => self.bind_ip = parse_ip(text).map_err(invalid)?,
+            "bind-port" => self.bind_port = parse_number(text).map_err(invalid)?,
+            "bind-socket" => self.bind_socket = if text.is_empty() { None } else { Some(parse_path(text).map_err(invalid)?) },
+            "depot" => self.depot = parse_path(text).map_err(invalid)?,
+            "default-rootfs" => self.default_rootfs = parse_path(text).map_err(invalid)?,
+            "default-grace-time" => self.default_grace_time = parse_duration(text).map_err(invalid)?,
+            "max-containers" => self.max_containers = parse_number(text).map_err(invalid)?,
+            "debug-bind-ip" => self.debug_bind_ip = parse_ip(text).map_err(invalid)?,
+            "debug-bind-port" => self.debug_bind_port = parse_number(text).map_err(invalid)?,
+            "log-level" => self.log_level = parse_level(text).map_err(invalid)?,
+            "log-format" => {
+                self.log_format = match text {
+                    "json" => LogFormat::Json,
+                    "human" => LogFormat::Human,
+                    _ => return Err(invalid(format!("`{text}` is not one of json, human"))),
+                }
+            }
+            "tag" => self.tag = parse_tag(text).map_err(invalid)?,
+            "network-pool" => self.network_pool = parse_pool(text).map_err(invalid)?,
+            "port-pool-start" => self.port_pool_start = parse_number(text).map_err(invalid)?,
+            "port-pool-size" => self.port_pool_size = parse_number(text).map_err(invalid)?,
+            "uid-map-start" => self.uid_map_start = parse_number(text).map_err(invalid)?,
+            "uid-map-length" => self.uid_map_length = Some(parse_number(text).map_err(invalid)?),
+            "gid-map-start" => self.gid_map_start = parse_number(text).map_err(invalid)?,
+            "gid-map-length" => self.gid_map_length = Some(parse_number(text).map_err(invalid)?),
+            _ => return Err(ConfigError::UnknownKey { source_name: source_name.to_string(), key: key.to_string() }),
+        }
+        Ok(())
+    }
+
+    /// Checks the rules that involve more than one key.
+    pub fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::InvalidValue {
+            source_name: source_name.to_string(),
+            key: key.to_string(),
+            reason,
+        };
+        if self.port_pool_start == 0 {
+            return Err(invalid("port-pool-start", "must be at least 1".into()));
+        }
+        if self.port_pool_size == 0 || u32::from(self.port_pool_start) + self.port_pool_size > 65536 {
+            return Err(invalid(
+                "port-pool-size",
+                format!("must be at least 1, and port-pool-start ({}) plus the size must not exceed 65536", self.port_pool_start),
+            ));
+        }
+        for (prefix, start, length) in [("uid", self.uid_map_start, self.uid_map_length), ("gid", self.gid_map_start, self.gid_map_length)] {
+            if start == 0 || start >= TOP_ID {
+                return Err(invalid(&format!("{prefix}-map-start"), format!("must be between 1 and {}", TOP_ID - 1)));
+            }
+            if let Some(length) = length {
+                if length == 0 || u64::from(start) + u64::from(length) > u64::from(TOP_ID) {
+                    return Err(invalid(
+                        &format!("{prefix}-map-length"),
+                        format!("must be at least 1 and end below the top id {TOP_ID} (start {start})"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the maximum number of containers: the number of /30 blocks
+    /// in the network pool, lowered to `max-containers` when that is set.
+    pub fn effective_max_containers(&self) -> u64 {
+        let blocks = 1u64 << (30 - u32::from(self.network_pool.prefix()));
+        if self.max_containers > 0 {
+            blocks.min(self.max_containers)
+        } else {
+            blocks
+        }
+    }
+}
+
+fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    text.parse().map_err(|_| format!("`{text}` is not an IP address"))
+}
+
+fn parse_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a non-negative integer in range"))
+}
+
+fn parse_path(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        return Err("the path is empty".into());
+    }
+    let path = PathBuf::from(text);
+    if !path.is_absolute() {
+        return Err(format!("`{text}` is not an absolute path"));
+    }
+    Ok(path)
+}
+
+fn parse_level(text: &str) -> Result<slog::Level, String> {
+    match text {
+        "trace" => Ok(slog::Level::Trace),
+        "debug" => Ok(slog::Level::Debug),
+        "info" => Ok(slog::Level::Info),
+        "warn" | "warning" => Ok(slog::Level::Warning),
+        "error" => Ok(slog::Level::Error),
+        "critical" | "fatal" => Ok(slog::Level::Critical),
+        _ => Err(format!("`{text}` is not one of trace, debug, info, warn, error, critical")),
+    }
+}
+
+/// Accepts 1 to 16 lowercase letters and digits: the tag names cgroup
+/// directories and mount points as it is. Interface names, which the kernel
+/// limits to 15 bytes, must use a shortened form of it.
+fn parse_tag(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty() && text.len() <= 16 && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!("`{text}` must be 1 to 16 lowercase letters or digits"))
+    }
+}
+
+fn parse_pool(text: &str) -> Result<Ipv4Network, String> {
+    let pool: Ipv4Network = text.parse().map_err(|_| format!("`{text}` is not an IPv4 CIDR such as 10.254.0.0/22"))?;
+    if pool.prefix() > 30 {
+        return Err(format!("`{text}` is smaller than one /30 block"));
+    }
+    if pool.network() != pool.ip() {
+        return Err(format!("`{text}` has host bits set; the network address is {}", pool.network()));
+    }
+    Ok(pool)
+}
+
+/// Parses a duration such as `0`, `500ms`, `30s`, `5m`, `2h` or `1h30m`.
+/// A bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let invalid = || format!("`{text}` is not a duration such as 0, 30s, 5m or 1h30m");
+    if text.is_empty() {
+        return Err(invalid());
+    }
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(invalid)?;
+        if digits == 0 {
+            return Err(invalid());
+        }
+        let number: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ns" => Duration::from_nanos(1),
+            "us" | "µs" => Duration::from_micros(1),
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(invalid()),
+        };
+        let part = unit.checked_mul(u32::try_from(number).map_err(|_| invalid())?).ok_or_else(invalid)?;
+        total = total.checked_add(part).ok_or_else(invalid)?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/trellis.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = load("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.bind_port, 7777);
+        assert_eq!(config.effective_max_containers(), 256);
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let config = load(
+            r#"
+            bind-ip = "0.0.0.0"
+            bind-port = 7778
+            bind-socket = "/run/trellis.sock"
+            depot = "/srv/depot"
+            default-rootfs = "/srv/rootfs"
+            default-grace-time = "5m"
+            max-containers = 10
+            debug-bind-ip = "127.0.0.2"
+            debug-bind-port = 17014
+            log-level = "debug"
+            log-format = "human"
+            tag = "t1"
+            network-pool = "10.200.0.0/24"
+            port-pool-start = 40000
+            port-pool-size = 100
+            uid-map-start = 1000
+            uid-map-length = 5000
+            gid-map-start = 2000
+            gid-map-length = 6000
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.bind_ip, "0.0.0.0".parse::<IpAddr>().unwrap());
+        assert_eq!(config.bind_port, 7778);
+        assert_eq!(config.bind_socket, Some(PathBuf::from("/run/trellis.sock")));
+        assert_eq!(config.depot, PathBuf::from("/srv/depot"));
+        assert_eq!(config.default_rootfs, PathBuf::from("/srv/rootfs"));
+        assert_eq!(config.default_grace_time, Duration::from_secs(300));
+        assert_eq!(config.max_containers, 10);
+        assert_eq!(config.debug_bind_port, 17014);
+        assert_eq!(config.log_level, slog::Level::Debug);
+        assert_eq!(config.log_format, LogFormat::Human);
+        assert_eq!(config.tag, "t1");
+        assert_eq!(config.network_pool.to_string(), "10.200.0.0/24");
+        assert_eq!(config.port_pool_start, 40000);
+        assert_eq!(config.port_pool_size, 100);
+        assert_eq!((config.uid_map_start, config.uid_map_length), (1000, Some(5000)));
+        assert_eq!((config.gid_map_start, config.gid_map_length), (2000, Some(6000)));
+        assert_eq!(config.effective_max_containers(), 10);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let error = load("bind-adress = \"1.2.3.4\"").unwrap_err();
+        assert_eq!(error, ConfigError::UnknownKey { source_name: "/etc/trellis.toml".into(), key: "bind-adress".into() });
+        assert!(error.to_string().contains("/etc/trellis.toml"));
+    }
+
+    #[test]
+    fn invalid_values_name_file_and_key() {
+        for (text, key) in [
+            ("bind-ip = \"localhost\"", "bind-ip"),
+            ("bind-port = 70000", "bind-port"),
+            ("bind-port = -1", "bind-port"),
+            ("default-grace-time = \"5 minutes\"", "default-grace-time"),
+            ("depot = \"relative/dir\"", "depot"),
+            ("log-level = \"loud\"", "log-level"),
+            ("tag = \"Has-Caps\"", "tag"),
+            ("network-pool = \"10.0.0.1/22\"", "network-pool"),
+            ("network-pool = \"10.0.0.0/31\"", "network-pool"),
+            ("port-pool-start = 65000\nport-pool-size = 1000", "port-pool-size"),
+            ("uid-map-start = 0", "uid-map-start"),
+            ("max-containers = true", "max-containers"),
+        ] {
+            let error = load(text).unwrap_err();
+            match &error {
+                ConfigError::InvalidValue { source_name, key: found, .. } => {
+                    assert_eq!(source_name, "/etc/trellis.toml", "{text}");
+                    assert_eq!(found, key, "{text}");
+                }
+                other => panic!("{text}: unexpected error {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn syntax_error_names_file() {
+        let error = load("bind-port = ").unwrap_err();
+        assert!(matches!(error, ConfigError::Syntax { .. }));
+        assert!(error.to_string().contains("/etc/trellis.toml"));
+    }
+
+    #[test]
+    fn shipped_file_matches_defaults() {
+        let text = include_str!("../config/trellis.toml");
+        assert_eq!(load(text).unwrap(), Config::default());
+        // Every key is documented in the shipped file.
+        for key in KEYS {
+            assert!(text.contains(&format!("{key} =")), "config/trellis.toml does not document {key}");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("-5s").is_err());
+    }
+}

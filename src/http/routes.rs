@@ -1,0 +1,259 @@
+//! The plain (not hijacked) routes, served by actix-web.
+//!
+//! One default service routes every request with [`super::router`], so the
+//! Go server's matching rules apply: 404 `404 page not found\n`, 405 with
+//! `Allow`, empty parameters and no trailing-slash variants.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use slog::{info, o, warn, Logger};
+
+use super::error::ApiError;
+use super::router::{match_route, Route, RouteError, RouteMatch};
+use super::{AppState, PauseGuard};
+use crate::actors::container::{
+    blocking, GetInfo, GetProperties, GetProperty, RemoveProperty, SetGraceTime, SetProperty, StopContainer,
+};
+use crate::actors::reaper::Reset;
+use crate::actors::registry::{CreateContainer, DestroyByHandle, ListContainers, LookupContainer};
+use crate::actors::{Container, ContainerError};
+use crate::api::{self, ContainerSpec, CreateResponse, ListResponse, PropertyValue, StopRequest};
+
+/// Builds a `text/plain` response as the Go router sends it.
+fn plain_text(status: StatusCode, text: &'static str) -> HttpResponse {
+    HttpResponse::build(status).content_type("text/plain; charset=utf-8").body(text)
+}
+
+/// Builds a 200 JSON response: one value followed by `\n`.
+fn json_ok<T: serde::Serialize>(value: &T) -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(api::encode(value))
+}
+
+/// Builds the error response with the envelope.
+pub fn error_response(error: &ApiError) -> HttpResponse {
+    let (status, body) = error.body();
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    HttpResponse::build(status).content_type("application/json").body(body)
+}
+
+/// Routes and serves every plain request (the app's default service).
+pub async fn dispatch(request: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    let found = match match_route(request.method().as_str(), request.path()) {
+        Ok(found) => found,
+        Err(RouteError::NotFound) => return plain_text(StatusCode::NOT_FOUND, "404 page not found\n"),
+        Err(RouteError::MethodNotAllowed { allow }) => {
+            return HttpResponse::build(StatusCode::METHOD_NOT_ALLOWED)
+                .content_type("text/plain; charset=utf-8")
+                .insert_header(("Allow", allow.join(", ")))
+                .body("Method Not Allowed\n");
+        }
+    };
+    let state = state.into_inner();
+    let logger = state.request_logger(found.route, &found);
+    let started = Instant::now();
+    info!(logger, "started");
+    let result = serve(&request, payload, &state, &found, &logger).await;
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match result {
+        Ok(response) => {
+            info!(logger, "finished"; "status" => response.status().as_u16(), "duration_ms" => duration_ms);
+            response
+        }
+        Err(error) => {
+            let response = error_response(&error);
+            if error.is_client_error() {
+                info!(logger, "failed"; "status" => response.status().as_u16(), "duration_ms" => duration_ms, "error" => %error);
+            } else {
+                warn!(logger, "failed"; "status" => response.status().as_u16(), "duration_ms" => duration_ms, "error" => %error);
+            }
+            response
+        }
+    }
+}
+
+/// Reads the whole body, up to `limit` bytes.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|error| ApiError::BodyRead { reason: error.to_string() })?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Decodes a JSON request body with Go's rules.
+async fn decode_body<T: serde::de::DeserializeOwned>(payload: web::Payload, state: &AppState) -> Result<T, ApiError> {
+    let body = read_body(payload, state.max_body_bytes).await?;
+    Ok(api::decode(&body)?)
+}
+
+/// Parses the query string with form decoding (`+` is a space), keeping
+/// the first value of a repeated key.
+pub fn query_pairs(query: &str) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if !pairs.iter().any(|(existing, _)| *existing == key) {
+            pairs.push((key.into_owned(), value.into_owned()));
+        }
+    }
+    pairs
+}
+
+async fn lookup(state: &AppState, handle: &str) -> Result<actix::Addr<Container>, ApiError> {
+    state
+        .registry
+        .send(LookupContainer { handle: handle.to_string() })
+        .await
+        .map_err(|_| ContainerError::Mailbox { operation: "looking up the container" })?
+        .map_err(ApiError::from)
+}
+
+/// Sends a message to a container actor and flattens both error layers.
+async fn ask<M, T>(addr: &actix::Addr<Container>, message: M, operation: &'static str) -> Result<T, ApiError>
+where
+    M: actix::Message<Result = Result<T, ContainerError>> + Send + 'static,
+    T: Send + 'static,
+    Container: actix::Handler<M>,
+{
+    addr.send(message)
+        .await
+        .map_err(|_| ContainerError::Mailbox { operation })?
+        .map_err(ApiError::from)
+}
+
+async fn serve(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &Arc<AppState>,
+    found: &RouteMatch,
+    _logger: &Logger,
+) -> Result<HttpResponse, ApiError> {
+    let handle = found.param("handle");
+    match found.route {
+        Route::Ping => {
+            let runtime = state.runtime.clone();
+            blocking(move || runtime.ping()).await?;
+            Ok(json_ok(&serde_json::json!({})))
+        }
+        Route::Capacity => {
+            let runtime = state.runtime.clone();
+            let mut capacity = blocking(move || runtime.capacity()).await?;
+            capacity.max_containers = state.max_containers;
+            Ok(json_ok(&capacity))
+        }
+        Route::List => {
+            let filters = query_pairs(request.query_string());
+            let handles = state
+                .registry
+                .send(ListContainers { filters })
+                .await
+                .map_err(|_| ContainerError::Mailbox { operation: "listing containers" })?;
+            Ok(json_ok(&ListResponse { handles }))
+        }
+        Route::Create => {
+            let spec: ContainerSpec = decode_body(payload, state).await?;
+            let handle = state
+                .registry
+                .send(CreateContainer { spec })
+                .await
+                .map_err(|_| ContainerError::Mailbox { operation: "creating the container" })??;
+            Ok(json_ok(&CreateResponse { handle }))
+        }
+        Route::Destroy => {
+            state
+                .registry
+                .send(DestroyByHandle { handle: handle.to_string() })
+                .await
+                .map_err(|_| ContainerError::Mailbox { operation: "destroying the container" })??;
+            Ok(json_ok(&serde_json::json!({})))
+        }
+        Route::Info => {
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            Ok(json_ok(&ask(&addr, GetInfo, "reading container info").await?))
+        }
+        Route::Stop => {
+            // Like the Go server, the body is decoded before the lookup.
+            let stop: StopRequest = decode_body(payload, state).await?;
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            ask(&addr, StopContainer { kill: stop.kill }, "stopping the container").await?;
+            Ok(json_ok(&serde_json::json!({})))
+        }
+        Route::Properties => {
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            Ok(json_ok(&ask(&addr, GetProperties, "reading properties").await?))
+        }
+        Route::Property => {
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            let value = ask(&addr, GetProperty { key: found.param("key").to_string() }, "reading a property").await?;
+            Ok(json_ok(&PropertyValue { value }))
+        }
+        Route::SetProperty => {
+            let body: PropertyValue = decode_body(payload, state).await?;
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            let message = SetProperty { key: found.param("key").to_string(), value: body.value };
+            ask(&addr, message, "setting a property").await?;
+            Ok(json_ok(&serde_json::json!({})))
+        }
+        Route::RemoveProperty => {
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            ask(&addr, RemoveProperty { key: found.param("key").to_string() }, "removing a property").await?;
+            Ok(json_ok(&serde_json::json!({})))
+        }
+        Route::SetGraceTime => {
+            // The body is a bare integer of nanoseconds; this route resets
+            // the timer instead of pausing it.
+            let grace_time: i64 = decode_body(payload, state).await?;
+            let addr = lookup(state, handle).await?;
+            ask(&addr, SetGraceTime { grace_time }, "setting the grace time").await?;
+            state.reaper.do_send(Reset { handle: handle.to_string(), grace_time });
+            Ok(json_ok(&serde_json::json!({})))
+        }
+        Route::Run | Route::Attach | Route::Stdout | Route::Stderr => {
+            Err(ApiError::HijackNotFirst { route: found.route.name() })
+        }
+        Route::BulkInfo | Route::BulkMetrics => Err(ApiError::NotImplemented { route: found.route.name() }),
+        _ => {
+            // TODO: stream in/out, limits, net-in/out, grace time and
+            // metrics are not served yet. Until they are, an existing
+            // container gets this envelope and an unknown one a 404.
+            let _ = read_body(payload, state.max_body_bytes).await;
+            lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            Err(ApiError::NotImplemented { route: found.route.name() })
+        }
+    }
+}
+
+/// Returns a child logger for one request.
+pub fn route_logger(base: &Logger, request_id: u64, route: Route, found: &RouteMatch) -> Logger {
+    let logger = base.new(o!("request_id" => request_id, "route" => route.name()));
+    match found.params.iter().find(|(name, _)| *name == "handle") {
+        Some((_, handle)) => logger.new(o!("handle" => handle.clone())),
+        None => logger,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_first_value_wins_and_decodes() {
+        let pairs = query_pairs("team=red&k=a+b%2Fc&team=blue");
+        assert_eq!(pairs, vec![("team".to_string(), "red".to_string()), ("k".to_string(), "a b/c".to_string())]);
+        assert!(query_pairs("").is_empty());
+    }
+}

@@ -1,0 +1,511 @@
+//! Per-container cgroups on cgroup v1 and v2.
+//!
+//! Each container gets one cgroup per hierarchy, at
+//! `<server's own cgroup>/<tag>/<container>`, so containers stay inside the
+//! resource budget the server itself was given, and never at the hierarchy
+//! root. Discovery reads `/proc/self/mountinfo` and `/proc/self/cgroup`.
+//!
+//! NOTE: cgroups-rs 0.5 is not used here. Its v1 hierarchy type places a
+//! cgroup at the same relative path in every hierarchy. The server's own
+//! cgroup can differ between hierarchies (a supervisor may place it in a
+//! memory cgroup only), so the paths are built from `/proc/self/cgroup`.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::api::Limits;
+
+/// v1 controllers the runtime uses; each gets a container cgroup in its
+/// hierarchy when the host has it.
+pub const V1_CONTROLLERS: [&str; 6] = ["memory", "cpu", "cpuacct", "pids", "freezer", "devices"];
+
+/// Errors of cgroup discovery and management.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup hierarchy found for controller {controller}")]
+    MissingController { controller: String },
+    #[error("no cgroup v2 mount found in /proc/self/mountinfo")]
+    MissingUnifiedMount,
+    #[error("failed to read {path}")]
+    Read { path: PathBuf, #[source] source: io::Error },
+    #[error("failed to create cgroup {path}")]
+    Create { path: PathBuf, #[source] source: io::Error },
+    #[error("failed to write {value:?} to {path}")]
+    Write { path: PathBuf, value: String, #[source] source: io::Error },
+    #[error("failed to remove cgroup {path}")]
+    Remove { path: PathBuf, #[source] source: io::Error },
+    #[error("cgroup {path} did not freeze within {seconds} s")]
+    FreezeTimeout { path: PathBuf, seconds: u64 },
+}
+
+/// The cgroup version of a container's cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+/// A mounted hierarchy and the server's own cgroup in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    /// Mount point, such as `/sys/fs/cgroup/memory`.
+    pub mount: PathBuf,
+    /// Controllers attached to the hierarchy (empty for v2).
+    pub controllers: Vec<String>,
+    /// The server's own cgroup, relative to the mount point.
+    pub own_path: PathBuf,
+}
+
+/// Finds the v1 hierarchies of `wanted` controllers, from the text of
+/// `/proc/self/mountinfo` and `/proc/self/cgroup`. Controllers that share a
+/// hierarchy (`cpu,cpuacct`) yield one entry; a wanted controller the host
+/// lacks is an error.
+pub fn discover_v1(mountinfo: &str, self_cgroup: &str, wanted: &[&str]) -> Result<Vec<Hierarchy>, CgroupError> {
+    let mut hierarchies: Vec<Hierarchy> = Vec::new();
+    for controller in wanted {
+        if hierarchies.iter().any(|hierarchy| hierarchy.controllers.iter().any(|c| c == controller)) {
+            continue;
+        }
+        let missing = || CgroupError::MissingController { controller: controller.to_string() };
+        let (mount, controllers) = mountinfo
+            .lines()
+            .filter_map(parse_mountinfo_line)
+            .find_map(|(mount, fstype, super_options)| {
+                let controllers: Vec<String> = super_options
+                    .split(',')
+                    .filter(|option| !is_cgroup_mount_option(option))
+                    .map(str::to_string)
+                    .collect();
+                (fstype == "cgroup" && controllers.iter().any(|c| c == controller)).then_some((mount, controllers))
+            })
+            .ok_or_else(missing)?;
+        let own_path = self_cgroup
+            .lines()
+            .find_map(|line| {
+                let mut fields = line.splitn(3, ':');
+                let (_id, list, path) = (fields.next()?, fields.next()?, fields.next()?);
+                list.split(',').any(|c| c == *controller).then(|| PathBuf::from(path.trim_start_matches('/')))
+            })
+            .ok_or_else(missing)?;
+        hierarchies.push(Hierarchy { mount: PathBuf::from(mount), controllers, own_path });
+    }
+    Ok(hierarchies)
+}
+
+/// Returns true for the v1 super options that are not controller names.
+fn is_cgroup_mount_option(option: &str) -> bool {
+    matches!(option, "rw" | "ro" | "xattr" | "noprefix" | "clone_children" | "cpuset_v2_mode" | "favordynmods") || option.contains('=')
+}
+
+/// Lists every v1 hierarchy that has at least one controller, with the
+/// calling process's cgroup in each; empty on a pure cgroup v2 host.
+pub fn all_v1(mountinfo: &str, self_cgroup: &str) -> Vec<Hierarchy> {
+    // /proc/self/cgroup has one line per v1 hierarchy ("<id>:<controllers>:
+    // <path>"); named hierarchies such as name=systemd have no controller.
+    let wanted: Vec<&str> = self_cgroup
+        .lines()
+        .filter_map(|line| line.split(':').nth(1))
+        .filter_map(|list| list.split(',').find(|controller| !controller.is_empty() && !controller.starts_with("name=")))
+        .collect();
+    discover_v1(mountinfo, self_cgroup, &wanted).unwrap_or_default()
+}
+
+/// Finds the cgroup v2 mount and the server's own cgroup in it.
+pub fn discover_v2(mountinfo: &str, self_cgroup: &str) -> Result<Hierarchy, CgroupError> {
+    let mount = mountinfo
+        .lines()
+        .filter_map(parse_mountinfo_line)
+        .find_map(|(mount, fstype, _)| (fstype == "cgroup2").then_some(mount))
+        .ok_or(CgroupError::MissingUnifiedMount)?;
+    let own_path = self_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(|path| PathBuf::from(path.trim_start_matches('/')))
+        .ok_or(CgroupError::MissingUnifiedMount)?;
+    Ok(Hierarchy { mount: PathBuf::from(mount), controllers: Vec::new(), own_path })
+}
+
+/// Returns the mount point, filesystem type and super options of a
+/// mountinfo line.
+fn parse_mountinfo_line(line: &str) -> Option<(String, &str, &str)> {
+    let (before, after) = line.split_once(" - ")?;
+    let mount = before.split(' ').nth(4)?;
+    let mut after = after.split(' ');
+    let fstype = after.next()?;
+    let _source = after.next()?;
+    let super_options = after.next().unwrap_or("");
+    // mountinfo escapes space, tab, newline and backslash as octal.
+    let mount = mount.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\");
+    Some((mount, fstype, super_options))
+}
+
+/// Writes `value` to the control file `file` of the cgroup at `dir`. The file
+/// must exist, as every control file of a real cgroup does.
+pub fn write_control(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+    let path = dir.join(file);
+    let result = fs::OpenOptions::new().write(true).open(&path).and_then(|mut handle| handle.write_all(value.as_bytes()));
+    result.map_err(|source| CgroupError::Write { path, value: value.to_string(), source })
+}
+
+fn read_control(dir: &Path, file: &str) -> Result<String, CgroupError> {
+    let path = dir.join(file);
+    fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })
+}
+
+/// Device rules of an unprivileged container: rwm on the standard nodes and
+/// ptys, mknod on any node, everything else denied.
+const DEVICE_RULES: [&str; 11] = [
+    "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm",
+    "c 10:200 rwm", "c *:* m", "b *:* m",
+];
+/// Extra device rule of privileged containers: /dev/fuse.
+const PRIVILEGED_DEVICE_RULE: &str = "c 10:229 rwm";
+
+/// One container's cgroups.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ContainerCgroup {
+    pub version: CgroupVersion,
+    /// The container's cgroup in each hierarchy; for v1 the first one
+    /// is the freezer's when the host has it.
+    pub dirs: Vec<PathBuf>,
+    /// The `<tag>` parent in each hierarchy, removed when empty.
+    pub parents: Vec<PathBuf>,
+}
+
+impl ContainerCgroup {
+    /// Returns the paths a container named `name` gets below the `tag`
+    /// parent of each hierarchy, without creating anything.
+    pub fn plan(version: CgroupVersion, hierarchies: &[Hierarchy], tag: &str, name: &str) -> ContainerCgroup {
+        let mut ordered: Vec<&Hierarchy> = hierarchies.iter().collect();
+        // The freezer's cgroup comes first: stop and destroy list processes
+        // there.
+        ordered.sort_by_key(|hierarchy| !hierarchy.controllers.iter().any(|c| c == "freezer"));
+        let parents: Vec<PathBuf> = ordered.iter().map(|h| h.mount.join(&h.own_path).join(tag)).collect();
+        let dirs = parents.iter().map(|parent| parent.join(name)).collect();
+        ContainerCgroup { version, dirs, parents }
+    }
+
+    /// Creates the cgroups (and their parents when missing) and applies the
+    /// device rules and the simple limits. A cgroup left from an earlier
+    /// failed run is reused.
+    pub fn create(&self, privileged: bool, limits: &Limits) -> Result<(), CgroupError> {
+        for (parent, dir) in self.parents.iter().zip(&self.dirs) {
+            create_dir(parent)?;
+            if self.version == CgroupVersion::V2 {
+                enable_v2_controllers(parent)?;
+            }
+            create_dir(dir)?;
+        }
+        self.apply_devices(privileged)?;
+        self.apply_limits(limits)
+    }
+
+    fn apply_devices(&self, privileged: bool) -> Result<(), CgroupError> {
+        // NOTE: cgroup v2 controls devices with an eBPF program, which is not
+        // written yet; only v1 gets device rules.
+        for dir in self.dirs.iter().filter(|dir| dir.join("devices.deny").exists()) {
+            write_control(dir, "devices.deny", "a")?;
+            for rule in DEVICE_RULES {
+                write_control(dir, "devices.allow", rule)?;
+            }
+            if privileged {
+                write_control(dir, "devices.allow", PRIVILEGED_DEVICE_RULE)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the memory limit, the pid limit and the cpu shares of `limits`
+    /// where set (0 means unset).
+    // TODO: swap limits, cpu quota and the v1 to v2 weight conversion belong
+    // to the limits work.
+    pub fn apply_limits(&self, limits: &Limits) -> Result<(), CgroupError> {
+        let memory = limits.memory_limits.limit_in_bytes.min(i64::MAX as u64);
+        let pids = limits.pid_limits.max;
+        let shares = if limits.cpu_limits.weight > 0 { limits.cpu_limits.weight } else { limits.cpu_limits.limit_in_shares };
+        for dir in &self.dirs {
+            match self.version {
+                CgroupVersion::V1 => {
+                    if memory > 0 && dir.join("memory.limit_in_bytes").exists() {
+                        write_control(dir, "memory.limit_in_bytes", &memory.to_string())?;
+                    }
+                    if pids > 0 && dir.join("pids.max").exists() {
+                        write_control(dir, "pids.max", &pids.to_string())?;
+                    }
+                    if shares > 0 && dir.join("cpu.shares").exists() {
+                        write_control(dir, "cpu.shares", &shares.to_string())?;
+                    }
+                }
+                CgroupVersion::V2 => {
+                    if memory > 0 {
+                        write_control(dir, "memory.max", &memory.to_string())?;
+                    }
+                    if pids > 0 {
+                        write_control(dir, "pids.max", &pids.to_string())?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves process `pid` into every container cgroup.
+    pub fn attach(&self, pid: u32) -> Result<(), CgroupError> {
+        for dir in &self.dirs {
+            write_control(dir, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Lists the host pids in the container's cgroup. A cgroup already gone
+    /// contains none.
+    pub fn pids(&self) -> Result<Vec<i32>, CgroupError> {
+        let Some(dir) = self.dirs.first() else { return Ok(Vec::new()) };
+        match read_control(dir, "cgroup.procs") {
+            Ok(text) => Ok(text.lines().filter_map(|line| line.trim().parse().ok()).collect()),
+            Err(CgroupError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Freezes every process of the container and waits until the kernel
+    /// reports it frozen, so none can fork while a kill is in progress.
+    pub fn freeze(&self) -> Result<(), CgroupError> {
+        let Some(dir) = self.freezer_dir() else { return Ok(()) };
+        let (file, value) = match self.version {
+            CgroupVersion::V1 => ("freezer.state", "FROZEN"),
+            CgroupVersion::V2 => ("cgroup.freeze", "1"),
+        };
+        write_control(dir, file, value)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let frozen = match self.version {
+                CgroupVersion::V1 => read_control(dir, "freezer.state")?.trim() == "FROZEN",
+                CgroupVersion::V2 => read_control(dir, "cgroup.events")?.lines().any(|line| line.trim() == "frozen 1"),
+            };
+            if frozen {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(CgroupError::FreezeTimeout { path: dir.clone(), seconds: 5 });
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Thaws the container's processes.
+    pub fn thaw(&self) -> Result<(), CgroupError> {
+        let Some(dir) = self.freezer_dir() else { return Ok(()) };
+        match self.version {
+            CgroupVersion::V1 => write_control(dir, "freezer.state", "THAWED"),
+            CgroupVersion::V2 => write_control(dir, "cgroup.freeze", "0"),
+        }
+    }
+
+    fn freezer_dir(&self) -> Option<&PathBuf> {
+        let dir = self.dirs.first()?;
+        let file = match self.version {
+            CgroupVersion::V1 => "freezer.state",
+            CgroupVersion::V2 => "cgroup.freeze",
+        };
+        dir.join(file).exists().then_some(dir)
+    }
+
+    /// Kills every process of the cgroup v2 container cgroup at once through
+    /// `cgroup.kill` (Linux 5.14 and later), which also catches processes
+    /// that fork meanwhile. Returns false on v1, which has no such file.
+    pub fn kill_all(&self) -> Result<bool, CgroupError> {
+        match (self.version, self.dirs.first()) {
+            (CgroupVersion::V2, Some(dir)) if dir.join("cgroup.kill").exists() => {
+                write_control(dir, "cgroup.kill", "1")?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Removes the container's cgroups, retrying for a short while when the
+    /// kernel still counts exiting tasks (EBUSY), then the `<tag>` parents
+    /// when no other container uses them. Cgroups already gone count as
+    /// removed.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        for dir in &self.dirs {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => break,
+                    Err(error) if error.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(source) => return Err(CgroupError::Remove { path: dir.clone(), source }),
+                }
+            }
+        }
+        for parent in &self.parents {
+            // Another container may still use the parent; EBUSY, ENOTEMPTY
+            // and ENOENT all mean there is nothing to do now.
+            if let Err(error) = fs::remove_dir(parent) {
+                if !matches!(error.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENOTEMPTY) | Some(libc::ENOENT)) {
+                    return Err(CgroupError::Remove { path: parent.clone(), source: error });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn create_dir(path: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Create { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Delegates the memory, cpu and pids controllers to the children of the
+/// v2 cgroup `parent`, as far as `parent` itself has them.
+// NOTE: `parent` only has a controller when the server's own cgroup
+// delegates it, which the "no internal processes" rule forbids while the
+// server runs in that cgroup. Moving the server into a leaf first is not
+// done yet, so on v2 the container cgroups may lack controllers.
+fn enable_v2_controllers(parent: &Path) -> Result<(), CgroupError> {
+    let available = read_control(parent, "cgroup.controllers")?;
+    let wanted: Vec<String> = available
+        .split_whitespace()
+        .filter(|controller| matches!(*controller, "memory" | "cpu" | "pids"))
+        .map(|controller| format!("+{controller}"))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    write_control(parent, "cgroup.subtree_control", &wanted.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const SELF_CGROUP: &str = "9:name=systemd:/\n6:freezer:/\n4:memory:/supervisor/job\n1:cpu,cpuacct:/\n0::/srv\n";
+
+    #[test]
+    fn v1_discovery_merges_shared_hierarchies() {
+        let found = discover_v1(MOUNTINFO, SELF_CGROUP, &["memory", "cpu", "cpuacct", "freezer"]).unwrap();
+        assert_eq!(found.len(), 3);
+        assert_eq!(found[0].mount, PathBuf::from("/sys/fs/cgroup/memory"));
+        assert_eq!(found[0].own_path, PathBuf::from("supervisor/job"));
+        assert_eq!(found[1].controllers, vec!["cpu".to_string(), "cpuacct".to_string()]);
+        assert_eq!(found[2].own_path, PathBuf::from(""));
+    }
+
+    #[test]
+    fn all_v1_lists_hierarchies_with_controllers() {
+        let found = all_v1(MOUNTINFO, SELF_CGROUP);
+        let mounts: Vec<&Path> = found.iter().map(|hierarchy| hierarchy.mount.as_path()).collect();
+        assert_eq!(mounts, [Path::new("/sys/fs/cgroup/freezer"), Path::new("/sys/fs/cgroup/memory"), Path::new("/sys/fs/cgroup/cpu,cpuacct")]);
+        assert!(all_v1("41 31 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n", "0::/\n").is_empty());
+    }
+
+    #[test]
+    fn v1_discovery_reports_missing_controller() {
+        let error = discover_v1(MOUNTINFO, SELF_CGROUP, &["pids"]).unwrap_err();
+        assert_eq!(error.to_string(), "no cgroup hierarchy found for controller pids");
+    }
+
+    #[test]
+    fn v2_discovery_reads_unified_entry() {
+        let found = discover_v2(MOUNTINFO, SELF_CGROUP).unwrap();
+        assert_eq!(found.mount, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(found.own_path, PathBuf::from("srv"));
+    }
+
+    #[test]
+    fn plan_puts_freezer_first_below_tag() {
+        let hierarchies = discover_v1(MOUNTINFO, SELF_CGROUP, &["memory", "freezer"]).unwrap();
+        let cgroup = ContainerCgroup::plan(CgroupVersion::V1, &hierarchies, "trellis", "box");
+        assert_eq!(cgroup.dirs[0], PathBuf::from("/sys/fs/cgroup/freezer/trellis/box"));
+        assert_eq!(cgroup.dirs[1], PathBuf::from("/sys/fs/cgroup/memory/supervisor/job/trellis/box"));
+    }
+
+    /// Seeds a directory with the files the kernel shows in a v2 cgroup.
+    fn seed_v2(dir: &Path, controllers: &str) {
+        fs::create_dir_all(dir).unwrap();
+        for file in ["cgroup.procs", "cgroup.subtree_control", "cgroup.kill", "cgroup.freeze", "memory.max", "pids.max"] {
+            fs::write(dir.join(file), "").unwrap();
+        }
+        fs::write(dir.join("cgroup.controllers"), controllers).unwrap();
+        fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+    }
+
+    fn v2_fixture() -> (tempfile::TempDir, ContainerCgroup) {
+        let root = tempfile::tempdir().unwrap();
+        let hierarchy = Hierarchy { mount: root.path().to_path_buf(), controllers: Vec::new(), own_path: PathBuf::from("srv") };
+        seed_v2(&root.path().join("srv/trellis"), "cpuset cpu io memory pids");
+        let cgroup = ContainerCgroup::plan(CgroupVersion::V2, &[hierarchy], "trellis", "box");
+        (root, cgroup)
+    }
+
+    #[test]
+    fn v2_create_delegates_controllers_and_removes() {
+        let (root, cgroup) = v2_fixture();
+        cgroup.create(false, &Limits::default()).unwrap();
+        let parent = root.path().join("srv/trellis");
+        assert_eq!(fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap(), "+cpu +memory +pids");
+        assert!(parent.join("box").is_dir());
+        cgroup.remove().unwrap();
+        assert!(!parent.join("box").exists());
+        // The seeded parent is not empty, as a parent with other containers.
+        assert!(parent.exists());
+        cgroup.remove().unwrap();
+    }
+
+    #[test]
+    fn v2_control_files_are_written() {
+        let (root, cgroup) = v2_fixture();
+        let dir = root.path().join("srv/trellis/box");
+        seed_v2(&dir, "memory pids");
+        let mut limits = Limits::default();
+        limits.memory_limits.limit_in_bytes = 64 << 20;
+        limits.pid_limits.max = 50;
+        cgroup.create(false, &limits).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), "67108864");
+        assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "50");
+
+        cgroup.attach(4242).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("cgroup.procs")).unwrap(), "4242");
+        assert_eq!(cgroup.pids().unwrap(), vec![4242]);
+
+        cgroup.freeze().unwrap();
+        assert_eq!(fs::read_to_string(dir.join("cgroup.freeze")).unwrap(), "1");
+        cgroup.thaw().unwrap();
+        assert_eq!(fs::read_to_string(dir.join("cgroup.freeze")).unwrap(), "0");
+
+        assert!(cgroup.kill_all().unwrap());
+        assert_eq!(fs::read_to_string(dir.join("cgroup.kill")).unwrap(), "1");
+    }
+
+    #[test]
+    fn write_control_requires_existing_file() {
+        let root = tempfile::tempdir().unwrap();
+        let error = write_control(root.path(), "memory.max", "1").unwrap_err();
+        assert!(error.to_string().starts_with("failed to write \"1\" to "), "{error}");
+    }
+
+    #[test]
+    fn v1_kill_all_is_not_available() {
+        let cgroup = ContainerCgroup { version: CgroupVersion::V1, dirs: vec![PathBuf::from("/nonexistent")], parents: Vec::new() };
+        assert!(!cgroup.kill_all().unwrap());
+        assert_eq!(cgroup.pids().unwrap(), Vec::<i32>::new());
+    }
+}

@@ -1,0 +1,475 @@
+//! One container's kernel objects: create with rollback, run, stop,
+//! destroy and describe.
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::cgroup::{CgroupError, ContainerCgroup};
+use super::init::InitConfig;
+use super::rootfs::{self, ContainerRootfs, RootfsError};
+use super::shim::ShimConfig;
+use super::{syscalls, users, LinuxRuntime};
+use crate::api::ProcessSpec;
+use crate::runtime::stdio::{ShimFrame, StartFailure};
+use crate::runtime::{ContainerConfig, ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
+
+/// How long create waits for garden-init and run for a shim's first frame.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Grace period of a Stop without kill before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long destroy waits for garden-init to die after SIGKILL.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Subdirectory of the state directory holding one directory per process.
+const PROCESSES_DIR: &str = "processes";
+
+impl From<RootfsError> for RuntimeError {
+    fn from(error: RootfsError) -> Self {
+        let message = error_chain(&error);
+        if error.is_invalid_request() {
+            RuntimeError::InvalidRequest { message }
+        } else {
+            RuntimeError::Failed { message }
+        }
+    }
+}
+
+impl From<CgroupError> for RuntimeError {
+    fn from(error: CgroupError) -> Self {
+        RuntimeError::Failed { message: error_chain(&error) }
+    }
+}
+
+/// Joins an error and its sources into one message.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// The host pid and pidfd of a container's garden-init.
+#[derive(Debug)]
+struct InitProcess {
+    pid: i32,
+    /// Signals through the pidfd cannot reach a recycled pid.
+    pidfd: OwnedFd,
+}
+
+/// A Linux container.
+pub struct LinuxContainer {
+    handle: String,
+    container_dir: PathBuf,
+    privileged: bool,
+    executable: PathBuf,
+    logger: slog::Logger,
+    /// The container's environment from its spec.
+    env: Vec<String>,
+    cgroup: ContainerCgroup,
+    /// Set once the root filesystem is prepared.
+    rootfs: Option<ContainerRootfs>,
+    /// Set once garden-init runs; taken by destroy.
+    init: Mutex<Option<InitProcess>>,
+    /// Numbers the processes' state directories, so that file names never
+    /// come from client-chosen process ids.
+    next_process: AtomicU64,
+    /// Held by stop and destroy, so a destroy does not interleave with a
+    /// stop's kill loop.
+    lifecycle: Mutex<()>,
+}
+
+/// Returns the cgroup name of a handle. Handles are validated by the
+/// server, but `.`, `..` and `/` are replaced anyway so a name can never
+/// point outside the parent.
+fn cgroup_name(handle: &str) -> String {
+    let name: String = handle.chars().map(|c| if c == '/' || c.is_control() { '_' } else { c }).collect();
+    match name.as_str() {
+        "" | "." | ".." => format!("_{name}"),
+        _ => name,
+    }
+}
+
+/// Creates a container; on failure everything made so far is removed and
+/// the original error returned.
+pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result<LinuxContainer, RuntimeError> {
+    let logger = runtime.logger.new(slog::o!("handle" => config.handle.clone()));
+    let privileged = config.spec.privileged || config.id_mappings.is_none();
+    let source = rootfs::resolve_source(&config.spec, &runtime.config.default_rootfs)?;
+    let container_dir = fs::canonicalize(&config.container_dir)
+        .map_err(|error| RuntimeError::failed(format!("state directory {} is not usable: {error}", config.container_dir.display())))?;
+
+    let cgroup = ContainerCgroup::plan(runtime.cgroup_version, &runtime.hierarchies, &runtime.config.tag, &cgroup_name(&config.handle));
+    let mut container = LinuxContainer {
+        handle: config.handle.clone(),
+        container_dir,
+        privileged,
+        executable: runtime.config.executable.clone(),
+        logger,
+        env: config.spec.env.clone(),
+        cgroup,
+        rootfs: None,
+        init: Mutex::new(None),
+        next_process: AtomicU64::new(0),
+        lifecycle: Mutex::new(()),
+    };
+    match build(runtime, config, &mut container, &source) {
+        Ok(()) => {
+            slog::debug!(container.logger, "container created"; "init_pid" => container.init_pid());
+            Ok(container)
+        }
+        Err(error) => {
+            // Teardown treats anything missing as removed, so it undoes
+            // exactly the steps that were taken.
+            if let Err(cleanup) = container.teardown(false) {
+                slog::warn!(container.logger, "rollback of failed create left objects behind"; "error" => %cleanup);
+            }
+            Err(error)
+        }
+    }
+}
+
+fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut LinuxContainer, source: &rootfs::RootfsSource) -> Result<(), RuntimeError> {
+    let userns = match (&config.id_mappings, container.privileged) {
+        (Some(mappings), false) => Some((runtime.userns.get(&runtime.config.executable, mappings)?, mappings)),
+        _ => None,
+    };
+    let prepared = rootfs::prepare(&container.container_dir, source, userns.as_ref().map(|(fd, mappings)| (fd, *mappings)));
+    // Recorded before checking the result: a failed prepare may have left
+    // directories that teardown removes.
+    container.rootfs = Some(ContainerRootfs { root: PathBuf::new(), overlay: Some(container.container_dir.join("rootfs")) });
+    let prepared = prepared?;
+    container.rootfs = Some(prepared.clone());
+
+    container.cgroup.create(container.privileged, &config.spec.limits)?;
+    fs::create_dir_all(container.container_dir.join(PROCESSES_DIR))
+        .map_err(|error| RuntimeError::failed(format!("failed to create the processes directory: {error}")))?;
+
+    let init_config = InitConfig { root: prepared.root.clone(), hostname: users::hostname_for(&config.handle), privileged: container.privileged };
+    start_init(container, &init_config, config.id_mappings.as_ref())
+}
+
+/// Starts garden-init and walks it through the start-up protocol of
+/// [`super::init`]; records pid 1 in the container as soon as it is known.
+fn start_init(container: &LinuxContainer, init_config: &InitConfig, mappings: Option<&crate::runtime::IdMappings>) -> Result<(), RuntimeError> {
+    let (server_end, init_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
+    let log_path = container.container_dir.join("init.log");
+    let log = fs::File::create(&log_path).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", log_path.display())))?;
+    let argument = serde_json::to_string(init_config).map_err(|error| RuntimeError::failed(error.to_string()))?;
+    let mut child = Command::new(&container.executable)
+        .arg(super::GARDEN_INIT_COMMAND)
+        .arg(argument)
+        .stdin(Stdio::from(OwnedFd::from(init_end)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .map_err(|error| RuntimeError::failed(format!("failed to start garden-init {}: {error}", container.executable.display())))?;
+
+    let result = talk_to_init(container, &server_end, child.id(), mappings);
+    // The first process exits right after reporting pid 1, or on error.
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    match result {
+        Ok(()) => Ok(()),
+        Err(error) => {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            let detail = log.trim();
+            Err(if detail.is_empty() { error } else { RuntimeError::failed(format!("{error} ({detail})")) })
+        }
+    }
+}
+
+fn talk_to_init(container: &LinuxContainer, socket: &UnixStream, first_pid: u32, mappings: Option<&crate::runtime::IdMappings>) -> Result<(), RuntimeError> {
+    socket.set_read_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
+    let mut reader = BufReader::new(socket.try_clone().map_err(|error| RuntimeError::failed(error.to_string()))?);
+    let mut read_line = || -> Result<String, RuntimeError> {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => Err(RuntimeError::failed("garden-init exited during start-up")),
+            Ok(_) => Ok(line.trim_end().to_string()),
+            Err(error) => Err(RuntimeError::failed(format!("failed to read from garden-init: {error}"))),
+        }
+    };
+
+    let line = read_line()?;
+    if line != "unshared" {
+        return Err(RuntimeError::failed(format!("unexpected message from garden-init: {line:?}")));
+    }
+    if let (Some(mappings), false) = (mappings, container.privileged) {
+        rootfs::write_id_maps(Path::new(&format!("/proc/{first_pid}")), mappings)?;
+    }
+    // pid 1 is forked after this, so it starts inside the cgroups.
+    container.cgroup.attach(first_pid)?;
+    (&*socket).write_all(b"go\n").map_err(|error| RuntimeError::failed(format!("failed to write to garden-init: {error}")))?;
+
+    let mut pid = None;
+    let mut ready = false;
+    while pid.is_none() || !ready {
+        let line = read_line()?;
+        if let Some(value) = line.strip_prefix("pid ") {
+            let value: i32 = value.parse().map_err(|_| RuntimeError::failed(format!("invalid pid from garden-init: {value:?}")))?;
+            // Opened while the first process, pid 1's parent, has not been
+            // reaped, so the pid cannot have been reused yet.
+            let pidfd = syscalls::pidfd_open(value).map_err(|error| RuntimeError::failed(format!("failed to open a pidfd for garden-init: {error}")))?;
+            // Recorded at once, so a rollback from here on kills pid 1.
+            *container.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(InitProcess { pid: value, pidfd });
+            pid = Some(value);
+        } else if line == "ready" {
+            ready = true;
+        } else if let Some(message) = line.strip_prefix("error ") {
+            return Err(RuntimeError::failed(format!("garden-init failed: {message}")));
+        } else {
+            return Err(RuntimeError::failed(format!("unexpected message from garden-init: {line:?}")));
+        }
+    }
+    Ok(())
+}
+
+impl LinuxContainer {
+    fn init_pid(&self) -> i32 {
+        self.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref().map_or(0, |init| init.pid)
+    }
+
+    /// Kills everything and removes every host object; anything already
+    /// gone counts as done. With `remove_dir` the state directory goes too.
+    fn teardown(&self, remove_dir: bool) -> Result<(), RuntimeError> {
+        let mut errors = Vec::new();
+        let init = self.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(init) = init {
+            // Killing pid 1 makes the kernel kill the whole pid namespace.
+            match syscalls::pidfd_send_signal(init.pidfd.as_fd(), libc::SIGKILL) {
+                Ok(()) => {}
+                Err(error) if error.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(error) => errors.push(format!("failed to kill garden-init {}: {error}", init.pid)),
+            }
+            match syscalls::wait_readable(init.pidfd.as_fd(), KILL_TIMEOUT.as_millis() as i32) {
+                Ok(true) => {}
+                Ok(false) => errors.push(format!("garden-init {} did not exit within {} s", init.pid, KILL_TIMEOUT.as_secs())),
+                Err(error) => errors.push(format!("failed to wait for garden-init {}: {error}", init.pid)),
+            }
+        }
+        // Processes that joined the cgroup but not yet the pid namespace.
+        if let Err(error) = self.kill_cgroup(true) {
+            errors.push(error_chain(&error));
+        }
+        if let Err(error) = self.cgroup.remove() {
+            errors.push(error_chain(&error));
+        }
+        if self.rootfs.is_some() {
+            if let Err(error) = rootfs::remove(&self.container_dir) {
+                errors.push(error_chain(&error));
+            }
+        }
+        let leftovers = [PROCESSES_DIR, "init.log"];
+        for name in leftovers {
+            let path = self.container_dir.join(name);
+            let removed = if path.is_dir() { remove_dir_retrying(&path) } else { fs::remove_file(&path) };
+            match removed {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => errors.push(format!("failed to remove {}: {error}", path.display())),
+            }
+        }
+        if remove_dir {
+            match remove_dir_retrying(&self.container_dir) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => errors.push(format!("failed to remove {}: {error}", self.container_dir.display())),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(RuntimeError::failed(errors.join("; ")))
+        }
+    }
+
+    /// Kills every process in the container's cgroup (garden-init only with
+    /// `include_init`), with the cgroup frozen so none can fork meanwhile.
+    /// Returns whether any process was found.
+    fn kill_cgroup(&self, include_init: bool) -> Result<bool, CgroupError> {
+        let init_pid = self.init_pid();
+        let victims: Vec<i32> = self.cgroup.pids()?.into_iter().filter(|pid| include_init || *pid != init_pid).collect();
+        if victims.is_empty() {
+            return Ok(false);
+        }
+        // cgroup.kill takes every task, garden-init included, so only
+        // destroy may use it.
+        if include_init && self.cgroup.kill_all()? {
+            return Ok(true);
+        }
+        self.cgroup.freeze()?;
+        for pid in self.cgroup.pids()? {
+            if include_init || pid != init_pid {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        // Frozen tasks die from SIGKILL once thawed.
+        self.cgroup.thaw()?;
+        Ok(true)
+    }
+
+    fn process_dir(&self) -> Result<PathBuf, RuntimeError> {
+        let number = self.next_process.fetch_add(1, Ordering::Relaxed);
+        let dir = self.container_dir.join(PROCESSES_DIR).join(number.to_string());
+        fs::create_dir_all(&dir).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", dir.display())))?;
+        Ok(dir)
+    }
+}
+
+/// Removes a directory tree, retrying briefly because an exiting shim may
+/// still be writing its exit status file into it.
+fn remove_dir_retrying(path: &Path) -> io::Result<()> {
+    let mut attempts = 0;
+    loop {
+        match fs::remove_dir_all(path) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound && attempts < 20 => {
+                attempts += 1;
+                thread::sleep(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Reads exactly one shim frame from a blocking stream, so no byte of a
+/// later frame is consumed before the stream is handed to the server.
+fn read_one_frame(stream: &mut UnixStream) -> io::Result<ShimFrame> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header)?;
+    let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if length > crate::runtime::stdio::MAX_FRAME_PAYLOAD {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "oversized frame from shim"));
+    }
+    let mut frame = vec![0u8; 5 + length];
+    frame[..5].copy_from_slice(&header);
+    stream.read_exact(&mut frame[5..])?;
+    let mut buffer = bytes::BytesMut::from(&frame[..]);
+    ShimFrame::decode(&mut buffer)
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "incomplete frame from shim"))
+}
+
+impl ContainerRuntime for LinuxContainer {
+    fn run(&self, process_id: &str, spec: &ProcessSpec) -> Result<StartedProcess, RuntimeError> {
+        let init_pid = self.init_pid();
+        if init_pid == 0 {
+            return Err(RuntimeError::failed("container has no init process (destroyed)"));
+        }
+        if !spec.image.uri.is_empty() || !spec.bind_mounts.is_empty() {
+            // TODO: processes with their own image and bind mounts.
+            return Err(RuntimeError::invalid("processes with their own image or bind mounts are not supported yet"));
+        }
+        let process_dir = self.process_dir()?;
+        fs::write(process_dir.join("id"), process_id).map_err(|error| RuntimeError::failed(format!("failed to record process id: {error}")))?;
+        let config = ShimConfig {
+            init_pid,
+            privileged: self.privileged,
+            cgroup_dirs: self.cgroup.dirs.clone(),
+            container_env: self.env.clone(),
+            exit_status_path: process_dir.join("exit-status"),
+            spec: spec.clone(),
+        };
+        let argument = serde_json::to_string(&config).map_err(|error| RuntimeError::failed(error.to_string()))?;
+        let (mut server_end, shim_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
+        let log_path = process_dir.join("shim.log");
+        let log = fs::File::create(&log_path).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", log_path.display())))?;
+        let mut first = Command::new(&self.executable)
+            .arg(super::SHIM_COMMAND)
+            .arg(argument)
+            .stdin(Stdio::from(OwnedFd::from(shim_end)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|error| RuntimeError::failed(format!("failed to start the shim {}: {error}", self.executable.display())))?;
+        // The first shim process forks the real shim and exits at once.
+        let _ = first.wait();
+
+        server_end.set_read_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
+        let frame = read_one_frame(&mut server_end).map_err(|error| {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            RuntimeError::failed(format!("failed to read the shim's start report: {error} {}", log.trim()))
+        })?;
+        server_end.set_read_timeout(None).map_err(|error| RuntimeError::failed(error.to_string()))?;
+        match frame {
+            ShimFrame::Started { pid } => {
+                slog::debug!(self.logger, "process started"; "process_id" => process_id, "pid" => pid);
+                Ok(StartedProcess { pid, stdio: StdioConnection::Unix(server_end) })
+            }
+            ShimFrame::StartFailed { failure, message } => Err(match failure {
+                StartFailure::ExecutableNotFound => RuntimeError::ExecutableNotFound { message },
+                StartFailure::InvalidRequest => RuntimeError::InvalidRequest { message },
+                StartFailure::Other => RuntimeError::Failed { message },
+            }),
+            other => Err(RuntimeError::failed(format!("unexpected first frame from the shim: {other:?}"))),
+        }
+    }
+
+    fn stop(&self, kill: bool) -> Result<(), RuntimeError> {
+        let _guard = self.lifecycle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let init_pid = self.init_pid();
+        let started = Instant::now();
+        if !kill {
+            loop {
+                let alive: Vec<i32> = self.cgroup.pids()?.into_iter().filter(|pid| *pid != init_pid).collect();
+                if alive.is_empty() {
+                    return Ok(());
+                }
+                if started.elapsed() >= STOP_GRACE {
+                    break;
+                }
+                // Pid by pid, so children that did not get the signal from
+                // their parent get it too; repeated each second for
+                // processes forked since.
+                for pid in alive {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                }
+                let wait_until = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < wait_until {
+                    if self.cgroup.pids()?.iter().all(|pid| *pid == init_pid) {
+                        return Ok(());
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        while self.kill_cgroup(false)? {
+            if Instant::now() > deadline {
+                return Err(RuntimeError::failed(format!("processes of container {} survived SIGKILL", self.handle)));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    fn destroy(&self) -> Result<(), RuntimeError> {
+        let _guard = self.lifecycle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.teardown(true)
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "handle": self.handle,
+            "init_pid": self.init_pid(),
+            "privileged": self.privileged,
+            "container_dir": self.container_dir,
+            "cgroup_version": self.cgroup.version,
+            "cgroups": self.cgroup.dirs,
+            "rootfs": self.rootfs.as_ref().map(|rootfs| &rootfs.root),
+            "overlay": self.rootfs.as_ref().and_then(|rootfs| rootfs.overlay.as_ref()),
+        })
+    }
+}

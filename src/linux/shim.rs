@@ -1,0 +1,556 @@
+//! The process shim: one per container process, outside the container.
+//!
+//! The server starts this executable with [`super::SHIM_COMMAND`] and a JSON
+//! [`ShimConfig`], with its end of a socket pair as stdin. The shim forks
+//! once more and lets the first process exit at once, so the server reaps it
+//! straight away and the shim survives a server restart. It then forks the
+//! process into the container (see [`super::exec`]), reports `Started` or
+//! `StartFailed`, and serves the process's stdio with the frames of
+//! [`crate::runtime::stdio`] until the process exits.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use bytes::{Bytes, BytesMut};
+use nix::sched::{setns, CloneFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use super::exec::{self, ChildError, ChildSetup, ChildStdio, Namespaces};
+use super::syscalls;
+use crate::api::ProcessSpec;
+use crate::runtime::stdio::{ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD};
+
+/// Settings a shim starts one process from.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ShimConfig {
+    /// Host pid of the container's garden-init, whose namespaces are joined.
+    pub init_pid: i32,
+    /// Privileged containers have no user namespace to join.
+    pub privileged: bool,
+    /// The container's cgroup in each hierarchy.
+    pub cgroup_dirs: Vec<PathBuf>,
+    /// The container's environment, which comes before the process's own.
+    pub container_env: Vec<String>,
+    /// File the exit status is written to before the shim exits.
+    pub exit_status_path: PathBuf,
+    pub spec: ProcessSpec,
+}
+
+/// Output buffered for the server beyond which the shim stops reading the
+/// process's output, so a slow reader slows the process down as a pipe would.
+const OUTPUT_HIGH_WATER: usize = 1 << 20;
+/// Stdin buffered for the process beyond which the shim stops reading
+/// frames from the server.
+const STDIN_HIGH_WATER: usize = 1 << 20;
+/// Size of one read from the process's output.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Entry point of the shim.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let Some(config) = args.first().and_then(|arg| arg.to_str()).and_then(|arg| serde_json::from_str::<ShimConfig>(arg).ok()) else {
+        eprintln!("shim: missing or invalid configuration argument");
+        return ExitCode::FAILURE;
+    };
+    // SAFETY: the shim is single threaded, so the child may run any code.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { .. }) => return ExitCode::SUCCESS,
+        Ok(ForkResult::Child) => {}
+        Err(error) => {
+            eprintln!("shim: failed to fork: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    // Its own session keeps the shim alive when the server's session or
+    // process group is signalled.
+    let _ = nix::unistd::setsid();
+    // SAFETY: fd 0 is the server's socket, passed as stdin and owned by no
+    // one else in this process.
+    let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(0) });
+    match serve(&config, socket) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("shim: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open_ns(init_pid: i32, name: &str) -> io::Result<OwnedFd> {
+    let path = format!("/proc/{init_pid}/ns/{name}");
+    fs::File::open(&path).map(OwnedFd::from).map_err(|error| io::Error::new(error.kind(), format!("failed to open {path}: {error}")))
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+fn send_now(socket: &mut UnixStream, frame: &ShimFrame) -> io::Result<()> {
+    let mut buffer = BytesMut::new();
+    frame.encode(&mut buffer);
+    socket.write_all(&buffer)
+}
+
+/// Starts the process and serves its stdio until it exits.
+fn serve(config: &ShimConfig, mut socket: UnixStream) -> io::Result<()> {
+    let start = start_process(config);
+    let (child, parent_stdio) = match start {
+        Ok(Ok(started)) => started,
+        Ok(Err(child_error)) => {
+            return send_now(&mut socket, &ShimFrame::StartFailed { failure: child_error.failure, message: child_error.message });
+        }
+        Err(error) => {
+            let failure = crate::runtime::stdio::StartFailure::Other;
+            let message = format!("failed to start the process: {error}");
+            return send_now(&mut socket, &ShimFrame::StartFailed { failure, message });
+        }
+    };
+    let pidfd = syscalls::pidfd_open(child.as_raw())?;
+    let mut io_loop = IoLoop::new(socket, child, pidfd, parent_stdio)?;
+    io_loop.push(ShimFrame::Started { pid: child.as_raw() as u32 });
+    let status = io_loop.run()?;
+    write_exit_status(&config.exit_status_path, status);
+    io_loop.finish(status);
+    Ok(())
+}
+
+/// The shim's ends of the process's stdio.
+enum ParentStdio {
+    Pipes { stdin: OwnedFd, stdout: OwnedFd, stderr: OwnedFd },
+    Tty { master: OwnedFd },
+}
+
+/// Forks the process into the container. The outer error is the shim's own
+/// failure; the inner one is what the child reported before `execve`.
+fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), ChildError>> {
+    let namespaces = Namespaces {
+        user: if config.privileged { None } else { Some(open_ns(config.init_pid, "user")?) },
+        mnt: open_ns(config.init_pid, "mnt")?,
+        uts: open_ns(config.init_pid, "uts")?,
+        ipc: open_ns(config.init_pid, "ipc")?,
+        net: open_ns(config.init_pid, "net")?,
+    };
+    let pid_ns = open_ns(config.init_pid, "pid")?;
+
+    let (child_stdio, parent_stdio) = match &config.spec.tty {
+        Some(tty) => {
+            let size = tty.window_size.unwrap_or_default();
+            let winsize = libc::winsize {
+                ws_row: if size.rows == 0 { 24 } else { size.rows },
+                ws_col: if size.columns == 0 { 80 } else { size.columns },
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&winsize), None).map_err(io::Error::from)?;
+            set_cloexec(pty.master.as_raw_fd())?;
+            set_cloexec(pty.slave.as_raw_fd())?;
+            (ChildStdio::Tty { slave: pty.slave }, ParentStdio::Tty { master: pty.master })
+        }
+        None => {
+            let (stdin_read, stdin_write) = pipe()?;
+            let (stdout_read, stdout_write) = pipe()?;
+            let (stderr_read, stderr_write) = pipe()?;
+            (
+                ChildStdio::Pipes { stdin: stdin_read, stdout: stdout_write, stderr: stderr_write },
+                ParentStdio::Pipes { stdin: stdin_write, stdout: stdout_read, stderr: stderr_read },
+            )
+        }
+    };
+    let (error_read, error_write) = pipe()?;
+
+    // setns on a pid namespace only places this process's later children
+    // in it, which is why the shim itself joins before forking.
+    setns(&pid_ns, CloneFlags::CLONE_NEWPID).map_err(io::Error::from)?;
+    // SAFETY: the shim is single threaded, so the child may run any code.
+    match unsafe { fork() }.map_err(io::Error::from)? {
+        ForkResult::Child => {
+            drop(error_read);
+            drop(parent_stdio);
+            let setup = ChildSetup {
+                spec: &config.spec,
+                container_env: &config.container_env,
+                cgroup_dirs: &config.cgroup_dirs,
+                namespaces: &namespaces,
+                stdio: &child_stdio,
+            };
+            let error = exec::run_child(&setup);
+            let mut pipe = fs::File::from(error_write);
+            let _ = pipe.write_all(&error.encode());
+            // SAFETY: _exit ends the child without running the shim's exit
+            // handlers or flushing its buffers twice.
+            unsafe { libc::_exit(127) };
+        }
+        ForkResult::Parent { child } => {
+            drop(error_write);
+            drop(child_stdio);
+            let mut report = Vec::new();
+            fs::File::from(error_read).read_to_end(&mut report)?;
+            match ChildError::decode(&report) {
+                None => Ok(Ok((child, parent_stdio))),
+                Some(error) => {
+                    let _ = waitpid(child, None);
+                    Ok(Err(error))
+                }
+            }
+        }
+    }
+}
+
+fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: the caller owns fd for the duration of the call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: the caller owns fd for the duration of the call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Writes the exit status to `path` through a temporary file and a rename,
+/// so a reader sees the whole number or nothing. Errors are ignored: the
+/// container may have been destroyed, state directory included.
+fn write_exit_status(path: &Path, status: i32) {
+    let temporary = path.with_extension("tmp");
+    if fs::write(&temporary, format!("{status}\n")).is_ok() {
+        let _ = fs::rename(&temporary, path);
+    }
+}
+
+/// The output stream a read end carries.
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// The poll loop that moves bytes between the server and the process.
+struct IoLoop {
+    socket: UnixStream,
+    /// False once the server's end has closed; output is then read and
+    /// discarded so the process never blocks.
+    socket_open: bool,
+    from_server: BytesMut,
+    to_server: BytesMut,
+    /// Output read ends; an entry becomes `None` at end of file.
+    outputs: Vec<(Option<OwnedFd>, Stream)>,
+    stdin: Option<OwnedFd>,
+    stdin_buffer: BytesMut,
+    stdin_close_requested: bool,
+    /// The pty master for resizes; also in `outputs` and `stdin`.
+    tty_master: Option<RawFd>,
+    child: Pid,
+    pidfd: OwnedFd,
+}
+
+impl IoLoop {
+    fn new(socket: UnixStream, child: Pid, pidfd: OwnedFd, stdio: ParentStdio) -> io::Result<IoLoop> {
+        socket.set_nonblocking(true)?;
+        let (outputs, stdin, tty_master) = match stdio {
+            ParentStdio::Pipes { stdin, stdout, stderr } => {
+                for fd in [&stdin, &stdout, &stderr] {
+                    set_nonblocking(fd.as_raw_fd())?;
+                }
+                (vec![(Some(stdout), Stream::Stdout), (Some(stderr), Stream::Stderr)], Some(stdin), None)
+            }
+            ParentStdio::Tty { master } => {
+                set_nonblocking(master.as_raw_fd())?;
+                let raw = master.as_raw_fd();
+                let writer = master.try_clone()?;
+                (vec![(Some(master), Stream::Stdout)], Some(writer), Some(raw))
+            }
+        };
+        Ok(IoLoop {
+            socket,
+            socket_open: true,
+            from_server: BytesMut::new(),
+            to_server: BytesMut::new(),
+            outputs,
+            stdin,
+            stdin_buffer: BytesMut::new(),
+            stdin_close_requested: false,
+            tty_master,
+            child,
+            pidfd,
+        })
+    }
+
+    fn push(&mut self, frame: ShimFrame) {
+        if self.socket_open {
+            frame.encode(&mut self.to_server);
+        }
+    }
+
+    /// Runs until the process exits and returns its Garden exit status.
+    fn run(&mut self) -> io::Result<i32> {
+        loop {
+            let mut poll_fds = Vec::new();
+            let pidfd_index = poll_fds.len();
+            poll_fds.push(libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+
+            let mut socket_events = 0;
+            if self.socket_open && self.stdin_buffer.len() < STDIN_HIGH_WATER {
+                socket_events |= libc::POLLIN;
+            }
+            if self.socket_open && !self.to_server.is_empty() {
+                socket_events |= libc::POLLOUT;
+            }
+            // A closed server end is not polled at all, so the loop cannot
+            // spin on its hang-up.
+            let socket_fd = if socket_events != 0 { self.socket.as_raw_fd() } else { -1 };
+            let socket_index = poll_fds.len();
+            poll_fds.push(libc::pollfd { fd: socket_fd, events: socket_events, revents: 0 });
+
+            let read_output = !self.socket_open || self.to_server.len() < OUTPUT_HIGH_WATER;
+            let output_index = poll_fds.len();
+            for (fd, _) in &self.outputs {
+                let raw = match fd {
+                    Some(fd) if read_output => fd.as_raw_fd(),
+                    _ => -1,
+                };
+                poll_fds.push(libc::pollfd { fd: raw, events: libc::POLLIN, revents: 0 });
+            }
+            let stdin_index = poll_fds.len();
+            let stdin_fd = match &self.stdin {
+                Some(fd) if !self.stdin_buffer.is_empty() => fd.as_raw_fd(),
+                _ => -1,
+            };
+            poll_fds.push(libc::pollfd { fd: stdin_fd, events: libc::POLLOUT, revents: 0 });
+
+            // SAFETY: poll_fds is a valid array of the given length.
+            let ready = unsafe { libc::poll(poll_fds.as_mut_ptr(), poll_fds.len() as libc::nfds_t, -1) };
+            if ready < 0 {
+                let error = io::Error::last_os_error();
+                if error.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(error);
+            }
+
+            if poll_fds[socket_index].revents != 0 {
+                self.service_socket(poll_fds[socket_index].revents);
+            }
+            for index in 0..self.outputs.len() {
+                if poll_fds[output_index + index].revents != 0 {
+                    self.read_output(index, usize::MAX);
+                }
+            }
+            if poll_fds[stdin_index].revents != 0 {
+                self.write_stdin();
+            }
+            if poll_fds[pidfd_index].revents != 0 {
+                return Ok(self.reap());
+            }
+        }
+    }
+
+    fn service_socket(&mut self, revents: libc::c_short) {
+        if revents & libc::POLLOUT != 0 {
+            self.flush_socket();
+        }
+        if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            let mut chunk = vec![0u8; READ_CHUNK];
+            match self.socket.read(&mut chunk) {
+                Ok(0) => self.server_gone(),
+                Ok(count) => {
+                    self.from_server.extend_from_slice(&chunk[..count]);
+                    self.handle_server_frames();
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock || error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.server_gone(),
+            }
+        }
+    }
+
+    fn flush_socket(&mut self) {
+        while self.socket_open && !self.to_server.is_empty() {
+            match self.socket.write(&self.to_server) {
+                Ok(count) => {
+                    let _ = self.to_server.split_to(count);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.server_gone(),
+            }
+        }
+    }
+
+    fn server_gone(&mut self) {
+        // NOTE: output produced while no server is connected is discarded.
+        // Keeping it for a reconnecting server needs a named socket and a
+        // bounded buffer, which are not built yet.
+        self.socket_open = false;
+        self.to_server.clear();
+    }
+
+    fn handle_server_frames(&mut self) {
+        loop {
+            match ServerFrame::decode(&mut self.from_server) {
+                Ok(Some(frame)) => self.apply(frame),
+                Ok(None) => return,
+                Err(error) => {
+                    // A malformed frame means the stream is out of step and
+                    // cannot be resynchronised.
+                    eprintln!("shim: closing the server connection: {error}");
+                    self.server_gone();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, frame: ServerFrame) {
+        match frame {
+            ServerFrame::Stdin(data) => {
+                if self.stdin.is_some() {
+                    self.stdin_buffer.extend_from_slice(&data);
+                    self.write_stdin();
+                }
+            }
+            ServerFrame::CloseStdin => {
+                self.stdin_close_requested = true;
+                if self.tty_master.is_some() {
+                    // A terminal has no end of file of its own; ^D is what
+                    // ends input for a reader in canonical mode.
+                    self.stdin_buffer.extend_from_slice(b"\x04");
+                }
+                self.write_stdin();
+            }
+            ServerFrame::Signal { signal } => {
+                if let Ok(signal) = nix::sys::signal::Signal::try_from(signal) {
+                    // The process is not reaped before the pidfd reports its
+                    // exit, so its pid cannot have been reused.
+                    let _ = nix::sys::signal::kill(self.child, signal);
+                }
+            }
+            ServerFrame::Resize { columns, rows } => {
+                if let Some(master) = self.tty_master {
+                    let size = libc::winsize { ws_row: rows, ws_col: columns, ws_xpixel: 0, ws_ypixel: 0 };
+                    // SAFETY: TIOCSWINSZ reads one winsize from the pointer.
+                    unsafe { libc::ioctl(master, libc::TIOCSWINSZ, &size) };
+                }
+            }
+        }
+    }
+
+    fn write_stdin(&mut self) {
+        while let Some(fd) = &self.stdin {
+            if self.stdin_buffer.is_empty() {
+                break;
+            }
+            // SAFETY: writes from a live buffer to an owned fd.
+            let written = unsafe { libc::write(fd.as_raw_fd(), self.stdin_buffer.as_ptr().cast(), self.stdin_buffer.len()) };
+            if written >= 0 {
+                let _ = self.stdin_buffer.split_to(written as usize);
+                continue;
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => return,
+                Some(libc::EINTR) => continue,
+                // EPIPE: the process closed its stdin; later input is dropped.
+                _ => {
+                    self.stdin = None;
+                    self.stdin_buffer.clear();
+                }
+            }
+        }
+        if self.stdin_close_requested && self.stdin_buffer.is_empty() && self.tty_master.is_none() {
+            self.stdin = None;
+        }
+    }
+
+    /// Reads up to `limit` bytes from output `index` into frames; returns
+    /// whether the read end is still open and had data.
+    fn read_output(&mut self, index: usize, limit: usize) -> bool {
+        let (Some(fd), stream) = (&self.outputs[index].0, self.outputs[index].1) else { return false };
+        let mut chunk = vec![0u8; READ_CHUNK.min(limit).min(MAX_FRAME_PAYLOAD)];
+        // SAFETY: reads into a live buffer of the given length.
+        let count = unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
+        if count > 0 {
+            chunk.truncate(count as usize);
+            let data = Bytes::from(chunk);
+            self.push(match stream {
+                Stream::Stdout => ShimFrame::Stdout(data),
+                Stream::Stderr => ShimFrame::Stderr(data),
+            });
+            return true;
+        }
+        if count < 0 && matches!(io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
+            return false;
+        }
+        // End of file, or EIO from a pty master whose slave side closed.
+        self.outputs[index].0 = None;
+        false
+    }
+
+    /// Reaps the exited process and collects what it left in its pipes.
+    fn reap(&mut self) -> i32 {
+        let status = match waitpid(self.child, None) {
+            Ok(WaitStatus::Exited(_, code)) => code,
+            Ok(WaitStatus::Signaled(_, signal, _)) => 128 + signal as i32,
+            _ => 255,
+        };
+        for index in 0..self.outputs.len() {
+            self.drain_output(index);
+        }
+        status
+    }
+
+    /// Reads what output `index` contains now, without waiting for
+    /// descendants that keep the pipe open and write more.
+    fn drain_output(&mut self, index: usize) {
+        let Some(fd) = &self.outputs[index].0 else { return };
+        let raw = fd.as_raw_fd();
+        if self.tty_master.is_some() {
+            // The tty layer may still be moving the last output to the
+            // master, so wait briefly for more before giving up; EIO comes
+            // as soon as every slave fd is closed.
+            loop {
+                if !self.read_output(index, usize::MAX) {
+                    let Some(fd) = &self.outputs[index].0 else { return };
+                    match syscalls::wait_readable(fd.as_fd(), 100) {
+                        Ok(true) => continue,
+                        _ => return,
+                    }
+                }
+            }
+        }
+        let mut available: libc::c_int = 0;
+        // SAFETY: FIONREAD stores the readable byte count in an int.
+        if unsafe { libc::ioctl(raw, libc::FIONREAD, &mut available) } < 0 {
+            return;
+        }
+        let mut left = available as usize;
+        while left > 0 {
+            let before = self.to_server.len();
+            if !self.read_output(index, left) {
+                return;
+            }
+            let frame_bytes = self.to_server.len().saturating_sub(before);
+            // Each frame carries a 5-byte header before its payload.
+            left = left.saturating_sub(frame_bytes.saturating_sub(5).max(1));
+            if !self.socket_open {
+                return;
+            }
+        }
+    }
+
+    /// Sends the exit status after all output, then waits until the server
+    /// has it all.
+    fn finish(mut self, status: i32) {
+        self.push(ShimFrame::Exited { status });
+        if self.socket_open && self.socket.set_nonblocking(false).is_ok() {
+            let _ = self.socket.write_all(&self.to_server);
+        }
+    }
+}
