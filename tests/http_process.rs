@@ -515,17 +515,40 @@ fn slow_reader_applies_backpressure() {
 #[test]
 fn unattached_output_is_bounded_and_never_blocks() {
     let harness = harness_with_container();
-    let mut actions: Vec<Action> = (0..16u8).map(|i| Action::Stdout(bytes::Bytes::from(vec![b'a' + i; 64 * 1024]))).collect();
+    // More than the stream's reserved reader queues: once the reservation
+    // for the never-attached output lapses, the rest goes to the ring.
+    let mut actions: Vec<Action> = (0..48u8).map(|i| Action::Stdout(bytes::Bytes::from(vec![b'a' + i; 64 * 1024]))).collect();
     actions.push(Action::Exit(0));
     harness.runtime.script_path("noisy", ProcessScript { on_start: actions, ..ProcessScript::default() });
+    let started = std::time::Instant::now();
     let mut connection = run(&harness, "h", r#"{"path":"noisy","rlimits":{},"image":{}}"#);
-    // No reader is attached, so the process runs to its exit.
+    // No reader is attached, so the process runs to its exit after the
+    // reservation has lapsed.
     connection.expect_exit(0);
+    assert!(started.elapsed() >= trellis::actors::process::EXPECTED_ATTACH_WAIT, "the reservation held the output first");
     let (stdout, buffer) = attach_output(&harness, &connection, "stdout");
     let output = read_output(stdout, buffer);
     let kept = trellis::actors::process::UNATTACHED_BUFFER_BYTES;
     assert_eq!(output.len(), kept, "the most recent output is kept");
-    assert!(output.ends_with(&vec![b'a' + 15; 64 * 1024]), "the newest chunk is kept");
+    assert!(output.ends_with(&vec![b'a' + 47; 64 * 1024]), "the newest chunk is kept");
+}
+
+#[test]
+fn output_before_late_attach_is_complete() {
+    let harness = harness_with_container();
+    // 1 MiB written at once, before the client attaches stdout: the stream's
+    // reserved reader keeps all of it, more than the ring buffer holds.
+    let actions: Vec<Action> = (0..16u8)
+        .map(|i| Action::Stdout(bytes::Bytes::from(vec![b'a' + i; 64 * 1024])))
+        .chain([Action::Exit(0)])
+        .collect();
+    harness.runtime.script_path("burst", ProcessScript { on_start: actions, ..ProcessScript::default() });
+    let mut connection = run(&harness, "h", r#"{"path":"burst","rlimits":{},"image":{}}"#);
+    connection.expect_exit(0);
+    let (stdout, buffer) = attach_output(&harness, &connection, "stdout");
+    let output = read_output(stdout, buffer);
+    assert_eq!(output.len(), 16 * 64 * 1024, "every byte written before the attach arrives");
+    assert!(output.starts_with(&vec![b'a'; 64 * 1024]), "the oldest chunk comes first");
 }
 
 #[test]

@@ -14,12 +14,10 @@ use std::time::{Instant, SystemTime};
 use actix::prelude::*;
 use bytes::BytesMut;
 use slog::{info, o, warn, Logger};
-use tokio::io::AsyncReadExt;
 
 use super::process::{Process, ProcessStart};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{ContainerInfo, ContainerSpec, ProcessSpec, Properties};
-use crate::runtime::stdio::{ShimFrame, StartFailure};
 use crate::runtime::{ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
 
 /// Reserved property set to `created` once create has finished.
@@ -453,7 +451,7 @@ impl Handler<RunProcess> for Container {
             let spec = message.spec;
             let run_id = id.clone();
             let started = blocking(move || runtime.run(&run_id, &spec)).await?;
-            let (pid, leftover, reader, writer) = await_start_frame(started).await?;
+            let (pid, leftover, reader, writer) = split_stdio(started)?;
             info!(logger, "process started"; "process_id" => &id, "pid" => pid,
                 "duration_ms" => started_at.elapsed().as_millis() as u64);
             Ok(Process::start_with(ProcessStart { process_id: id, pid, tty, logger, stream_table, leftover, reader, writer }))
@@ -555,11 +553,10 @@ type ShimHalves = (
     Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
 );
 
-/// Reads the shim's first frame: `Started` gives the pid, `StartFailed`
-/// becomes the Run error. Output frames that follow in the same read stay in
-/// the returned buffer.
-async fn await_start_frame(started: StartedProcess) -> Result<ShimHalves, ContainerError> {
-    let (mut reader, writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) =
+/// Splits a started process's stdio connection into its two halves. The
+/// runtime has already consumed the start frame.
+fn split_stdio(started: StartedProcess) -> Result<ShimHalves, ContainerError> {
+    let (reader, writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) =
         match started.stdio {
             StdioConnection::Memory(stream) => {
                 let (reader, writer) = tokio::io::split(stream);
@@ -575,32 +572,7 @@ async fn await_start_frame(started: StartedProcess) -> Result<ShimHalves, Contai
                 (Box::new(reader), Box::new(writer))
             }
         };
-    let mut buffer = BytesMut::new();
-    loop {
-        match ShimFrame::decode(&mut buffer) {
-            Ok(Some(ShimFrame::Started { pid })) => return Ok((pid, buffer, reader, writer)),
-            Ok(Some(ShimFrame::StartFailed { failure, message })) => {
-                let error = match failure {
-                    StartFailure::ExecutableNotFound => RuntimeError::ExecutableNotFound { message },
-                    StartFailure::InvalidRequest => RuntimeError::InvalidRequest { message },
-                    StartFailure::Other => RuntimeError::Failed { message },
-                };
-                return Err(error.into());
-            }
-            Ok(Some(frame)) => {
-                return Err(RuntimeError::failed(format!("process shim sent {frame:?} before its start frame")).into())
-            }
-            Ok(None) => {}
-            Err(error) => return Err(RuntimeError::failed(format!("invalid frame from the process shim: {error}")).into()),
-        }
-        let read = reader
-            .read_buf(&mut buffer)
-            .await
-            .map_err(|error| RuntimeError::failed(format!("reading from the process shim failed: {error}")))?;
-        if read == 0 {
-            return Err(RuntimeError::failed("the process shim closed its connection before the process started").into());
-        }
-    }
+    Ok((started.pid, BytesMut::new(), reader, writer))
 }
 
 #[cfg(test)]

@@ -9,6 +9,16 @@
 //! chunk goes into a ring buffer that keeps the most recent output and never
 //! blocks; the next attacher receives it.
 //!
+//! A Run or Attach client connects its stdout and stderr attaches only
+//! after the handshake, one after the other. So that a process writing fast
+//! loses nothing in that gap, opening a stream reserves an expected reader
+//! per output, which queues and applies backpressure like a connected one.
+//! The stdout or stderr connection takes it over when it arrives. A client
+//! that never attaches an output (the Go client without a writer for it)
+//! gives the reservation up after [`EXPECTED_ATTACH_WAIT`], and the output
+//! then goes to the ring buffer again, so a process blocks on an absent
+//! reader for that long at most.
+//!
 //! Each Run or Attach opens a stream with a server-wide id. The client's C1
 //! handler holds the stream's exit receiver and a liveness channel: it sends
 //! the exit message only after every stdout or stderr connection of its
@@ -21,7 +31,7 @@ use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use slog::{debug, info, o, warn, Logger};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Introspect, StreamTable};
 use crate::runtime::stdio::{ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD};
@@ -34,6 +44,10 @@ const READER_QUEUE_CHUNKS: usize = 16;
 
 /// Frames queued for the shim (stdin, signals, resizes).
 const SHIM_QUEUE_FRAMES: usize = 64;
+
+/// How long a stream's reserved stdout and stderr readers wait for their
+/// connections before the output goes to the ring buffer instead.
+pub const EXPECTED_ATTACH_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a finished stream stays attachable.
 pub const FINISHED_STREAM_RETENTION: Duration = Duration::from_secs(60);
@@ -144,6 +158,9 @@ struct StreamRecord {
     /// Dropped when the stream finishes. Each attached output connection
     /// keeps a clone, so the C1 handler's receiver ends once all are done.
     liveness: Option<mpsc::Sender<()>>,
+    /// The queues of the stream's reserved readers, by output, until the
+    /// stdout or stderr connection takes them over.
+    expected: [Option<mpsc::Receiver<Bytes>>; 2],
 }
 
 /// The actor of one process.
@@ -157,6 +174,9 @@ pub struct Process {
     outputs: [OutputState; 2],
     streams: HashMap<String, StreamRecord>,
     stream_table: StreamTable,
+    /// Lets the shim reader start. Reading waits for the first stream, the
+    /// Run's own, so that its reserved readers exist before any output.
+    start_reading: Option<oneshot::Sender<()>>,
 }
 
 /// Everything the process actor needs at start.
@@ -177,6 +197,7 @@ impl Process {
     pub fn start_with(start: ProcessStart) -> Addr<Process> {
         let (shim, shim_receiver) = mpsc::channel(SHIM_QUEUE_FRAMES);
         let (exit, _) = watch::channel(None);
+        let (start_reading, reading_allowed) = oneshot::channel();
         let logger = start.logger.new(o!("process_id" => start.process_id.clone()));
         let process = Process {
             process_id: start.process_id,
@@ -188,11 +209,57 @@ impl Process {
             outputs: [OutputState::default(), OutputState::default()],
             streams: HashMap::new(),
             stream_table: start.stream_table,
+            start_reading: Some(start_reading),
         };
         let addr = process.start();
         actix_rt::spawn(write_shim_frames(start.writer, shim_receiver, logger.clone()));
-        actix_rt::spawn(read_shim_frames(start.reader, start.leftover, addr.clone(), logger));
+        actix_rt::spawn(read_shim_frames(start.reader, start.leftover, reading_allowed, addr.clone(), logger));
         addr
+    }
+
+    /// Registers a reader for `kind` on behalf of a stream whose output
+    /// connection has not arrived yet. The first reader of an output also
+    /// receives what the ring buffer kept.
+    fn reserve_reader(&mut self, stream_id: &str, kind: OutputKind) -> Option<mpsc::Receiver<Bytes>> {
+        let (sender, receiver) = mpsc::channel(READER_QUEUE_CHUNKS);
+        let output = &mut self.outputs[kind.index()];
+        output.readers.retain(|reader| !reader.sender.is_closed());
+        if output.readers.is_empty() {
+            if let Some(kept) = output.unattached.take() {
+                sender.try_send(kept).expect("a new queue has room for one chunk");
+            }
+        }
+        output.readers.push(Reader { stream_id: stream_id.to_string(), sender });
+        Some(receiver)
+    }
+
+    /// Gives up the reserved readers of a stream whose output connections
+    /// did not arrive in time. What they queued goes to the ring buffer when
+    /// no other reader is attached.
+    fn release_reservations(&mut self, stream_id: &str) {
+        let Some(record) = self.streams.get_mut(stream_id) else {
+            return;
+        };
+        if record.finished {
+            return;
+        }
+        for kind in [OutputKind::Stdout, OutputKind::Stderr] {
+            let Some(mut receiver) = record.expected[kind.index()].take() else {
+                continue;
+            };
+            let output = &mut self.outputs[kind.index()];
+            // Closing first makes a send blocked on this full queue fail and
+            // return its chunk, which the output handler then keeps.
+            receiver.close();
+            output.readers.retain(|reader| !reader.sender.is_closed());
+            let keep = output.readers.is_empty();
+            while let Ok(chunk) = receiver.try_recv() {
+                if keep {
+                    output.unattached.push(chunk);
+                }
+            }
+            debug!(self.logger, "output attach did not arrive"; "stream_id" => stream_id, "stream" => kind.name());
+        }
     }
 
     fn finish_stream(&mut self, stream_id: &str, ctx: &mut Context<Self>) {
@@ -252,11 +319,17 @@ impl Handler<OpenStream> for Process {
     fn handle(&mut self, message: OpenStream, ctx: &mut Context<Self>) -> Self::Result {
         let (liveness_sender, liveness) = mpsc::channel(1);
         let finished = self.exit.borrow().is_some();
+        let expected = [OutputKind::Stdout, OutputKind::Stderr].map(|kind| self.reserve_reader(&message.stream_id, kind));
         self.streams.insert(
             message.stream_id.clone(),
-            StreamRecord { finished: false, liveness: Some(liveness_sender) },
+            StreamRecord { finished: false, liveness: Some(liveness_sender), expected },
         );
         self.stream_table.insert(message.stream_id.clone(), ctx.address());
+        let stream_id = message.stream_id.clone();
+        ctx.run_later(EXPECTED_ATTACH_WAIT, move |process, _| process.release_reservations(&stream_id));
+        if let Some(start_reading) = self.start_reading.take() {
+            let _ = start_reading.send(());
+        }
         if finished {
             // The process has already ended: the stream only serves the kept
             // output to late output attaches.
@@ -308,9 +381,13 @@ impl Handler<AttachOutput> for Process {
     type Result = MessageResult<AttachOutput>;
 
     fn handle(&mut self, message: AttachOutput, _ctx: &mut Context<Self>) -> Self::Result {
-        let Some(record) = self.streams.get(&message.stream_id) else {
+        let Some(record) = self.streams.get_mut(&message.stream_id) else {
             return MessageResult(None);
         };
+        if let Some(chunks) = record.expected[message.kind.index()].take() {
+            debug!(self.logger, "output attached"; "stream_id" => &message.stream_id, "stream" => message.kind.name());
+            return MessageResult(Some(OutputSubscription { chunks, liveness: record.liveness.clone() }));
+        }
         let (sender, chunks) = mpsc::channel(READER_QUEUE_CHUNKS);
         let output = &mut self.outputs[message.kind.index()];
         output.readers.retain(|reader| !reader.sender.is_closed());
@@ -337,24 +414,35 @@ struct ShimOutput {
 }
 
 impl Handler<ShimOutput> for Process {
-    type Result = ResponseFuture<()>;
+    type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, message: ShimOutput, _ctx: &mut Context<Self>) -> Self::Result {
-        let output = &mut self.outputs[message.kind.index()];
+        let kind = message.kind;
+        let output = &mut self.outputs[kind.index()];
         output.readers.retain(|reader| !reader.sender.is_closed());
         output.delivered_bytes += message.data.len() as u64;
         if output.readers.is_empty() {
             output.unattached.push(message.data);
-            return Box::pin(async {});
+            return Box::pin(actix::fut::ready(()));
         }
         let senders: Vec<_> = output.readers.iter().map(|reader| reader.sender.clone()).collect();
-        Box::pin(async move {
+        let data = message.data;
+        let deliver = async move {
             // A reader that has disconnected fails at once; a slow one
             // holds up the shim, which is the intended backpressure.
+            let mut delivered = false;
             for sender in senders {
-                let _ = sender.send(message.data.clone()).await;
+                delivered |= sender.send(data.clone()).await.is_ok();
             }
-        })
+            (delivered, data)
+        };
+        Box::pin(deliver.into_actor(self).map(move |(delivered, data), process, _| {
+            // Every reader went away while the chunk waited: keep it for the
+            // next attacher instead of losing it.
+            if !delivered {
+                process.outputs[kind.index()].unattached.push(data);
+            }
+        }))
     }
 }
 
@@ -436,9 +524,13 @@ impl Handler<Introspect> for Process {
 async fn read_shim_frames(
     mut reader: Box<dyn AsyncRead + Send + Unpin>,
     mut buffer: BytesMut,
+    reading_allowed: oneshot::Receiver<()>,
     addr: Addr<Process>,
     logger: Logger,
 ) {
+    // Without a stream after the wait (its connection failed), read anyway,
+    // so output goes to the ring buffer and the exit status is recorded.
+    let _ = tokio::time::timeout(EXPECTED_ATTACH_WAIT, reading_allowed).await;
     let outcome = loop {
         match ShimFrame::decode(&mut buffer) {
             Ok(Some(ShimFrame::Stdout(data))) => {

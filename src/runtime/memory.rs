@@ -221,6 +221,13 @@ impl ContainerRuntime for MemoryContainer {
         let script = script.unwrap_or_else(|| {
             ProcessScript::not_found(&format!("exec: \"{}\": executable file not found in $PATH", spec.path))
         });
+        if let Some((failure, message)) = script.start_failure.clone() {
+            return Err(match failure {
+                StartFailure::ExecutableNotFound => RuntimeError::ExecutableNotFound { message },
+                StartFailure::InvalidRequest => RuntimeError::InvalidRequest { message },
+                StartFailure::Other => RuntimeError::Failed { message },
+            });
+        }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| RuntimeError::failed("the in-memory runtime needs a tokio runtime"))?;
         let (server_end, process_end) = tokio::io::duplex(64 * 1024);
@@ -279,12 +286,6 @@ impl ScriptedProcess {
     async fn run(mut self, stream: tokio::io::DuplexStream, mut control: mpsc::UnboundedReceiver<i32>) {
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut out = BytesMut::new();
-        if let Some((failure, message)) = self.script.start_failure.clone() {
-            ShimFrame::StartFailed { failure, message }.encode(&mut out);
-            let _ = writer.write_all(&out).await;
-            return;
-        }
-        ShimFrame::Started { pid: 0 }.encode(&mut out);
         let on_start = self.script.on_start.clone();
         let mut step = self.act(&on_start, &mut out);
         let mut input = BytesMut::new();

@@ -99,6 +99,8 @@ pub enum StdioConnection {
 }
 
 /// A started process: its host pid (0 where there is none) and its stdio.
+/// The runtime has already read the shim's `Started` frame, so the
+/// connection carries output frames and then `Exited`.
 #[derive(Debug)]
 pub struct StartedProcess {
     pub pid: u32,
