@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    // The container init and the process shim are this same executable,
+    // The container init, the process shim and the tar helper are this same executable,
     // started by the server in a hidden mode. They are dispatched before any
     // argument parsing or thread creation, because both must stay single
     // threaded to enter namespaces.
@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     match args.next().as_deref().and_then(|arg| arg.to_str()) {
         Some(trellis::linux::GARDEN_INIT_COMMAND) => trellis::linux::garden_init_main(args.collect()),
         Some(trellis::linux::SHIM_COMMAND) => trellis::linux::shim_main(args.collect()),
+        Some(trellis::linux::FILES_COMMAND) => trellis::linux::files_main(args.collect()),
         _ => trellis::cli::main(),
     }
 }

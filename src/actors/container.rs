@@ -411,6 +411,23 @@ impl Handler<DestroyContainer> for Container {
     }
 }
 
+/// Returns the container's runtime for a stream in or stream out. Those
+/// run outside the actor for as long as the client streams, so other
+/// requests to the container are not held up. Stopped containers serve
+/// them too.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<dyn ContainerRuntime>, ContainerError>")]
+pub struct GetRuntime;
+
+impl Handler<GetRuntime> for Container {
+    type Result = Result<Arc<dyn ContainerRuntime>, ContainerError>;
+
+    fn handle(&mut self, _message: GetRuntime, _ctx: &mut Context<Self>) -> Self::Result {
+        self.check_not_destroying()?;
+        Ok(self.runtime.clone())
+    }
+}
+
 /// Starts a process and its actor.
 #[derive(Message)]
 #[rtype(result = "Result<Addr<Process>, ContainerError>")]

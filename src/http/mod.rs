@@ -11,6 +11,7 @@
 pub mod debug;
 pub mod demux;
 pub mod error;
+pub mod files;
 pub mod hijack;
 pub mod router;
 pub mod routes;

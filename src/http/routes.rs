@@ -106,7 +106,7 @@ pub fn query_pairs(query: &str) -> Vec<(String, String)> {
     pairs
 }
 
-async fn lookup(state: &AppState, handle: &str) -> Result<actix::Addr<Container>, ApiError> {
+pub(super) async fn lookup(state: &AppState, handle: &str) -> Result<actix::Addr<Container>, ApiError> {
     state
         .registry
         .send(LookupContainer { handle: handle.to_string() })
@@ -224,9 +224,11 @@ async fn serve(
         Route::Run | Route::Attach | Route::Stdout | Route::Stderr => {
             Err(ApiError::HijackNotFirst { route: found.route.name() })
         }
+        Route::StreamIn => super::files::stream_in(request, payload, state, handle).await,
+        Route::StreamOut => super::files::stream_out(request, state, handle).await,
         Route::BulkInfo | Route::BulkMetrics => Err(ApiError::NotImplemented { route: found.route.name() }),
         _ => {
-            // TODO: stream in/out, limits, net-in/out, grace time and
+            // TODO: limits, net-in/out, grace time and
             // metrics are not served yet. Until they are, an existing
             // container gets this envelope and an unknown one a 404.
             let _ = read_body(payload, state.max_body_bytes).await;

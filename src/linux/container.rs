@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::cgroup::{CgroupError, ContainerCgroup};
+use super::files::{self, Direction, FilesConfig};
 use super::init::InitConfig;
 use super::rootfs::{self, ContainerRootfs, RootfsError};
 use super::shim::ShimConfig;
@@ -321,6 +322,23 @@ impl LinuxContainer {
         Ok(true)
     }
 
+    /// Builds the tar helper's settings; fails once the container has no
+    /// init process, whose namespaces the helper joins.
+    fn files_config(&self, direction: Direction, path: &str, user: &str) -> Result<FilesConfig, RuntimeError> {
+        let init_pid = self.init_pid();
+        if init_pid == 0 {
+            return Err(RuntimeError::failed("container has no init process (destroyed)"));
+        }
+        Ok(FilesConfig {
+            init_pid,
+            privileged: self.privileged,
+            cgroup_dirs: self.cgroup.dirs.clone(),
+            direction,
+            path: path.to_string(),
+            user: user.to_string(),
+        })
+    }
+
     fn process_dir(&self) -> Result<PathBuf, RuntimeError> {
         let number = self.next_process.fetch_add(1, Ordering::Relaxed);
         let dir = self.container_dir.join(PROCESSES_DIR).join(number.to_string());
@@ -458,6 +476,18 @@ impl ContainerRuntime for LinuxContainer {
     fn destroy(&self) -> Result<(), RuntimeError> {
         let _guard = self.lifecycle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         self.teardown(true)
+    }
+
+    fn stream_in(&self, destination: &str, user: &str, tar: &mut dyn Read) -> Result<(), RuntimeError> {
+        let config = self.files_config(Direction::In, destination, user)?;
+        slog::debug!(self.logger, "stream in started"; "destination" => destination, "user" => user);
+        files::stream_in(&self.executable, &config, tar)
+    }
+
+    fn stream_out(&self, source: &str, user: &str) -> Result<Box<dyn Read + Send>, RuntimeError> {
+        let config = self.files_config(Direction::Out, source, user)?;
+        slog::debug!(self.logger, "stream out started"; "source" => source, "user" => user);
+        files::stream_out(&self.executable, &config)
     }
 
     fn describe(&self) -> serde_json::Value {

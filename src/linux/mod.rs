@@ -6,6 +6,7 @@
 //! - [`container`]: create, run, stop, destroy of one container.
 //! - [`init`]: garden-init, pid 1 of each container.
 //! - [`shim`] and [`exec`]: the process shim and the child it forks.
+//! - [`files`]: the tar helper of stream in and stream out.
 //! - [`rootfs`]: image choice, idmapped lower layer, overlay.
 //! - [`cgroup`]: per-container cgroups on v1 and v2.
 //! - [`users`]: user resolution and process environment.
@@ -14,6 +15,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod exec;
+pub mod files;
 pub mod init;
 pub mod rootfs;
 pub mod shim;
@@ -35,6 +37,9 @@ pub(crate) use container::error_chain;
 pub const GARDEN_INIT_COMMAND: &str = "__garden-init";
 /// First argument that starts this executable as a process shim.
 pub const SHIM_COMMAND: &str = "__shim";
+/// First argument that starts this executable as the tar helper of stream
+/// in and stream out.
+pub const FILES_COMMAND: &str = "__files";
 
 /// Settings of the Linux runtime, taken from the server configuration.
 #[derive(Debug, Clone)]
@@ -147,4 +152,9 @@ pub fn garden_init_main(args: Vec<OsString>) -> ExitCode {
 /// Entry point of a process shim.
 pub fn shim_main(args: Vec<OsString>) -> ExitCode {
     shim::main(args)
+}
+
+/// Entry point of the tar helper of stream in and stream out.
+pub fn files_main(args: Vec<OsString>) -> ExitCode {
+    files::main(args)
 }

@@ -1,5 +1,5 @@
 //! Thin wrappers for the system calls that nix 0.32 does not cover: the new
-//! mount API (for idmapped layers) and pidfds.
+//! mount API (for idmapped layers), pidfds and `openat2`.
 
 use std::ffi::CString;
 use std::io;
@@ -114,5 +114,41 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
             return Err(error);
         }
         return Ok(result > 0);
+    }
+}
+
+/// `struct open_how` of `openat2(2)`, version 0 (24 bytes); libc's type
+/// cannot be built outside libc.
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Opens `path` below `dirfd` with `openat2(2)` and `RESOLVE_IN_ROOT`, so
+/// `dirfd` acts as `/` for absolute symlinks and `..`: no path, however it
+/// is built or raced, resolves above it. Magic links of `/proc` are
+/// rejected too (`RESOLVE_NO_MAGICLINKS`).
+pub fn openat2_in_root(dirfd: BorrowedFd<'_>, path: &[u8], flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    let path = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: if flags & libc::O_CREAT != 0 { mode as u64 } else { 0 },
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    loop {
+        // SAFETY: the path is a valid C string and `how` lives across the
+        // call with its size passed beside it.
+        let result = unsafe {
+            libc::syscall(libc::SYS_openat2, dirfd.as_raw_fd(), path.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
+        };
+        match check(result) {
+            // EAGAIN means a rename raced the lookup; the kernel asks for a retry.
+            Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => continue,
+            Err(error) => return Err(error),
+            // SAFETY: the fd was just returned by the kernel and has no other owner.
+            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+        }
     }
 }

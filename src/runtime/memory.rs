@@ -91,6 +91,12 @@ struct State {
     capacity: Capacity,
     /// How long each destroy takes, so tests can overlap two destroys.
     destroy_delay: std::time::Duration,
+    /// Archives that stream out returns, by source path.
+    stream_out_archives: HashMap<String, Bytes>,
+    /// Every archive stream in received, in order.
+    stream_in_archives: Vec<Vec<u8>>,
+    /// The failure of the next stream in to a destination.
+    stream_in_errors: HashMap<String, RuntimeError>,
     /// Control channels of running processes, per container.
     running: HashMap<String, Vec<mpsc::UnboundedSender<i32>>>,
 }
@@ -140,6 +146,23 @@ impl MemoryRuntime {
     /// Makes every destroy take `delay` before it completes.
     pub fn set_destroy_delay(&self, delay: std::time::Duration) {
         self.lock().destroy_delay = delay;
+    }
+
+    /// Makes stream out of `source` return `archive`. Other sources fail as
+    /// missing.
+    pub fn script_stream_out(&self, source: &str, archive: &[u8]) {
+        self.lock().stream_out_archives.insert(source.to_string(), Bytes::copy_from_slice(archive));
+    }
+
+    /// Makes the next stream in to `destination` fail with `error` after it
+    /// has read the whole archive.
+    pub fn fail_stream_in(&self, destination: &str, error: RuntimeError) {
+        self.lock().stream_in_errors.insert(destination.to_string(), error);
+    }
+
+    /// Returns every archive stream in has received, in order.
+    pub fn stream_in_archives(&self) -> Vec<Vec<u8>> {
+        self.lock().stream_in_archives.clone()
     }
 
     /// Returns every call recorded so far, one line each.
@@ -262,6 +285,32 @@ impl ContainerRuntime for MemoryContainer {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(error) => Err(RuntimeError::failed(format!("cannot remove {}: {error}", self.dir.display()))),
+        }
+    }
+
+    /// Reads the whole archive, records the call with its size and keeps
+    /// the archive for [`MemoryRuntime::stream_in_archives`].
+    fn stream_in(&self, destination: &str, user: &str, tar: &mut dyn std::io::Read) -> Result<(), RuntimeError> {
+        let mut archive = Vec::new();
+        tar.read_to_end(&mut archive).map_err(|error| RuntimeError::failed(format!("error streaming in: {error}")))?;
+        self.runtime.record(format!(
+            "stream-in {} destination={destination} user={user} bytes={}",
+            self.handle,
+            archive.len()
+        ));
+        let mut state = self.runtime.lock();
+        state.stream_in_archives.push(archive);
+        match state.stream_in_errors.remove(destination) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn stream_out(&self, source: &str, user: &str) -> Result<Box<dyn std::io::Read + Send>, RuntimeError> {
+        self.runtime.record(format!("stream-out {} source={source} user={user}", self.handle));
+        match self.runtime.lock().stream_out_archives.get(source) {
+            Some(archive) => Ok(Box::new(std::io::Cursor::new(archive.clone()))),
+            None => Err(RuntimeError::invalid(format!("error streaming out: {source}: No such file or directory (os error 2)"))),
         }
     }
 

@@ -139,6 +139,21 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// so a failed destroy can be retried.
     fn destroy(&self) -> Result<(), RuntimeError>;
 
+    /// Extracts the tar archive read from `tar` into `destination` inside the
+    /// container, as `user` (empty means root); a relative destination
+    /// starts at the user's home. Returns once extraction has finished. The
+    /// archive is consumed as it is read, never buffered whole. Reading may
+    /// stop early when extraction fails.
+    fn stream_in(&self, destination: &str, user: &str, tar: &mut dyn std::io::Read) -> Result<(), RuntimeError>;
+
+    /// Starts a tar archive of `source` inside the container as `user`
+    /// sees it, named as Garden names it (contents rooted at `./` when the
+    /// source ends in `/`). Fails before returning when the source is
+    /// missing or unreadable. A read error from the returned reader means
+    /// the archive could not be finished; dropping the reader stops the
+    /// work.
+    fn stream_out(&self, source: &str, user: &str) -> Result<Box<dyn std::io::Read + Send>, RuntimeError>;
+
     /// A snapshot of the container's host objects for the introspection
     /// endpoint (init pid, cgroup paths and the like).
     fn describe(&self) -> serde_json::Value;
