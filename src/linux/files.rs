@@ -127,7 +127,9 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprint!("{prefix}: {error}");
+            // One write, so the server never reads half a message.
+            let message = format!("{prefix}: {error}");
+            let _ = io::stderr().write_all(message.as_bytes());
             if error.is_invalid_request(config.direction) {
                 ExitCode::from(EXIT_INVALID_REQUEST)
             } else {
@@ -820,8 +822,9 @@ pub(super) fn stream_out(executable: &std::path::Path, config: &FilesConfig) -> 
     }
     if first != READY_LINE.as_bytes() {
         child.stderr = Some(stderr);
+        // Not killed: the helper is exiting and its message may still be
+        // on the way.
         let message = String::from_utf8_lossy(&first).into_owned();
-        let _ = child.kill();
         return Err(finish_helper(&mut child, message).err().unwrap_or_else(|| RuntimeError::failed("the files helper exited before the archive")));
     }
     child.stderr = Some(stderr);
