@@ -39,6 +39,8 @@ const SCENARIOS: &[&str] = &[
     "08-lookup-unknown",
     "09-info",
     "10-info-unknown",
+    "13-stream-in",
+    "14-stream-out",
     "23-set-grace-time",
     "24-properties",
     "25-property",
@@ -301,6 +303,11 @@ fn expect_plain(connection: &mut Connection, expected: &[u8], name: &str) {
             .collect()
     };
     assert_eq!(header_set(&actual), header_set(&expected), "{name}: headers");
+    if connection.route == "StreamOut" && actual.status_line.contains(" 200 ") {
+        // A tar body, compared byte for byte.
+        assert_eq!(actual.body, expected.body, "{name}: archive");
+        return;
+    }
     let mut expected_json: serde_json::Value = serde_json::from_slice(&expected.body).unwrap();
     let mut actual_json: serde_json::Value = serde_json::from_slice(&actual.body)
         .unwrap_or_else(|error| panic!("{name}: body {:?}: {error}", actual.text()));
@@ -365,6 +372,9 @@ fn script_backend(harness: &Harness) {
         schedulable_disk_in_bytes: 96636764160,
         max_containers: 0,
     });
+    // 14-stream-out: the archive the backend returned, as the transcript
+    // records it.
+    runtime.script_stream_out("/home/vcap/logs/", &transcript_response_body("14-stream-out"));
     // 29-run: `trap 'echo term >&2' TERM; cat; echo done >&2; exit 3`.
     runtime.script_path(
         "sh",
@@ -400,6 +410,20 @@ fn script_backend(harness: &Harness) {
     );
 }
 
+/// Returns the body of the first response recorded in a transcript.
+fn transcript_response_body(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(FIXTURES).join(format!("{name}.txt"));
+    let events = parse_transcript(&std::fs::read_to_string(&path).unwrap());
+    let bytes = events
+        .into_iter()
+        .find_map(|event| match event {
+            Event::ServerBytes(_, bytes) => Some(bytes),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{name}: no response recorded"));
+    Response::parse(&bytes).unwrap_or_else(|| panic!("{name}: unparsable response")).body
+}
+
 /// Starts the process that 31-attach attaches to, as if it had been started
 /// before the capture: a Run whose connection is closed at once (a detach).
 fn start_attach_target(harness: &Harness) {
@@ -425,6 +449,7 @@ fn transcripts_replay() {
 
     let mut substitutions = Substitutions::default();
     for name in SCENARIOS {
+        eprintln!("replaying {name}");
         match *name {
             "31-attach" => start_attach_target(&harness),
             "37-ping-service-unavailable" => harness.runtime.set_ping_error(Some(RuntimeError::Unavailable {
@@ -443,6 +468,15 @@ fn transcripts_replay() {
     expect_call("resize ");
     expect_call("132x43");
     expect_call("signal 8c0d4f2a-5e6b-4a7c-9d1e-0b2f3a4c5d6e 9");
+    expect_call("stream-in web-1 destination=/home/vcap/app user=vcap bytes=2048");
+    expect_call("stream-out web-1 source=/home/vcap/logs/ user=vcap");
+    let archives = harness.runtime.stream_in_archives();
+    let mut archive = tar::Archive::new(&archives[0][..]);
+    let mut entry = archive.entries().unwrap().next().unwrap().unwrap();
+    assert_eq!(&*entry.path_bytes(), b"hello.txt");
+    let mut contents = String::new();
+    entry.read_to_string(&mut contents).unwrap();
+    assert_eq!(contents, "hello from wirecap\n");
     expect_call("stop web-1 kill=false");
     expect_call("destroy web-1");
     assert_eq!(harness.runtime.containers(), vec!["worker-2".to_string()]);
