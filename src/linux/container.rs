@@ -156,7 +156,12 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
     fs::create_dir_all(container.container_dir.join(PROCESSES_DIR))
         .map_err(|error| RuntimeError::failed(format!("failed to create the processes directory: {error}")))?;
 
-    let init_config = InitConfig { root: prepared.root.clone(), hostname: users::hostname_for(&config.handle), privileged: container.privileged };
+    let init_config = InitConfig {
+        root: prepared.root.clone(),
+        hostname: users::hostname_for(&config.handle),
+        privileged: container.privileged,
+        bind_mounts: config.spec.bind_mounts.clone(),
+    };
     start_init(container, &init_config, config.id_mappings.as_ref())
 }
 

@@ -224,7 +224,7 @@ pub fn container_path(path: &str, user: &ExecUser) -> Vec<u8> {
 
 /// Removes empty and `.` components; keeps `..`, which resolution below
 /// the container root confines. The result starts with `/`.
-fn normalize(path: &[u8]) -> Vec<u8> {
+pub(super) fn normalize(path: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(path.len() + 1);
     for component in path.split(|byte| *byte == b'/').filter(|part| !part.is_empty() && *part != b".") {
         out.push(b'/');
@@ -263,7 +263,7 @@ fn join(base: &[u8], components: &[&[u8]]) -> Vec<u8> {
 
 /// Splits an absolute path into its parent and last component; `/` has an
 /// empty last component.
-fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
+pub(super) fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|byte| *byte == b'/') {
         Some(0) => (b"/", &path[1..]),
         Some(index) => (&path[..index], &path[index + 1..]),
@@ -283,24 +283,29 @@ fn check(result: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// The container's root directory, below which every path is resolved.
-struct Root {
+/// A root directory below which every path is resolved: the container's
+/// root in the helper, the prepared root filesystem in garden-init.
+pub(super) struct Root {
     fd: OwnedFd,
 }
 
 impl Root {
+    pub(super) fn from_fd(fd: OwnedFd) -> Root {
+        Root { fd }
+    }
+
     fn open() -> Result<Root, FilesError> {
         let fd = fs::File::open("/").map_err(|error| FilesError::path(b"/", error))?;
         Ok(Root { fd: fd.into() })
     }
 
-    fn open_path(&self, path: &[u8], flags: libc::c_int) -> io::Result<OwnedFd> {
+    pub(super) fn open_path(&self, path: &[u8], flags: libc::c_int) -> io::Result<OwnedFd> {
         syscalls::openat2_in_root(self.fd.as_fd(), path, flags, 0)
     }
 
     /// Opens the directory `path` (`O_PATH`), creating it and its missing
     /// parents with mode 0755 as the current user.
-    fn ensure_dir(&self, path: &[u8]) -> io::Result<OwnedFd> {
+    pub(super) fn ensure_dir(&self, path: &[u8]) -> io::Result<OwnedFd> {
         match self.open_path(path, libc::O_PATH | libc::O_DIRECTORY) {
             Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {
                 let (parent, name) = split_last(path);
@@ -325,7 +330,7 @@ fn mkdirat(parent: BorrowedFd<'_>, name: &[u8], mode: libc::mode_t) -> io::Resul
     check(unsafe { libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), mode) })
 }
 
-fn openat(parent: BorrowedFd<'_>, name: &[u8], flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+pub(super) fn openat(parent: BorrowedFd<'_>, name: &[u8], flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
     let name = cstring(name)?;
     // SAFETY: a valid C string and a directory fd; the new fd is owned here.
     let fd = unsafe { libc::openat(parent.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };

@@ -15,7 +15,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,9 @@ pub struct InitConfig {
     pub hostname: String,
     /// Privileged containers get no user namespace and no masked paths.
     pub privileged: bool,
+    /// The client's bind mounts, made in this order.
+    #[serde(default)]
+    pub bind_mounts: Vec<crate::api::BindMount>,
 }
 
 /// Character devices bound from the host into every container's `/dev`.
@@ -179,6 +182,7 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
         create_dir(&tmp)?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(|error| format!("failed to chmod /tmp: {error}"))?;
     }
+    bind_client_mounts(root, &config.bind_mounts)?;
     if !config.privileged {
         mask_paths(root)?;
         bind_cgroups(root)?;
@@ -269,6 +273,74 @@ fn mask_paths(root: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Binds the client's mounts in the order given: read-only unless the mode
+/// is 1, with the destination created below the root if missing.
+///
+/// Host paths still resolve here (the pivot comes later), so each
+/// destination is resolved with `openat2` below the root and the mount is
+/// made on the opened directory through `/proc/self/fd`: a symlink in the
+/// image cannot place the mount point, or a created directory, on the host.
+fn bind_client_mounts(root: &Path, mounts: &[crate::api::BindMount]) -> Result<(), String> {
+    if mounts.is_empty() {
+        return Ok(());
+    }
+    let root_dir = fs::File::open(root).map_err(|error| format!("failed to open {}: {error}", root.display()))?;
+    let root_fd = super::files::Root::from_fd(root_dir.into());
+    for bind_mount in mounts {
+        let source = Path::new(&bind_mount.src_path);
+        let source_is_dir = fs::metadata(source).map_err(|error| format!("bind mount source {}: {error}", source.display()))?.is_dir();
+        let destination = super::files::normalize(bind_mount.dst_path.as_bytes());
+        let shown = String::from_utf8_lossy(&destination).into_owned();
+        let failed = |error: std::io::Error| format!("failed to create bind mount destination {shown}: {error}");
+        let (parent_path, name) = super::files::split_last(&destination);
+        let target = if name.is_empty() {
+            root_fd.open_path(b"/", libc::O_PATH | libc::O_DIRECTORY).map_err(failed)?
+        } else {
+            let parent = root_fd.ensure_dir(parent_path).map_err(failed)?;
+            if source_is_dir {
+                root_fd.ensure_dir(&destination).map_err(failed)?
+            } else {
+                // A file is bound onto a file; an existing one is kept.
+                let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW;
+                drop(super::files::openat(parent.as_fd(), name, flags, 0o644).map_err(failed)?);
+                root_fd.open_path(&destination, libc::O_PATH | libc::O_NOFOLLOW).map_err(failed)?
+            }
+        };
+        let target_path = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
+        bind(source, &target_path, MsFlags::empty()).map_err(|error| format!("{error} (destination {shown})"))?;
+
+        if bind_mount.mode == 0 {
+            // Opened again, so the fd names the new mount rather than the
+            // directory under it.
+            let mounted = root_fd.open_path(&destination, libc::O_PATH).map_err(failed)?;
+            let mounted_path = PathBuf::from(format!("/proc/self/fd/{}", mounted.as_raw_fd()));
+            // Inside a user namespace a remount must keep the source's
+            // nodev, nosuid, noexec and atime flags, which the kernel locks.
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | locked_flags(source)?;
+            mount(None::<&str>, &mounted_path, None::<&str>, flags, None::<&str>)
+                .map_err(|error| format!("failed to make bind mount {shown} read-only: {error}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Returns the mount flags of the filesystem holding `path` that a bind
+/// remount must repeat.
+fn locked_flags(path: &Path) -> Result<MsFlags, String> {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let stats = statvfs(path).map_err(|error| format!("failed to stat the filesystem of {}: {error}", path.display()))?;
+    let table = [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ];
+    let flags = stats.flags();
+    Ok(table.iter().filter(|(fs_flag, _)| flags.contains(*fs_flag)).fold(MsFlags::empty(), |all, (_, ms_flag)| all | *ms_flag))
 }
 
 /// Binds this process's cgroup of each v1 hierarchy read-only at
