@@ -429,3 +429,104 @@ fn one_gib_streams_with_flat_memory() {
     assert!(peak_out < baseline + MAX_GROWTH_KIB, "RSS during stream out: {peak_out} KiB, baseline {baseline} KiB");
     sh(&server, &handle, "rm -rf /tmp/gib");
 }
+
+/// Sends `request` on a new connection to the server's socket and returns
+/// the status code and the body, de-chunked when chunked.
+fn raw_exchange(server: &TestServer, request: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).unwrap();
+    let head_end = received.windows(4).position(|window| window == b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+    let status = head[9..12].parse().unwrap();
+    let mut body = received[head_end..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut decoded = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let line_end = rest.windows(2).position(|window| window == b"\r\n").expect("a chunk size line");
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            decoded.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest = &rest[line_end + 2 + size + 2..];
+        }
+        body = decoded;
+    }
+    (status, body)
+}
+
+/// Returns the stream-in request the Go client sends: chunked, with its
+/// headers, in chunks of `chunk` bytes.
+fn go_stream_in_request(handle: &str, destination: &str, tar: &[u8], chunk: usize) -> Vec<u8> {
+    let destination: String = form_urlencoded::byte_serialize(destination.as_bytes()).collect();
+    let mut request = format!(
+        "PUT /containers/{handle}/files?destination={destination}&user= HTTP/1.1\r\nHost: api\r\nUser-Agent: Go-http-client/1.1\r\n\
+         Transfer-Encoding: chunked\r\nContent-Type: application/x-tar\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for piece in tar.chunks(chunk) {
+        request.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        request.extend_from_slice(piece);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    request
+}
+
+fn go_stream_out_request(handle: &str, source: &str) -> Vec<u8> {
+    let source: String = form_urlencoded::byte_serialize(source.as_bytes()).collect();
+    format!(
+        "GET /containers/{handle}/files?source={source}&user= HTTP/1.1\r\nHost: api\r\nUser-Agent: Go-http-client/1.1\r\n\
+         Accept-Encoding: gzip\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Checklist items 58 to 61 with the Go client's exact bytes.
+#[test]
+fn checklist_stream_in_and_out_raw() {
+    let Some(server) = TestServer::start("checklist_stream_in_and_out_raw") else { return };
+    let handle = server.create("checklist");
+    let tar = archive(&[Entry::File("a.txt", 0o644, b"checklist\n")]);
+
+    // 58: a chunked stream in returns 200 `{}`; a stream out shows the file.
+    let (status, body) = raw_exchange(&server, &go_stream_in_request(&handle, "/tmp/in", &tar, 0x800));
+    assert_eq!((status, String::from_utf8_lossy(&body).into_owned()), (200, "{}\n".to_string()));
+    // 59: one entry named after the file.
+    let (status, body) = raw_exchange(&server, &go_stream_out_request(&handle, "/tmp/in/a.txt"));
+    assert_eq!(status, 200);
+    assert_eq!(entries_of(&body), vec![("a.txt".to_string(), b'0', b"checklist\n".to_vec())]);
+    // 60: a trailing slash gives entries rooted at `./`.
+    let (status, body) = raw_exchange(&server, &go_stream_out_request(&handle, "/tmp/in/"));
+    assert_eq!(status, 200);
+    let names: Vec<String> = entries_of(&body).into_iter().map(|(name, _, _)| name).collect();
+    assert_eq!(names, vec!["./".to_string(), "./a.txt".to_string()]);
+    // 61: an unknown handle is a 404 ContainerNotFoundError both ways.
+    for request in [go_stream_in_request("no-such-handle", "/tmp", &tar, 0x800), go_stream_out_request("no-such-handle", "/tmp")] {
+        let (status, body) = raw_exchange(&server, &request);
+        assert_eq!(status, 404);
+        let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope["Type"], "ContainerNotFoundError");
+        assert_eq!(envelope["Handle"], "no-such-handle");
+    }
+}
+
+/// Checklist item 62: a 10 MiB file goes in and comes out byte for byte.
+#[test]
+fn checklist_ten_mib_round_trip() {
+    let Some(server) = TestServer::start("checklist_ten_mib_round_trip") else { return };
+    let handle = server.create("round-trip");
+    let data: Vec<u8> = (0..10u32 << 20).map(|index| (index.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let tar = archive(&[Entry::File("ten.bin", 0o640, &data)]);
+    stream_in(&server, &handle, "/tmp/round", "", &tar).expect("stream in");
+    let body = stream_out(&server, &handle, "/tmp/round/ten.bin", "").expect("stream out").expect("whole body");
+    let entries = entries_of(&body);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0, "ten.bin");
+    assert!(entries[0].2 == data, "contents differ after the round trip");
+}
