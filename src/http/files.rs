@@ -102,8 +102,8 @@ pub async fn stream_in(request: &HttpRequest, mut payload: web::Payload, state: 
     Ok(HttpResponse::Ok().content_type("application/json").body(api::encode(&serde_json::json!({}))))
 }
 
-/// Serves a stream out: errors known before the first byte get the error
-/// envelope; a failure later ends the body with an error, which aborts the
+/// Serves a stream out. Errors known before the first byte get the error
+/// envelope. A failure later ends the body with an error, which aborts the
 /// connection without the final chunk.
 pub async fn stream_out(request: &HttpRequest, state: &Arc<AppState>, handle: &str) -> Result<HttpResponse, ApiError> {
     let query = query_pairs(request.query_string());

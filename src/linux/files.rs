@@ -45,7 +45,7 @@ const COPY_CHUNK: usize = 128 * 1024;
 /// Name of the pseudo entry that carries a GNU long name or link name.
 const GNU_LONG_NAME: &[u8] = b"././@LongLink";
 
-/// Which way the files go.
+/// Direction of a helper run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Direction {
     /// Extract the archive on stdin into `path`.
@@ -352,7 +352,7 @@ fn remove_non_directory(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
         // unlink(2) reports EISDIR for a directory on Linux; an empty one
         // is replaced as tar does, a full one is an error.
         Err(error) if error.raw_os_error() == Some(libc::EISDIR) => {
-            // SAFETY: as above.
+            // SAFETY: a valid C string and a directory fd.
             check(unsafe { libc::unlinkat(parent.as_raw_fd(), cname.as_ptr(), libc::AT_REMOVEDIR) })
         }
         result => result,
@@ -799,13 +799,13 @@ pub(super) fn stream_in(executable: &std::path::Path, config: &FilesConfig, tar:
                 return Err(RuntimeError::failed(format!("error streaming in: failed to read the request body: {error}")));
             }
         };
-        // A closed pipe means the helper stopped early; its exit status and
-        // message say why.
+        // A closed pipe means the helper stopped early, and its exit status
+        // and message give the reason.
         if pipe.write_all(&buffer[..count]).is_err() {
             break;
         }
     }
-    // Closing stdin tells the helper the archive has ended.
+    // Closing stdin marks the end of the archive for the helper.
     drop(stdin);
     finish_helper(&mut child, String::new())
 }
@@ -838,8 +838,8 @@ pub(super) fn stream_out(executable: &std::path::Path, config: &FilesConfig) -> 
 }
 
 /// The archive of a running stream out. At the end of the archive it waits
-/// for the helper, so a failure after the first byte becomes a read error;
-/// dropped early, it kills the helper.
+/// for the helper, so a failure after the first byte becomes a read error.
+/// Dropped early, it kills the helper.
 struct ArchiveReader {
     child: Option<std::process::Child>,
     stdout: std::process::ChildStdout,

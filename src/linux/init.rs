@@ -278,10 +278,11 @@ fn mask_paths(root: &Path) -> Result<(), String> {
 /// Binds the client's mounts in the order given: read-only unless the mode
 /// is 1, with the destination created below the root if missing.
 ///
-/// Host paths still resolve here (the pivot comes later), so each
-/// destination is resolved with `openat2` below the root and the mount is
-/// made on the opened directory through `/proc/self/fd`: a symlink in the
-/// image cannot place the mount point, or a created directory, on the host.
+/// Host paths still resolve here because the pivot comes later. So each
+/// destination is resolved with `openat2` below the root, and the mount is
+/// made on the opened directory through `/proc/self/fd`. A symlink in the
+/// image therefore cannot put the mount point or a created directory on the
+/// host.
 fn bind_client_mounts(root: &Path, mounts: &[crate::api::BindMount]) -> Result<(), String> {
     if mounts.is_empty() {
         return Ok(());
@@ -292,8 +293,8 @@ fn bind_client_mounts(root: &Path, mounts: &[crate::api::BindMount]) -> Result<(
         let source = Path::new(&bind_mount.src_path);
         let source_is_dir = fs::metadata(source).map_err(|error| format!("bind mount source {}: {error}", source.display()))?.is_dir();
         let destination = super::files::normalize(bind_mount.dst_path.as_bytes());
-        let shown = String::from_utf8_lossy(&destination).into_owned();
-        let failed = |error: std::io::Error| format!("failed to create bind mount destination {shown}: {error}");
+        let destination_text = String::from_utf8_lossy(&destination).into_owned();
+        let failed = |error: std::io::Error| format!("failed to create bind mount destination {destination_text}: {error}");
         let (parent_path, name) = super::files::split_last(&destination);
         let target = if name.is_empty() {
             root_fd.open_path(b"/", libc::O_PATH | libc::O_DIRECTORY).map_err(failed)?
@@ -309,7 +310,7 @@ fn bind_client_mounts(root: &Path, mounts: &[crate::api::BindMount]) -> Result<(
             }
         };
         let target_path = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
-        bind(source, &target_path, MsFlags::empty()).map_err(|error| format!("{error} (destination {shown})"))?;
+        bind(source, &target_path, MsFlags::empty()).map_err(|error| format!("{error} (destination {destination_text})"))?;
 
         if bind_mount.mode == 0 {
             // Opened again, so the fd names the new mount rather than the
@@ -320,7 +321,7 @@ fn bind_client_mounts(root: &Path, mounts: &[crate::api::BindMount]) -> Result<(
             // nodev, nosuid, noexec and atime flags, which the kernel locks.
             let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | locked_flags(source)?;
             mount(None::<&str>, &mounted_path, None::<&str>, flags, None::<&str>)
-                .map_err(|error| format!("failed to make bind mount {shown} read-only: {error}"))?;
+                .map_err(|error| format!("failed to make bind mount {destination_text} read-only: {error}"))?;
         }
     }
     Ok(())

@@ -144,7 +144,7 @@ pub fn openat2_in_root(dirfd: BorrowedFd<'_>, path: &[u8], flags: libc::c_int, m
             libc::syscall(libc::SYS_openat2, dirfd.as_raw_fd(), path.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
         };
         match check(result) {
-            // EAGAIN means a rename raced the lookup; the kernel asks for a retry.
+            // EAGAIN means a rename raced the lookup, and openat2(2) documents a retry.
             Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => continue,
             Err(error) => return Err(error),
             // SAFETY: the fd was just returned by the kernel and has no other owner.

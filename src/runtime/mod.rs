@@ -146,8 +146,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// stop early when extraction fails.
     fn stream_in(&self, destination: &str, user: &str, tar: &mut dyn std::io::Read) -> Result<(), RuntimeError>;
 
-    /// Starts a tar archive of `source` inside the container as `user`
-    /// sees it, named as Garden names it (contents rooted at `./` when the
+    /// Starts a tar archive of `source` inside the container, with the
+    /// permissions of `user`, named as Garden names it (contents rooted at `./` when the
     /// source ends in `/`). Fails before returning when the source is
     /// missing or unreadable. A read error from the returned reader means
     /// the archive could not be finished; dropping the reader stops the
