@@ -530,3 +530,48 @@ fn checklist_ten_mib_round_trip() {
     assert_eq!(entries[0].0, "ten.bin");
     assert!(entries[0].2 == data, "contents differ after the round trip");
 }
+
+/// Returns a PAX extended header entry carrying `records`.
+fn pax_header(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (key, value) in records {
+        // The length counts the whole record, its own digits included.
+        let rest = key.len() + value.len() + 3;
+        let mut length = rest + 1;
+        while length.to_string().len() + rest != length {
+            length += 1;
+        }
+        data.extend_from_slice(format!("{length} {key}=").as_bytes());
+        data.extend_from_slice(value);
+        data.push(b'\n');
+    }
+    let mut header = tar::Header::new_ustar();
+    header.set_path("PaxHeader").unwrap();
+    header.set_entry_type(tar::EntryType::XHeader);
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut bytes = header.as_bytes().to_vec();
+    bytes.extend_from_slice(&data);
+    bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+    bytes
+}
+
+#[test]
+fn stream_in_keeps_extended_attributes() {
+    let Some(server) = TestServer::start("stream_in_keeps_extended_attributes") else { return };
+    let handle = server.create("files-xattr");
+    let mut tar = pax_header(&[("SCHILY.xattr.user.trellis", b"kept")]);
+    tar.extend_from_slice(&archive(&[Entry::File("tagged", 0o644, b"x")]));
+    stream_in(&server, &handle, "/tmp/xattr", "vcap", &tar).expect("stream in with an xattr");
+
+    // The server runs in the host's mount namespace, so the container's
+    // merged root filesystem is visible from the test.
+    let path = server.depot.join(&handle).join("rootfs/tmp/xattr/tagged");
+    let path = std::ffi::CString::new(path.display().to_string()).unwrap();
+    let mut value = [0u8; 64];
+    // SAFETY: valid C strings and a buffer with its length.
+    let length = unsafe { libc::getxattr(path.as_ptr(), c"user.trellis".as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+    assert!(length >= 0, "getxattr failed: {}", std::io::Error::last_os_error());
+    assert_eq!(&value[..length as usize], b"kept");
+}
