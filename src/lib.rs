@@ -13,7 +13,8 @@
 //! - [`runtime`]: the boundary between actors and kernel work, its stdio
 //!   framing, and the in-memory runtime for tests.
 //! - [`linux`]: the Linux runtime: namespaces, garden-init, the process shim,
-//!   root filesystems and mounts, cgroups, users.
+//!   the tar helper of stream in and out, root filesystems and mounts,
+//!   cgroups, users.
 //! - [`cli`]: the `trellis` subcommands.
 //! - [`config`]: the server configuration file and flags.
 //!

@@ -6,7 +6,8 @@
 //! ([`demux`]): it reads the first request head, serves a process route on
 //! the socket itself ([`hijack`]), and hands any other connection, with the
 //! bytes already read, to actix-http's HTTP/1 service running the actix-web
-//! app of [`routes`].
+//! app of [`routes`]. The two tar routes, stream in and stream out, live in
+//! [`files`].
 
 pub mod debug;
 pub mod demux;
