@@ -154,6 +154,12 @@ fn stream_in_relative_root_and_errors() {
     stream_in(&server, &handle, "/", "", &tar).expect("stream in to /");
     assert_eq!(sh(&server, &handle, "cat /hello.txt"), "hello\n");
 
+    // A `./` entry into a directory the user can write but does not own
+    // leaves that directory's mode alone.
+    let dotted = archive(&[Entry::Dir("./", 0o700), Entry::File("./dotted", 0o644, b"x")]);
+    stream_in(&server, &handle, "/tmp", "alice", &dotted).expect("./ entry into /tmp as alice");
+    assert_eq!(sh(&server, &handle, "stat -c '%a %u' /tmp /tmp/dotted"), "1777 0\n644 1001\n");
+
     let unknown = stream_in(&server, &handle, "/tmp", "nosuchuser", &tar).expect_err("unknown user");
     assert!(unknown.to_string().contains("error streaming in"), "{unknown}");
     let denied = stream_in(&server, &handle, "/home/alice/from-bob", "bob", &tar).expect_err("bob into alice's home");

@@ -105,7 +105,7 @@ pub async fn stream_in(request: &HttpRequest, mut payload: web::Payload, state: 
 /// Serves a stream out. Errors known before the first byte get the error
 /// envelope. A failure later ends the body with an error, which aborts the
 /// connection without the final chunk.
-pub async fn stream_out(request: &HttpRequest, state: &Arc<AppState>, handle: &str) -> Result<HttpResponse, ApiError> {
+pub async fn stream_out(request: &HttpRequest, state: &Arc<AppState>, handle: &str, logger: &slog::Logger) -> Result<HttpResponse, ApiError> {
     let query = query_pairs(request.query_string());
     let source = query_value(&query, "source");
     let user = query_value(&query, "user");
@@ -114,6 +114,7 @@ pub async fn stream_out(request: &HttpRequest, state: &Arc<AppState>, handle: &s
     let mut archive = blocking(move || runtime.stream_out(&source, &user)).await?;
 
     let (sender, receiver) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_CHUNKS);
+    let logger = logger.clone();
     tokio::task::spawn_blocking(move || loop {
         let mut buffer = BytesMut::zeroed(READ_CHUNK);
         let item = match archive.read(&mut buffer) {
@@ -123,7 +124,11 @@ pub async fn stream_out(request: &HttpRequest, state: &Arc<AppState>, handle: &s
                 Ok(buffer.freeze())
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => Err(error),
+            Err(error) => {
+                // The 200 head has gone out, so this is the only report.
+                slog::warn!(logger, "stream out aborted"; "error" => %error);
+                Err(error)
+            }
         };
         let failed = item.is_err();
         // A closed channel means the client went away; dropping the

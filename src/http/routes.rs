@@ -133,7 +133,7 @@ async fn serve(
     payload: web::Payload,
     state: &Arc<AppState>,
     found: &RouteMatch,
-    _logger: &Logger,
+    logger: &Logger,
 ) -> Result<HttpResponse, ApiError> {
     let handle = found.param("handle");
     match found.route {
@@ -225,7 +225,7 @@ async fn serve(
             Err(ApiError::HijackNotFirst { route: found.route.name() })
         }
         Route::StreamIn => super::files::stream_in(request, payload, state, handle).await,
-        Route::StreamOut => super::files::stream_out(request, state, handle).await,
+        Route::StreamOut => super::files::stream_out(request, state, handle, logger).await,
         Route::BulkInfo | Route::BulkMetrics => Err(ApiError::NotImplemented { route: found.route.name() }),
         _ => {
             // TODO: limits, net-in/out, grace time and

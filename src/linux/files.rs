@@ -385,6 +385,8 @@ struct DeferredDir {
     path: Vec<u8>,
     mode: u32,
     mtime: u64,
+    /// The destination itself, from a `./` entry.
+    is_destination: bool,
 }
 
 /// Extracts the archive read from `input` into `destination`, which is
@@ -406,8 +408,14 @@ fn extract(root: &Root, destination: &[u8], input: impl Read) -> Result<(), File
         let fd = root
             .open_path(&dir.path, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .map_err(|error| FilesError::path(&dir.path, error))?;
-        set_fd_mode(fd.as_fd(), dir.mode).map_err(|error| FilesError::path(&dir.path, error))?;
-        set_fd_times(fd.as_fd(), dir.mtime).map_err(|error| FilesError::path(&dir.path, error))?;
+        let applied = set_fd_mode(fd.as_fd(), dir.mode).and_then(|()| set_fd_times(fd.as_fd(), dir.mtime));
+        match applied {
+            // An archive made with a trailing slash starts with `./`. A user
+            // may extract it into a directory they can write but do not own
+            // (such as /tmp), whose mode and mtime stay as they are.
+            Err(error) if dir.is_destination && error.raw_os_error() == Some(libc::EPERM) => {}
+            result => result.map_err(|error| FilesError::path(&dir.path, error))?,
+        }
     }
     // The end-of-archive blocks and any padding after them are read, so the
     // server never writes into a closed pipe after a good archive.
@@ -426,7 +434,7 @@ fn extract_entry<R: Read>(root: &Root, destination: &[u8], entry: &mut tar::Entr
         if !kind.is_dir() {
             return Err(FilesError::ReplaceDestination { name: display(&name) });
         }
-        deferred.push(DeferredDir { path, mode, mtime });
+        deferred.push(DeferredDir { path, mode, mtime, is_destination: true });
         return Ok(());
     }
     let (parent_path, file_name) = split_last(&path);
@@ -446,7 +454,7 @@ fn extract_entry<R: Read>(root: &Root, destination: &[u8], entry: &mut tar::Entr
                 }
                 result => result.map_err(failed)?,
             }
-            deferred.push(DeferredDir { path, mode, mtime });
+            deferred.push(DeferredDir { path, mode, mtime, is_destination: false });
         }
         tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
             remove_non_directory(parent, file_name).map_err(failed)?;
