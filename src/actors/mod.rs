@@ -42,10 +42,6 @@ pub enum ContainerError {
     MaxContainersReached,
     #[error("Cannot provide both Image.URI and RootFSPath")]
     BothImageAndRootfs,
-    /// SPEC: guardian's text for a missing bind mount source is not known;
-    /// this one follows the `stat` error its runtime reports.
-    #[error("bind mount source {path}: stat {path}: {reason}")]
-    BindMountSource { path: String, reason: String },
     #[error("container already being destroyed")]
     AlreadyDestroying { handle: String },
     #[error("container is stopped")]

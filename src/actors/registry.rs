@@ -68,21 +68,6 @@ impl Actor for Registry {
     type Context = Context<Self>;
 }
 
-/// Checks that every bind mount source exists, before create has side
-/// effects. A `stat` per mount is cheap enough for the actor thread.
-fn check_bind_mount_sources(mounts: &[crate::api::BindMount]) -> Result<(), ContainerError> {
-    for mount in mounts {
-        if let Err(error) = std::fs::metadata(&mount.src_path) {
-            let reason = match error.kind() {
-                std::io::ErrorKind::NotFound => "no such file or directory".to_string(),
-                _ => error.to_string(),
-            };
-            return Err(ContainerError::BindMountSource { path: mount.src_path.clone(), reason });
-        }
-    }
-    Ok(())
-}
-
 /// Checks a client-chosen handle: 1 to 255 bytes of `A-Z a-z 0-9 _ . + -`,
 /// and not `.` or `..`. The handle names the container's state directory, and
 /// the bulk routes split handle lists on commas.
@@ -123,7 +108,7 @@ impl Handler<CreateContainer> for Registry {
             if !spec.image.uri.is_empty() && !spec.rootfs.is_empty() {
                 return Err(ContainerError::BothImageAndRootfs);
             }
-            check_bind_mount_sources(&spec.bind_mounts)?;
+            self.runtime.check_spec(&spec)?;
             if self.settings.max_containers > 0 && self.entries.len() as u64 >= self.settings.max_containers {
                 return Err(ContainerError::MaxContainersReached);
             }

@@ -138,6 +138,23 @@ impl Runtime for LinuxRuntime {
         })
     }
 
+    /// Checks that every bind mount source exists; a `stat` per mount.
+    fn check_spec(&self, spec: &crate::api::ContainerSpec) -> Result<(), RuntimeError> {
+        for mount in &spec.bind_mounts {
+            if let Err(error) = std::fs::metadata(&mount.src_path) {
+                let reason = match error.kind() {
+                    std::io::ErrorKind::NotFound => "no such file or directory".to_string(),
+                    _ => error.to_string(),
+                };
+                // SPEC: guardian's text for a missing source is not known;
+                // this one follows the `stat` error its runtime reports.
+                let path = &mount.src_path;
+                return Err(RuntimeError::invalid(format!("bind mount source {path}: stat {path}: {reason}")));
+            }
+        }
+        Ok(())
+    }
+
     fn create(&self, config: &ContainerConfig) -> Result<Arc<dyn ContainerRuntime>, RuntimeError> {
         let container = container::create(self, config)?;
         Ok(Arc::new(container))

@@ -116,6 +116,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// `max_containers` itself.
     fn capacity(&self) -> Result<Capacity, RuntimeError>;
 
+    /// Checks what the runtime can check about a spec without side effects
+    /// (such as bind mount sources), before create takes any step. Must be
+    /// cheap: the registry calls it on its actor thread.
+    fn check_spec(&self, _spec: &ContainerSpec) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     /// Creates a container and starts its init process. On failure every
     /// step taken is undone before the error is returned.
     fn create(&self, config: &ContainerConfig) -> Result<Arc<dyn ContainerRuntime>, RuntimeError>;
