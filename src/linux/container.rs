@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::cgroup::{CgroupError, ContainerCgroup};
 use super::init::InitConfig;
 use super::rootfs::{self, ContainerRootfs, RootfsError};
-use super::shim::ShimConfig;
+use super::shim::{self, ShimConfig};
 use super::{syscalls, users, LinuxRuntime};
 use crate::api::ProcessSpec;
 use crate::runtime::stdio::{ShimFrame, StartFailure};
@@ -368,9 +368,12 @@ impl ContainerRuntime for LinuxContainer {
         if init_pid == 0 {
             return Err(RuntimeError::failed("container has no init process (destroyed)"));
         }
-        if !spec.image.uri.is_empty() || !spec.bind_mounts.is_empty() {
+        if spec.image.uri.is_empty() && !spec.bind_mounts.is_empty() {
+            return Err(RuntimeError::invalid("Running a process with bind mounts and no image provided is not allowed"));
+        }
+        if !spec.image.uri.is_empty() {
             // TODO: processes with their own image and bind mounts.
-            return Err(RuntimeError::invalid("processes with their own image or bind mounts are not supported yet"));
+            return Err(RuntimeError::invalid("processes with their own image are not supported yet"));
         }
         let process_dir = self.process_dir()?;
         fs::write(process_dir.join("id"), process_id).map_err(|error| RuntimeError::failed(format!("failed to record process id: {error}")))?;
@@ -382,20 +385,27 @@ impl ContainerRuntime for LinuxContainer {
             exit_status_path: process_dir.join("exit-status"),
             spec: spec.clone(),
         };
-        let argument = serde_json::to_string(&config).map_err(|error| RuntimeError::failed(error.to_string()))?;
         let (mut server_end, shim_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
         let log_path = process_dir.join("shim.log");
         let log = fs::File::create(&log_path).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", log_path.display())))?;
         let mut first = Command::new(&self.executable)
             .arg(super::SHIM_COMMAND)
-            .arg(argument)
             .stdin(Stdio::from(OwnedFd::from(shim_end)))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
             .map_err(|error| RuntimeError::failed(format!("failed to start the shim {}: {error}", self.executable.display())))?;
+        // The configuration goes through the socket, never argv: it holds
+        // the environment, which may carry secrets.
+        server_end.set_write_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
+        let written = shim::write_config(&mut server_end, &config);
         // The first shim process forks the real shim and exits at once.
         let _ = first.wait();
+        written.map_err(|error| {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            RuntimeError::failed(format!("failed to send the configuration to the shim: {error} {}", log.trim()))
+        })?;
+        server_end.set_write_timeout(None).map_err(|error| RuntimeError::failed(error.to_string()))?;
 
         server_end.set_read_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
         let frame = read_one_frame(&mut server_end).map_err(|error| {

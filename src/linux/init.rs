@@ -189,9 +189,25 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
     set_loopback_up();
 
     nix::sys::prctl::set_name(c"garden-init").map_err(|error| format!("failed to set the task name: {error}"))?;
-    // NOTE: the capability sets of pid 1 are not reduced yet; they stay the
-    // full set of the container's user namespace.
+    if !config.privileged {
+        confine_init()?;
+    }
     Ok(())
+}
+
+/// Gives pid 1 of an unprivileged container the seccomp filter of its
+/// processes and the unprivileged capability mask in all four sets.
+fn confine_init() -> Result<(), String> {
+    use super::security;
+    let describe = |error: security::SecurityError| super::error_chain(&error);
+    // Installing a filter without no_new_privs needs CAP_SYS_ADMIN, which
+    // the capability change below removes, so the filter comes first. It
+    // allows capset and prctl.
+    let filters = security::build_filters().map_err(describe)?;
+    security::install_filters(&filters).map_err(describe)?;
+    let caps = security::UNPRIVILEGED_CAPS & security::read_bounding();
+    security::restrict_bounding(caps).map_err(describe)?;
+    security::write_caps(security::CapSets { inheritable: caps, permitted: caps, effective: caps }).map_err(describe)
 }
 
 fn mount_proc_and_sys(root: &Path) -> Result<(), String> {

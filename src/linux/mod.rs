@@ -7,6 +7,7 @@
 //! - [`init`]: garden-init, pid 1 of each container.
 //! - [`shim`] and [`exec`]: the process shim and the child it forks.
 //! - [`rootfs`]: image choice, idmapped lower layer, overlay.
+//! - [`security`]: capability sets and the seccomp filter.
 //! - [`cgroup`]: per-container cgroups on v1 and v2.
 //! - [`users`]: user resolution and process environment.
 //! - [`syscalls`]: system calls nix does not wrap.
@@ -16,6 +17,7 @@ pub mod container;
 pub mod exec;
 pub mod init;
 pub mod rootfs;
+pub mod security;
 pub mod shim;
 pub mod syscalls;
 pub mod users;
