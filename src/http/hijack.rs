@@ -191,7 +191,8 @@ where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(io);
-    let StreamHandle { process_id, stream_id, shim, mut exit, mut liveness } = stream;
+    let StreamHandle { process_id, stream_id, shim, tty, stdin_closed, mut exit, mut liveness } = stream;
+    let process_input = ProcessInput { shim: &shim, tty, stdin_closed: &stdin_closed };
     let handshake = ProcessPayload { process_id: process_id.clone(), stream_id: stream_id.clone(), ..ProcessPayload::default() };
     let mut head = process_head(status_line).into_bytes();
     head.extend_from_slice(&api::encode(&handshake));
@@ -201,7 +202,7 @@ where
     }
 
     let outcome = loop {
-        forward_messages(&mut input, &shim, logger).await;
+        forward_messages(&mut input, &process_input, logger).await;
         tokio::select! {
             read = reader.read_buf(&mut input) => match read {
                 Ok(0) | Err(_) => {
@@ -251,8 +252,21 @@ where
     "process exited"
 }
 
+/// Where a process connection's messages go, and what decides whether one
+/// is ignored.
+struct ProcessInput<'a> {
+    shim: &'a tokio::sync::mpsc::Sender<ServerFrame>,
+    tty: bool,
+    stdin_closed: &'a std::sync::atomic::AtomicBool,
+}
+
 /// Decodes every complete message in `input` and forwards it to the shim.
-async fn forward_messages(input: &mut BytesMut, shim: &tokio::sync::mpsc::Sender<ServerFrame>, logger: &Logger) {
+/// Messages that cannot act on the process (an unknown signal, stdin after
+/// close, a resize without a TTY) are logged and ignored; the connection
+/// keeps working.
+async fn forward_messages(input: &mut BytesMut, process: &ProcessInput<'_>, logger: &Logger) {
+    use std::sync::atomic::Ordering;
+    let shim = process.shim;
     loop {
         let (value, used) = match api::parse_stream_value(input) {
             Ok(Some(parsed)) => parsed,
@@ -273,26 +287,37 @@ async fn forward_messages(input: &mut BytesMut, shim: &tokio::sync::mpsc::Sender
         };
         let frame = if let Some(tty) = payload.tty {
             match tty.window_size {
+                Some(_) if !process.tty => {
+                    warn!(logger, "resize ignored: the process has no tty");
+                    continue;
+                }
                 Some(size) => ServerFrame::Resize { columns: size.columns, rows: size.rows },
                 None => continue,
             }
         } else if payload.source.is_some() {
+            if process.stdin_closed.load(Ordering::SeqCst) {
+                warn!(logger, "stdin ignored: the process's stdin was already closed"; "close" => payload.data.is_none());
+                continue;
+            }
             match payload.data {
                 Some(data) if data.is_empty() => continue,
                 Some(data) => ServerFrame::Stdin(data.into_bytes().into()),
-                None => ServerFrame::CloseStdin,
+                None => {
+                    process.stdin_closed.store(true, Ordering::SeqCst);
+                    ServerFrame::CloseStdin
+                }
             }
         } else if let Some(signal) = payload.signal {
             match signal {
                 SIGNAL_TERMINATE => ServerFrame::Signal { signal: libc::SIGTERM },
                 SIGNAL_KILL => ServerFrame::Signal { signal: libc::SIGKILL },
                 other => {
-                    info!(logger, "unknown signal ignored"; "signal" => other);
+                    warn!(logger, "unknown signal ignored"; "signal" => other);
                     continue;
                 }
             }
         } else {
-            info!(logger, "unknown message on process connection ignored");
+            warn!(logger, "unknown message on process connection ignored");
             continue;
         };
         debug!(logger, "forwarding to process"; "frame" => frame_name(&frame));
