@@ -75,6 +75,10 @@ pub struct Config {
     pub uid_map_length: Option<u32>,
     pub gid_map_start: u32,
     pub gid_map_length: Option<u32>,
+    /// Forget a finished process (its record, id and state directory) once
+    /// its exit status was sent to a client, as gdn's
+    /// `--cleanup-process-dirs-on-wait` does. Off: kept until destroy.
+    pub cleanup_process_dirs_on_wait: bool,
 }
 
 impl Default for Config {
@@ -99,6 +103,7 @@ impl Default for Config {
             uid_map_length: None,
             gid_map_start: 1,
             gid_map_length: None,
+            cleanup_process_dirs_on_wait: false,
         }
     }
 }
@@ -124,6 +129,7 @@ pub const KEYS: &[&str] = &[
     "uid-map-length",
     "gid-map-start",
     "gid-map-length",
+    "cleanup-process-dirs-on-wait",
 ];
 
 impl Config {
@@ -145,6 +151,7 @@ impl Config {
             let text = match value {
                 toml::Value::String(text) => text.clone(),
                 toml::Value::Integer(number) => number.to_string(),
+                toml::Value::Boolean(flag) => flag.to_string(),
                 other => {
                     if !KEYS.contains(&key.as_str()) {
                         return Err(ConfigError::UnknownKey { source_name, key: key.clone() });
@@ -196,6 +203,13 @@ impl Config {
             "uid-map-length" => self.uid_map_length = Some(parse_number(text).map_err(invalid)?),
             "gid-map-start" => self.gid_map_start = parse_number(text).map_err(invalid)?,
             "gid-map-length" => self.gid_map_length = Some(parse_number(text).map_err(invalid)?),
+            "cleanup-process-dirs-on-wait" => {
+                self.cleanup_process_dirs_on_wait = match text {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(invalid(format!("`{text}` is not one of true, false"))),
+                }
+            }
             _ => return Err(ConfigError::UnknownKey { source_name: source_name.to_string(), key: key.to_string() }),
         }
         Ok(())

@@ -413,3 +413,41 @@ fn finished_processes_cost_little() {
     // Each finished process once held the shim socket; none may stay open.
     assert!(fds_after < fds_before + 10, "server fds grew from {fds_before} to {fds_after} over {RUNS} finished processes");
 }
+
+#[test]
+fn cleanup_on_wait_forgets_process() {
+    let options = support::ServerOptions {
+        extra_config: vec!["cleanup-process-dirs-on-wait = true".into()],
+        ..support::ServerOptions::default()
+    };
+    let Some(server) = TestServer::start_with("cleanup_on_wait_forgets_process", options) else { return };
+    let handle = server.create("cleanup");
+    let spec = ProcessSpec { id: format!("{}-reused", server.name), ..command_spec("sh", &["-c", "echo once; exit 6"]) };
+    let first = server.run(&handle, &spec, None).expect("first run");
+    assert_eq!((first.status, first.stdout_text().as_str()), (6, "once\n"));
+
+    // Once the exit status was delivered the id is free, Attach no longer
+    // finds the process, and its state directory is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match server.block_on(server.client.attach(&handle, &spec.id, ProcessIo::default())) {
+            Err(ClientError::ProcessNotFound { process_id }) => {
+                assert_eq!(process_id, spec.id);
+                break;
+            }
+            other => {
+                assert!(Instant::now() < deadline, "the finished process is still attachable: {:?}", other.map(|process| process.id().to_string()));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let processes_dir = server.depot.join(&handle).join("processes");
+    assert!(processes_dir.is_dir(), "no process state directory at {}", processes_dir.display());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&processes_dir).map(|entries| entries.count()).unwrap_or(0) > 0 {
+        assert!(Instant::now() < deadline, "process state directories remain in {}", processes_dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = server.run(&handle, &spec, None).expect("reusing the id");
+    assert_eq!(second.status, 6);
+}

@@ -79,6 +79,10 @@ pub struct ServerArgs {
     /// Number of gids mapped one to one (default: up to 4294967293).
     #[arg(long, value_name = "COUNT")]
     pub gid_map_length: Option<String>,
+    /// Forget a finished process, its id and its state directory once its
+    /// exit status was sent to a client (default false: kept until destroy).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub cleanup_process_dirs_on_wait: Option<String>,
     /// Container runtime: `linux`, or `memory` (processes are scripted
     /// stand-ins; only for testing the server itself).
     #[arg(long, value_name = "RUNTIME", default_value = "linux", hide = true)]
@@ -87,7 +91,7 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     fn overrides(&self) -> Vec<(&'static str, &String)> {
-        let pairs: [(&'static str, &Option<String>); 19] = [
+        let pairs: [(&'static str, &Option<String>); 20] = [
             ("bind-ip", &self.bind_ip),
             ("bind-port", &self.bind_port),
             ("bind-socket", &self.bind_socket),
@@ -107,6 +111,7 @@ impl ServerArgs {
             ("uid-map-length", &self.uid_map_length),
             ("gid-map-start", &self.gid_map_start),
             ("gid-map-length", &self.gid_map_length),
+            ("cleanup-process-dirs-on-wait", &self.cleanup_process_dirs_on_wait),
         ];
         pairs.into_iter().filter_map(|(key, value)| value.as_ref().map(|value| (key, value))).collect()
     }

@@ -21,7 +21,7 @@ use super::demux::{RequestHead, HEAD_TIMEOUT};
 use super::error::ApiError;
 use super::router::{Route, RouteMatch};
 use super::{AppState, PauseGuard};
-use crate::actors::container::{FindProcess, RunProcess};
+use crate::actors::container::{FindProcess, ForgetProcess, RunProcess};
 use crate::actors::process::{AttachOutput, CloseStream, ExitOutcome, OpenStream, OutputKind, Process, StreamHandle};
 use crate::actors::registry::LookupContainer;
 use crate::actors::{Container, ContainerError};
@@ -99,7 +99,7 @@ where
         buffer.advance(head.head_len);
         let body = buffer.split_to(body_len);
         let handle = found.param("handle");
-        let (process, pause) = if found.route == Route::Run {
+        let (container, process, pause) = if found.route == Route::Run {
             // Like the Go server, the body is decoded before the lookup.
             let spec: ProcessSpec = api::decode(&body)?;
             let container = lookup(&state, handle).await?;
@@ -108,7 +108,7 @@ where
                 .send(RunProcess { spec })
                 .await
                 .map_err(|_| ContainerError::Mailbox { operation: "starting the process" })??;
-            (process, pause)
+            (container, process, pause)
         } else {
             let container = lookup(&state, handle).await?;
             let pause = PauseGuard::new(&state, handle);
@@ -116,19 +116,19 @@ where
                 .send(FindProcess { process_id: found.param("pid").to_string() })
                 .await
                 .map_err(|_| ContainerError::Mailbox { operation: "finding the process" })??;
-            (process, pause)
+            (container, process, pause)
         };
         let stream_id = state.stream_ids.next();
         let stream = process
             .send(OpenStream { stream_id })
             .await
             .map_err(|_| ContainerError::Mailbox { operation: "opening the process stream" })?;
-        Ok((process, stream, pause))
+        Ok((container, process, stream, pause))
     }
     .await;
 
     // The grace timer stays paused until the process connection ends.
-    let (process, stream, _pause) = match opened {
+    let (container, process, stream, _pause) = match opened {
         Ok(opened) => opened,
         Err(error) => {
             let status = error.to_envelope().0;
@@ -144,7 +144,11 @@ where
     };
     let logger = logger.new(o!("process_id" => stream.process_id.clone(), "stream_id" => stream.stream_id.clone()));
     let status_line = if found.route == Route::Run { "201 Created" } else { "200 OK" };
+    let process_id = stream.process_id.clone();
     let end = run_process_connection(io, buffer, process, stream, status_line, &state, &logger).await;
+    if end == EXIT_SENT && state.cleanup_process_dirs_on_wait {
+        container.do_send(ForgetProcess { process_id });
+    }
     info!(logger, "finished"; "status" => status_line, "end" => end, "duration_ms" => started.elapsed().as_secs_f64() * 1000.0);
 }
 
@@ -249,8 +253,11 @@ where
     };
     let _ = writer.write_all(&api::encode(&message)).await;
     let _ = writer.shutdown().await;
-    "process exited"
+    EXIT_SENT
 }
+
+/// How [`run_process_connection`] reports that it sent the exit message.
+const EXIT_SENT: &str = "process exited";
 
 /// Where a process connection's messages go, and what decides whether one
 /// is ignored.

@@ -470,6 +470,25 @@ impl ContainerRuntime for LinuxContainer {
         self.teardown(true)
     }
 
+    fn forget_process(&self, process_id: &str) -> Result<(), RuntimeError> {
+        let processes = self.container_dir.join(PROCESSES_DIR);
+        let entries = match fs::read_dir(&processes) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(RuntimeError::failed(format!("failed to list {}: {error}", processes.display()))),
+        };
+        // Directories are numbered, because ids may contain any character;
+        // each records its id in a file.
+        for entry in entries.flatten() {
+            let recorded = fs::read_to_string(entry.path().join("id")).unwrap_or_default();
+            if recorded == process_id {
+                return remove_dir_retrying(&entry.path())
+                    .map_err(|error| RuntimeError::failed(format!("failed to remove {}: {error}", entry.path().display())));
+            }
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "handle": self.handle,
