@@ -79,6 +79,9 @@ pub struct Config {
     /// its exit status was sent to a client, as gdn's
     /// `--cleanup-process-dirs-on-wait` does. Off: kept until destroy.
     pub cleanup_process_dirs_on_wait: bool,
+    /// Set no_new_privs on the processes of unprivileged containers and
+    /// give their network namespace `net.ipv4.ping_group_range` = `1 65535`.
+    pub no_new_privileges: bool,
 }
 
 impl Default for Config {
@@ -104,6 +107,7 @@ impl Default for Config {
             gid_map_start: 1,
             gid_map_length: None,
             cleanup_process_dirs_on_wait: false,
+            no_new_privileges: false,
         }
     }
 }
@@ -130,6 +134,7 @@ pub const KEYS: &[&str] = &[
     "gid-map-start",
     "gid-map-length",
     "cleanup-process-dirs-on-wait",
+    "no-new-privileges",
 ];
 
 impl Config {
@@ -203,13 +208,8 @@ impl Config {
             "uid-map-length" => self.uid_map_length = Some(parse_number(text).map_err(invalid)?),
             "gid-map-start" => self.gid_map_start = parse_number(text).map_err(invalid)?,
             "gid-map-length" => self.gid_map_length = Some(parse_number(text).map_err(invalid)?),
-            "cleanup-process-dirs-on-wait" => {
-                self.cleanup_process_dirs_on_wait = match text {
-                    "true" => true,
-                    "false" => false,
-                    _ => return Err(invalid(format!("`{text}` is not one of true, false"))),
-                }
-            }
+            "cleanup-process-dirs-on-wait" => self.cleanup_process_dirs_on_wait = parse_bool(text).map_err(invalid)?,
+            "no-new-privileges" => self.no_new_privileges = parse_bool(text).map_err(invalid)?,
             _ => return Err(ConfigError::UnknownKey { source_name: source_name.to_string(), key: key.to_string() }),
         }
         Ok(())
@@ -261,6 +261,14 @@ impl Config {
 
 fn parse_ip(text: &str) -> Result<IpAddr, String> {
     text.parse().map_err(|_| format!("`{text}` is not an IP address"))
+}
+
+fn parse_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("`{text}` is not one of true, false")),
+    }
 }
 
 fn parse_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {

@@ -187,3 +187,28 @@ fn shim_argv_holds_no_spec() {
     server.block_on(process.signal(trellis::client::Signal::Kill)).expect("sending kill");
     assert_eq!(server.block_on(process.wait()).expect("waiting"), 137);
 }
+
+#[test]
+fn no_new_privileges_option() {
+    let Some(plain) = TestServer::start("no_new_privileges_option_off") else { return };
+    let handle = plain.create("nnpoff");
+    let status = status_as(&plain, &handle, "", "/proc/self/status");
+    assert_eq!(status_field(&status, "NoNewPrivs"), "0", "no_new_privs is set by default");
+    drop(plain);
+
+    let options = support::ServerOptions { extra_config: vec!["no-new-privileges = true".into()], ..support::ServerOptions::default() };
+    let Some(server) = TestServer::start_with("no_new_privileges_option_on", options) else { return };
+    let handle = server.create("nnpon");
+    for user in ["", "alice"] {
+        let status = status_as(&server, &handle, user, "/proc/self/status");
+        assert_eq!(status_field(&status, "NoNewPrivs"), "1", "no_new_privs as {user:?}");
+        assert_eq!(status_field(&status, "Seccomp"), "2", "seccomp as {user:?}");
+    }
+    let range = status_as(&server, &handle, "", "/proc/sys/net/ipv4/ping_group_range");
+    assert_eq!(range.split_whitespace().collect::<Vec<_>>(), ["1", "65535"]);
+
+    // Privileged containers are left alone.
+    let privileged = create_privileged(&server, "nnppriv");
+    let status = status_as(&server, &privileged, "", "/proc/self/status");
+    assert_eq!(status_field(&status, "NoNewPrivs"), "0", "no_new_privs in a privileged container");
+}

@@ -29,6 +29,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Subdirectory of the state directory holding one directory per process.
 const PROCESSES_DIR: &str = "processes";
+/// `net.ipv4.ping_group_range` of containers under no-new-privileges: ping
+/// sockets for every gid that needs no setuid ping then.
+const PING_GROUP_RANGE: &str = "1 65535";
 
 impl From<RootfsError> for RuntimeError {
     fn from(error: RootfsError) -> Self {
@@ -72,6 +75,8 @@ pub struct LinuxContainer {
     handle: String,
     container_dir: PathBuf,
     privileged: bool,
+    /// The operator's no-new-privileges option, for unprivileged containers.
+    no_new_privileges: bool,
     executable: PathBuf,
     logger: slog::Logger,
     /// The container's environment from its spec.
@@ -114,6 +119,7 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         handle: config.handle.clone(),
         container_dir,
         privileged,
+        no_new_privileges: runtime.config.no_new_privileges && !privileged,
         executable: runtime.config.executable.clone(),
         logger,
         env: config.spec.env.clone(),
@@ -155,7 +161,12 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
     fs::create_dir_all(container.container_dir.join(PROCESSES_DIR))
         .map_err(|error| RuntimeError::failed(format!("failed to create the processes directory: {error}")))?;
 
-    let init_config = InitConfig { root: prepared.root.clone(), hostname: users::hostname_for(&config.handle), privileged: container.privileged };
+    let init_config = InitConfig {
+        root: prepared.root.clone(),
+        hostname: users::hostname_for(&config.handle),
+        privileged: container.privileged,
+        ping_group_range: container.no_new_privileges.then(|| PING_GROUP_RANGE.to_string()),
+    };
     start_init(container, &init_config, config.id_mappings.as_ref())
 }
 
@@ -380,6 +391,7 @@ impl ContainerRuntime for LinuxContainer {
         let config = ShimConfig {
             init_pid,
             privileged: self.privileged,
+            no_new_privileges: self.no_new_privileges,
             cgroup_dirs: self.cgroup.dirs.clone(),
             container_env: self.env.clone(),
             exit_status_path: process_dir.join("exit-status"),

@@ -81,6 +81,8 @@ pub struct ChildSetup<'a> {
     pub stdio: &'a ChildStdio,
     /// Selects the capability sets (see [`security`]).
     pub privileged: bool,
+    /// Set no_new_privs before execve.
+    pub no_new_privileges: bool,
     /// The seccomp filters of unprivileged containers, built before the
     /// fork; `None` for privileged ones.
     pub filters: Option<&'a [seccompiler::BpfProgram; 2]>,
@@ -156,6 +158,9 @@ fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
     }
     let envp: Vec<CString> = env.iter().map(|entry| cstring(entry)).collect::<Result<_, _>>()?;
 
+    if setup.no_new_privileges {
+        security::set_no_new_privs().map_err(|error| ChildError::other(format!("failed to set no_new_privs: {error}")))?;
+    }
     if let Some(filters) = setup.filters {
         security::install_filters(filters).map_err(security_error)?;
     }

@@ -35,6 +35,9 @@ pub struct InitConfig {
     pub hostname: String,
     /// Privileged containers get no user namespace and no masked paths.
     pub privileged: bool,
+    /// Value written to `net.ipv4.ping_group_range`, if any.
+    #[serde(default)]
+    pub ping_group_range: Option<String>,
 }
 
 /// Character devices bound from the host into every container's `/dev`.
@@ -172,6 +175,12 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
     bind(root, root, MsFlags::MS_REC)?;
 
     mount_proc_and_sys(root)?;
+    if let Some(range) = &config.ping_group_range {
+        // The sysctl belongs to the container's network namespace, which
+        // this process is in, and its proc mount shows that namespace.
+        let path = root.join("proc/sys/net/ipv4/ping_group_range");
+        fs::write(&path, range).map_err(|error| format!("failed to write {range:?} to {}: {error}", path.display()))?;
+    }
     mount_dev(root, config.privileged)?;
 
     let tmp = root.join("tmp");

@@ -51,6 +51,9 @@ pub struct LinuxConfig {
     /// The `trellis` executable started as garden-init and as process shim:
     /// `/proc/self/exe` in the server, the built binary in tests.
     pub executable: PathBuf,
+    /// Operator hardening of unprivileged containers: no_new_privs on their
+    /// processes and `net.ipv4.ping_group_range` = `1 65535`.
+    pub no_new_privileges: bool,
 }
 
 /// Errors of setting up the runtime itself.

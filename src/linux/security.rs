@@ -208,10 +208,24 @@ pub fn build_filters() -> Result<[BpfProgram; 2], SecurityError> {
 
 /// Installs filters built by [`build_filters`] on the calling thread.
 /// Needs CAP_SYS_ADMIN in the thread's user namespace, because the
-/// no_new_privs flag is not set.
+/// no_new_privs flag is not set. seccompiler's `apply_filter` is not used
+/// because it always sets no_new_privs, which Garden leaves to the
+/// operator's option: with it, setuid programs such as sudo stop working.
 pub fn install_filters(filters: &[BpfProgram; 2]) -> Result<(), SecurityError> {
+    #[repr(C)]
+    struct SockFprog {
+        len: libc::c_ushort,
+        filter: *const seccompiler::sock_filter,
+    }
     for filter in filters {
-        seccompiler::apply_filter(filter).map_err(|error| SecurityError::InstallFilter { message: error.to_string() })?;
+        let len = libc::c_ushort::try_from(filter.len())
+            .map_err(|_| SecurityError::InstallFilter { message: format!("filter of {} instructions is too long", filter.len()) })?;
+        let program = SockFprog { len, filter: filter.as_ptr() };
+        // SAFETY: the kernel copies the program, which outlives the call.
+        let result = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &program as *const SockFprog) };
+        if result != 0 {
+            return Err(SecurityError::InstallFilter { message: io::Error::last_os_error().to_string() });
+        }
     }
     Ok(())
 }

@@ -36,6 +36,9 @@ pub struct ShimConfig {
     pub init_pid: i32,
     /// Privileged containers have no user namespace to join.
     pub privileged: bool,
+    /// Set no_new_privs before execve (the operator's option).
+    #[serde(default)]
+    pub no_new_privileges: bool,
     /// The container's cgroup in each hierarchy.
     pub cgroup_dirs: Vec<PathBuf>,
     /// The container's environment, which comes before the process's own.
@@ -217,6 +220,7 @@ fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), C
                 namespaces: &namespaces,
                 stdio: &child_stdio,
                 privileged: config.privileged,
+                no_new_privileges: config.no_new_privileges,
                 filters: filters.as_ref(),
             };
             let error = exec::run_child(&setup);
