@@ -296,10 +296,11 @@ impl Process {
         }
     }
 
-    /// Marks a stream finished. A detached stream (`reclaim`) returns what
-    /// its unclaimed reserved readers queued to the ring buffer, for the next
-    /// attacher; a stream that ended with the process keeps it for a late
-    /// stdout or stderr connection of its own.
+    /// Marks a stream finished. A detached stream (`reclaim`) drops its
+    /// unclaimed reserved readers: what they queued while no reader was
+    /// connected is in the ring buffer already, for the next attacher. A
+    /// stream that ended with the process keeps them for a late stdout or
+    /// stderr connection of its own.
     fn finish_stream(&mut self, stream_id: &str, reclaim: bool, ctx: &mut Context<Self>) {
         let Some(record) = self.streams.get_mut(stream_id) else {
             return;
@@ -317,13 +318,8 @@ impl Process {
                 let Some(mut receiver) = record.expected[kind.index()].take() else {
                     continue;
                 };
-                let output = &mut self.outputs[kind.index()];
-                let keep = output.readers.is_empty();
-                while let Ok(chunk) = receiver.try_recv() {
-                    if keep {
-                        output.unattached.push(chunk);
-                    }
-                }
+                receiver.close();
+                while receiver.try_recv().is_ok() {}
             }
         }
         debug!(self.logger, "stream finished"; "stream_id" => stream_id);
