@@ -294,11 +294,14 @@ async fn forward_messages(input: &mut BytesMut, process: &ProcessInput<'_>, logg
         };
         let frame = if let Some(tty) = payload.tty {
             match tty.window_size {
-                Some(_) if !process.tty => {
-                    warn!(logger, "resize ignored: the process has no tty");
-                    continue;
+                Some(size) => {
+                    if !process.tty {
+                        // Still forwarded, as the Go server does: the runtime
+                        // ignores a resize of a process without a terminal.
+                        warn!(logger, "resize ignored: the process has no tty"; "columns" => size.columns, "rows" => size.rows);
+                    }
+                    ServerFrame::Resize { columns: size.columns, rows: size.rows }
                 }
-                Some(size) => ServerFrame::Resize { columns: size.columns, rows: size.rows },
                 None => continue,
             }
         } else if payload.source.is_some() {

@@ -164,9 +164,9 @@ fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
     if let Some(filters) = setup.filters {
         security::install_filters(filters).map_err(security_error)?;
     }
-    // From here on only system calls of the allow-list are made. Root's
-    // permitted and effective sets become the inheritable and bounding
-    // sets at execve; a non-root user ends with none.
+    // In unprivileged containers only allow-listed system calls follow.
+    // At execve root's permitted and effective sets become the union of
+    // the inheritable and bounding sets, and a non-root user ends with none.
     let final_caps = if user.uid == 0 {
         CapSets { inheritable: caps, permitted: held.permitted, effective: held.permitted }
     } else {
