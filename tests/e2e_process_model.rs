@@ -249,7 +249,7 @@ fn users_env_dirs_and_rlimits() {
 fn bad_run_requests_fail_clearly() {
     let Some(server) = TestServer::start("bad_run_requests_fail_clearly") else { return };
     let handle = server.create("badrun");
-    let error_of = |spec: ProcessSpec| server.run(&handle, &spec, None).err().expect("the run fails").to_string();
+    let error_of = |spec: ProcessSpec| server.run(&handle, &spec, None).expect_err("the run fails").to_string();
 
     let bind = ProcessSpec {
         bind_mounts: vec![BindMount { src_path: "/tmp".into(), dst_path: "/mnt".into(), ..BindMount::default() }],
@@ -362,7 +362,7 @@ fn stop_terms_then_kills_and_keeps_init() {
 
     let info = server.block_on(server.client.info(&handle)).expect("info");
     assert_eq!(info.state, "stopped");
-    let refused = server.run(&handle, &command_spec("true", &[]), None).err().expect("run on a stopped container fails");
+    let refused = server.run(&handle, &command_spec("true", &[]), None).expect_err("run on a stopped container fails");
     assert!(refused.to_string().contains("stopped"), "{refused}");
     // garden-init survived the stop and is the only process left.
     let left = support::processes_in_cgroups_named(&handle);
