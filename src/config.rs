@@ -75,6 +75,13 @@ pub struct Config {
     pub uid_map_length: Option<u32>,
     pub gid_map_start: u32,
     pub gid_map_length: Option<u32>,
+    /// Forget a finished process (its record, id and state directory) once
+    /// its exit status was sent to a client, as gdn's
+    /// `--cleanup-process-dirs-on-wait` does. Off: kept until destroy.
+    pub cleanup_process_dirs_on_wait: bool,
+    /// Set no_new_privs on the processes of unprivileged containers and
+    /// give their network namespace `net.ipv4.ping_group_range` = `1 65535`.
+    pub no_new_privileges: bool,
 }
 
 impl Default for Config {
@@ -99,6 +106,8 @@ impl Default for Config {
             uid_map_length: None,
             gid_map_start: 1,
             gid_map_length: None,
+            cleanup_process_dirs_on_wait: false,
+            no_new_privileges: false,
         }
     }
 }
@@ -124,6 +133,8 @@ pub const KEYS: &[&str] = &[
     "uid-map-length",
     "gid-map-start",
     "gid-map-length",
+    "cleanup-process-dirs-on-wait",
+    "no-new-privileges",
 ];
 
 impl Config {
@@ -145,6 +156,7 @@ impl Config {
             let text = match value {
                 toml::Value::String(text) => text.clone(),
                 toml::Value::Integer(number) => number.to_string(),
+                toml::Value::Boolean(flag) => flag.to_string(),
                 other => {
                     if !KEYS.contains(&key.as_str()) {
                         return Err(ConfigError::UnknownKey { source_name, key: key.clone() });
@@ -196,6 +208,8 @@ impl Config {
             "uid-map-length" => self.uid_map_length = Some(parse_number(text).map_err(invalid)?),
             "gid-map-start" => self.gid_map_start = parse_number(text).map_err(invalid)?,
             "gid-map-length" => self.gid_map_length = Some(parse_number(text).map_err(invalid)?),
+            "cleanup-process-dirs-on-wait" => self.cleanup_process_dirs_on_wait = parse_bool(text).map_err(invalid)?,
+            "no-new-privileges" => self.no_new_privileges = parse_bool(text).map_err(invalid)?,
             _ => return Err(ConfigError::UnknownKey { source_name: source_name.to_string(), key: key.to_string() }),
         }
         Ok(())
@@ -247,6 +261,14 @@ impl Config {
 
 fn parse_ip(text: &str) -> Result<IpAddr, String> {
     text.parse().map_err(|_| format!("`{text}` is not an IP address"))
+}
+
+fn parse_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("`{text}` is not one of true, false")),
+    }
 }
 
 fn parse_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {

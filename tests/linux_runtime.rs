@@ -65,6 +65,7 @@ fn fixture() -> Fixture {
         default_rootfs: rootfs().to_path_buf(),
         tag: tag(),
         executable: PathBuf::from(env!("CARGO_BIN_EXE_trellis")),
+        no_new_privileges: false,
     };
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     Fixture { runtime: LinuxRuntime::new(config, logger).expect("runtime"), depot }

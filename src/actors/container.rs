@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime};
 
 use actix::prelude::*;
 use bytes::BytesMut;
-use slog::{info, o, warn, Logger};
+use slog::{debug, info, o, warn, Logger};
 
 use super::process::{Process, ProcessStart};
 use super::{ContainerError, Introspect, StreamTable};
@@ -502,6 +502,40 @@ impl Handler<FindProcess> for Container {
             Some(ProcessSlot::Running(addr)) => Ok(addr.clone()),
             _ => Err(ContainerError::ProcessNotFound { process_id: message.process_id }),
         }
+    }
+}
+
+/// Forgets a finished process whose exit status was sent to a client:
+/// its id becomes free, Attach no longer finds it, and the runtime removes
+/// its state directory. Used when the operator enables
+/// `cleanup-process-dirs-on-wait`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetProcess {
+    pub process_id: String,
+}
+
+impl Handler<ForgetProcess> for Container {
+    type Result = ();
+
+    fn handle(&mut self, message: ForgetProcess, ctx: &mut Context<Self>) {
+        if !matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(_))) {
+            return;
+        }
+        self.processes.remove(&message.process_id);
+        debug!(self.logger, "finished process forgotten"; "process_id" => &message.process_id);
+        let runtime = self.runtime.clone();
+        let logger = self.logger.clone();
+        let process_id = message.process_id;
+        ctx.spawn(
+            async move {
+                let id = process_id.clone();
+                if let Err(error) = blocking(move || runtime.forget_process(&id)).await {
+                    warn!(logger, "removing a finished process's state failed"; "process_id" => process_id, "error" => %error);
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 

@@ -25,6 +25,8 @@
 //! stream has written its queued output and closed.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -114,6 +116,23 @@ impl RecentOutput {
         }
     }
 
+    /// Returns a copy of everything kept, as one chunk.
+    pub fn snapshot(&self) -> Option<Bytes> {
+        if self.len == 0 {
+            return None;
+        }
+        let mut joined = BytesMut::with_capacity(self.len);
+        for chunk in &self.chunks {
+            joined.extend_from_slice(chunk);
+        }
+        Some(joined.freeze())
+    }
+
+    /// Drops everything kept and frees its memory.
+    pub fn clear(&mut self) {
+        *self = RecentOutput::new(self.capacity);
+    }
+
     /// Removes and returns everything kept, as one chunk.
     pub fn take(&mut self) -> Option<Bytes> {
         if self.len == 0 {
@@ -139,12 +158,25 @@ impl RecentOutput {
 struct Reader {
     stream_id: String,
     sender: mpsc::Sender<Bytes>,
+    /// False while the reader is a reservation its connection has not
+    /// taken over yet.
+    connected: bool,
 }
 
 struct OutputState {
+    /// Output produced while no connected reader existed, since a
+    /// connection last took it. Reservations get a copy of it too, so a
+    /// client that attaches while another client's reservation holds the
+    /// early output still receives it.
     unattached: RecentOutput,
     readers: Vec<Reader>,
     delivered_bytes: u64,
+}
+
+impl OutputState {
+    fn has_connected_reader(&self) -> bool {
+        self.readers.iter().any(|reader| reader.connected)
+    }
 }
 
 impl Default for OutputState {
@@ -169,7 +201,12 @@ pub struct Process {
     pid: u32,
     tty: bool,
     logger: Logger,
-    shim: mpsc::Sender<ServerFrame>,
+    /// `None` once the process has exited. Dropping the sender ends the
+    /// shim writer task, which closes the shim's socket, so a finished
+    /// process holds no file descriptor and no task.
+    shim: Option<mpsc::Sender<ServerFrame>>,
+    /// Set by the first stdin close of any attachment.
+    stdin_closed: Arc<AtomicBool>,
     exit: watch::Sender<Option<ExitOutcome>>,
     outputs: [OutputState; 2],
     streams: HashMap<String, StreamRecord>,
@@ -204,7 +241,8 @@ impl Process {
             pid: start.pid,
             tty: start.tty,
             logger: logger.clone(),
-            shim,
+            shim: Some(shim),
+            stdin_closed: Arc::new(AtomicBool::new(false)),
             exit,
             outputs: [OutputState::default(), OutputState::default()],
             streams: HashMap::new(),
@@ -224,18 +262,19 @@ impl Process {
         let (sender, receiver) = mpsc::channel(READER_QUEUE_CHUNKS);
         let output = &mut self.outputs[kind.index()];
         output.readers.retain(|reader| !reader.sender.is_closed());
-        if output.readers.is_empty() {
-            if let Some(kept) = output.unattached.take() {
+        if !output.has_connected_reader() {
+            if let Some(kept) = output.unattached.snapshot() {
                 sender.try_send(kept).expect("a new queue has room for one chunk");
             }
         }
-        output.readers.push(Reader { stream_id: stream_id.to_string(), sender });
+        output.readers.push(Reader { stream_id: stream_id.to_string(), sender, connected: false });
         Some(receiver)
     }
 
     /// Gives up the reserved readers of a stream whose output connections
-    /// did not arrive in time. What they queued goes to the ring buffer when
-    /// no other reader is attached.
+    /// did not arrive in time. What they queued is dropped: output produced
+    /// while no reader was connected is in the ring buffer already, and
+    /// output produced while one was connected reached that reader.
     fn release_reservations(&mut self, stream_id: &str) {
         let Some(record) = self.streams.get_mut(stream_id) else {
             return;
@@ -252,20 +291,16 @@ impl Process {
             // return its chunk, which the output handler then keeps.
             receiver.close();
             output.readers.retain(|reader| !reader.sender.is_closed());
-            let keep = output.readers.is_empty();
-            while let Ok(chunk) = receiver.try_recv() {
-                if keep {
-                    output.unattached.push(chunk);
-                }
-            }
+            while receiver.try_recv().is_ok() {}
             debug!(self.logger, "output attach did not arrive"; "stream_id" => stream_id, "stream" => kind.name());
         }
     }
 
-    /// Marks a stream finished. A detached stream (`reclaim`) returns what
-    /// its unclaimed reserved readers queued to the ring buffer, for the next
-    /// attacher; a stream that ended with the process keeps it for a late
-    /// stdout or stderr connection of its own.
+    /// Marks a stream finished. A detached stream (`reclaim`) drops its
+    /// unclaimed reserved readers: what they queued while no reader was
+    /// connected is in the ring buffer already, for the next attacher. A
+    /// stream that ended with the process keeps them for a late stdout or
+    /// stderr connection of its own.
     fn finish_stream(&mut self, stream_id: &str, reclaim: bool, ctx: &mut Context<Self>) {
         let Some(record) = self.streams.get_mut(stream_id) else {
             return;
@@ -283,13 +318,8 @@ impl Process {
                 let Some(mut receiver) = record.expected[kind.index()].take() else {
                     continue;
                 };
-                let output = &mut self.outputs[kind.index()];
-                let keep = output.readers.is_empty();
-                while let Ok(chunk) = receiver.try_recv() {
-                    if keep {
-                        output.unattached.push(chunk);
-                    }
-                }
+                receiver.close();
+                while receiver.try_recv().is_ok() {}
             }
         }
         debug!(self.logger, "stream finished"; "stream_id" => stream_id);
@@ -315,8 +345,14 @@ impl Actor for Process {
 pub struct StreamHandle {
     pub process_id: String,
     pub stream_id: String,
-    /// Stdin, signals and resizes for the shim.
+    /// Stdin, signals and resizes for the shim. Closed for a process that
+    /// has exited.
     pub shim: mpsc::Sender<ServerFrame>,
+    /// Whether the process has a TTY; resizes without one are ignored.
+    pub tty: bool,
+    /// Whether an attachment has closed the process's stdin; later stdin
+    /// is ignored.
+    pub stdin_closed: Arc<AtomicBool>,
     /// Becomes `Some` once the process has ended.
     pub exit: watch::Receiver<Option<ExitOutcome>>,
     /// Ends (returns `None`) once the stream has finished and every output
@@ -356,7 +392,9 @@ impl Handler<OpenStream> for Process {
         MessageResult(StreamHandle {
             process_id: self.process_id.clone(),
             stream_id: message.stream_id,
-            shim: self.shim.clone(),
+            shim: self.shim.clone().unwrap_or_else(|| mpsc::channel(1).0),
+            tty: self.tty,
+            stdin_closed: self.stdin_closed.clone(),
             exit: self.exit.subscribe(),
             liveness,
         })
@@ -402,21 +440,27 @@ impl Handler<AttachOutput> for Process {
         let Some(record) = self.streams.get_mut(&message.stream_id) else {
             return MessageResult(None);
         };
+        let output = &mut self.outputs[message.kind.index()];
         if let Some(chunks) = record.expected[message.kind.index()].take() {
+            // The reservation's queue holds the kept output, so the ring
+            // buffer is not given to anyone again.
+            for reader in output.readers.iter_mut().filter(|reader| reader.stream_id == message.stream_id) {
+                reader.connected = true;
+            }
+            output.unattached.clear();
             debug!(self.logger, "output attached"; "stream_id" => &message.stream_id, "stream" => message.kind.name());
             return MessageResult(Some(OutputSubscription { chunks, liveness: record.liveness.clone() }));
         }
         let (sender, chunks) = mpsc::channel(READER_QUEUE_CHUNKS);
-        let output = &mut self.outputs[message.kind.index()];
         output.readers.retain(|reader| !reader.sender.is_closed());
-        if output.readers.is_empty() {
+        if !output.has_connected_reader() {
             if let Some(kept) = output.unattached.take() {
                 sender.try_send(kept).expect("a new queue has room for one chunk");
             }
         }
         let liveness = record.liveness.clone();
         if !record.finished {
-            output.readers.push(Reader { stream_id: message.stream_id.clone(), sender });
+            output.readers.push(Reader { stream_id: message.stream_id.clone(), sender, connected: true });
         }
         debug!(self.logger, "output attached"; "stream_id" => &message.stream_id, "stream" => message.kind.name());
         MessageResult(Some(OutputSubscription { chunks, liveness }))
@@ -439,8 +483,11 @@ impl Handler<ShimOutput> for Process {
         let output = &mut self.outputs[kind.index()];
         output.readers.retain(|reader| !reader.sender.is_closed());
         output.delivered_bytes += message.data.len() as u64;
+        let mirrored = !output.has_connected_reader();
+        if mirrored {
+            output.unattached.push(message.data.clone());
+        }
         if output.readers.is_empty() {
-            output.unattached.push(message.data);
             return Box::pin(actix::fut::ready(()));
         }
         let senders: Vec<_> = output.readers.iter().map(|reader| reader.sender.clone()).collect();
@@ -457,7 +504,7 @@ impl Handler<ShimOutput> for Process {
         Box::pin(deliver.into_actor(self).map(move |(delivered, data), process, _| {
             // Every reader went away while the chunk waited: keep it for the
             // next attacher instead of losing it.
-            if !delivered {
+            if !delivered && !mirrored {
                 process.outputs[kind.index()].unattached.push(data);
             }
         }))
@@ -481,6 +528,16 @@ impl Handler<ShimExited> for Process {
         }
         // `send_replace` stores the outcome even while no stream is open.
         self.exit.send_replace(Some(message.outcome));
+        self.shim = None;
+        // Output nobody attached for is kept as long as a finished stream
+        // stays attachable, then freed: a finished process keeps only its
+        // exit outcome and a few ids.
+        ctx.run_later(FINISHED_STREAM_RETENTION, |process, _| {
+            for output in &mut process.outputs {
+                output.unattached.clear();
+                output.readers.clear();
+            }
+        });
         let stream_ids: Vec<String> = self.streams.keys().cloned().collect();
         for stream_id in stream_ids {
             self.finish_stream(&stream_id, false, ctx);

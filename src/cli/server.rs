@@ -79,6 +79,14 @@ pub struct ServerArgs {
     /// Number of gids mapped one to one (default: up to 4294967293).
     #[arg(long, value_name = "COUNT")]
     pub gid_map_length: Option<String>,
+    /// Forget a finished process, its id and its state directory once its
+    /// exit status was sent to a client (default false: kept until destroy).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub cleanup_process_dirs_on_wait: Option<String>,
+    /// Run the processes of unprivileged containers with no_new_privs and
+    /// allow ping for gids 1 to 65535 there (default false).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub no_new_privileges: Option<String>,
     /// Container runtime: `linux`, or `memory` (processes are scripted
     /// stand-ins; only for testing the server itself).
     #[arg(long, value_name = "RUNTIME", default_value = "linux", hide = true)]
@@ -87,7 +95,7 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     fn overrides(&self) -> Vec<(&'static str, &String)> {
-        let pairs: [(&'static str, &Option<String>); 19] = [
+        let pairs: [(&'static str, &Option<String>); 21] = [
             ("bind-ip", &self.bind_ip),
             ("bind-port", &self.bind_port),
             ("bind-socket", &self.bind_socket),
@@ -107,6 +115,8 @@ impl ServerArgs {
             ("uid-map-length", &self.uid_map_length),
             ("gid-map-start", &self.gid_map_start),
             ("gid-map-length", &self.gid_map_length),
+            ("cleanup-process-dirs-on-wait", &self.cleanup_process_dirs_on_wait),
+            ("no-new-privileges", &self.no_new_privileges),
         ];
         pairs.into_iter().filter_map(|(key, value)| value.as_ref().map(|value| (key, value))).collect()
     }
@@ -170,6 +180,7 @@ pub fn build_runtime(config: &Config, logger: &Logger) -> Result<Arc<dyn Runtime
         default_rootfs: config.default_rootfs.clone(),
         tag: config.tag.clone(),
         executable: PathBuf::from("/proc/self/exe"),
+        no_new_privileges: config.no_new_privileges,
     };
     let runtime = crate::linux::LinuxRuntime::new(linux_config, logger.new(o!("component" => "linux")))
         .map_err(|error| crate::linux::error_chain(&error))?;

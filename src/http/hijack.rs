@@ -21,7 +21,7 @@ use super::demux::{RequestHead, HEAD_TIMEOUT};
 use super::error::ApiError;
 use super::router::{Route, RouteMatch};
 use super::{AppState, PauseGuard};
-use crate::actors::container::{FindProcess, RunProcess};
+use crate::actors::container::{FindProcess, ForgetProcess, RunProcess};
 use crate::actors::process::{AttachOutput, CloseStream, ExitOutcome, OpenStream, OutputKind, Process, StreamHandle};
 use crate::actors::registry::LookupContainer;
 use crate::actors::{Container, ContainerError};
@@ -99,7 +99,7 @@ where
         buffer.advance(head.head_len);
         let body = buffer.split_to(body_len);
         let handle = found.param("handle");
-        let (process, pause) = if found.route == Route::Run {
+        let (container, process, pause) = if found.route == Route::Run {
             // Like the Go server, the body is decoded before the lookup.
             let spec: ProcessSpec = api::decode(&body)?;
             let container = lookup(&state, handle).await?;
@@ -108,7 +108,7 @@ where
                 .send(RunProcess { spec })
                 .await
                 .map_err(|_| ContainerError::Mailbox { operation: "starting the process" })??;
-            (process, pause)
+            (container, process, pause)
         } else {
             let container = lookup(&state, handle).await?;
             let pause = PauseGuard::new(&state, handle);
@@ -116,19 +116,19 @@ where
                 .send(FindProcess { process_id: found.param("pid").to_string() })
                 .await
                 .map_err(|_| ContainerError::Mailbox { operation: "finding the process" })??;
-            (process, pause)
+            (container, process, pause)
         };
         let stream_id = state.stream_ids.next();
         let stream = process
             .send(OpenStream { stream_id })
             .await
             .map_err(|_| ContainerError::Mailbox { operation: "opening the process stream" })?;
-        Ok((process, stream, pause))
+        Ok((container, process, stream, pause))
     }
     .await;
 
     // The grace timer stays paused until the process connection ends.
-    let (process, stream, _pause) = match opened {
+    let (container, process, stream, _pause) = match opened {
         Ok(opened) => opened,
         Err(error) => {
             let status = error.to_envelope().0;
@@ -144,7 +144,11 @@ where
     };
     let logger = logger.new(o!("process_id" => stream.process_id.clone(), "stream_id" => stream.stream_id.clone()));
     let status_line = if found.route == Route::Run { "201 Created" } else { "200 OK" };
+    let process_id = stream.process_id.clone();
     let end = run_process_connection(io, buffer, process, stream, status_line, &state, &logger).await;
+    if end == EXIT_SENT && state.cleanup_process_dirs_on_wait {
+        container.do_send(ForgetProcess { process_id });
+    }
     info!(logger, "finished"; "status" => status_line, "end" => end, "duration_ms" => started.elapsed().as_secs_f64() * 1000.0);
 }
 
@@ -191,7 +195,8 @@ where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(io);
-    let StreamHandle { process_id, stream_id, shim, mut exit, mut liveness } = stream;
+    let StreamHandle { process_id, stream_id, shim, tty, stdin_closed, mut exit, mut liveness } = stream;
+    let process_input = ProcessInput { shim: &shim, tty, stdin_closed: &stdin_closed };
     let handshake = ProcessPayload { process_id: process_id.clone(), stream_id: stream_id.clone(), ..ProcessPayload::default() };
     let mut head = process_head(status_line).into_bytes();
     head.extend_from_slice(&api::encode(&handshake));
@@ -201,7 +206,7 @@ where
     }
 
     let outcome = loop {
-        forward_messages(&mut input, &shim, logger).await;
+        forward_messages(&mut input, &process_input, logger).await;
         tokio::select! {
             read = reader.read_buf(&mut input) => match read {
                 Ok(0) | Err(_) => {
@@ -248,11 +253,27 @@ where
     };
     let _ = writer.write_all(&api::encode(&message)).await;
     let _ = writer.shutdown().await;
-    "process exited"
+    EXIT_SENT
+}
+
+/// How [`run_process_connection`] reports that it sent the exit message.
+const EXIT_SENT: &str = "process exited";
+
+/// Where a process connection's messages go, and what decides whether one
+/// is ignored.
+struct ProcessInput<'a> {
+    shim: &'a tokio::sync::mpsc::Sender<ServerFrame>,
+    tty: bool,
+    stdin_closed: &'a std::sync::atomic::AtomicBool,
 }
 
 /// Decodes every complete message in `input` and forwards it to the shim.
-async fn forward_messages(input: &mut BytesMut, shim: &tokio::sync::mpsc::Sender<ServerFrame>, logger: &Logger) {
+/// Messages that cannot act on the process (an unknown signal, stdin after
+/// close, a resize without a TTY) are logged and ignored; the connection
+/// keeps working.
+async fn forward_messages(input: &mut BytesMut, process: &ProcessInput<'_>, logger: &Logger) {
+    use std::sync::atomic::Ordering;
+    let shim = process.shim;
     loop {
         let (value, used) = match api::parse_stream_value(input) {
             Ok(Some(parsed)) => parsed,
@@ -273,26 +294,40 @@ async fn forward_messages(input: &mut BytesMut, shim: &tokio::sync::mpsc::Sender
         };
         let frame = if let Some(tty) = payload.tty {
             match tty.window_size {
-                Some(size) => ServerFrame::Resize { columns: size.columns, rows: size.rows },
+                Some(size) => {
+                    if !process.tty {
+                        // Still forwarded, as the Go server does: the runtime
+                        // ignores a resize of a process without a terminal.
+                        warn!(logger, "resize ignored: the process has no tty"; "columns" => size.columns, "rows" => size.rows);
+                    }
+                    ServerFrame::Resize { columns: size.columns, rows: size.rows }
+                }
                 None => continue,
             }
         } else if payload.source.is_some() {
+            if process.stdin_closed.load(Ordering::SeqCst) {
+                warn!(logger, "stdin ignored: the process's stdin was already closed"; "close" => payload.data.is_none());
+                continue;
+            }
             match payload.data {
                 Some(data) if data.is_empty() => continue,
                 Some(data) => ServerFrame::Stdin(data.into_bytes().into()),
-                None => ServerFrame::CloseStdin,
+                None => {
+                    process.stdin_closed.store(true, Ordering::SeqCst);
+                    ServerFrame::CloseStdin
+                }
             }
         } else if let Some(signal) = payload.signal {
             match signal {
                 SIGNAL_TERMINATE => ServerFrame::Signal { signal: libc::SIGTERM },
                 SIGNAL_KILL => ServerFrame::Signal { signal: libc::SIGKILL },
                 other => {
-                    info!(logger, "unknown signal ignored"; "signal" => other);
+                    warn!(logger, "unknown signal ignored"; "signal" => other);
                     continue;
                 }
             }
         } else {
-            info!(logger, "unknown message on process connection ignored");
+            warn!(logger, "unknown message on process connection ignored");
             continue;
         };
         debug!(logger, "forwarding to process"; "frame" => frame_name(&frame));

@@ -47,6 +47,8 @@ pub struct AppState {
     pub max_containers: u64,
     /// Largest JSON request body read.
     pub max_body_bytes: usize,
+    /// Forget a finished process once its exit status was sent.
+    pub cleanup_process_dirs_on_wait: bool,
     pub logger: Logger,
     /// Cancelled when the server stops, which ends every hijacked connection.
     pub shutdown: CancellationToken,
@@ -151,6 +153,7 @@ impl Server {
             stream_ids: StreamIds::default(),
             max_containers: config.effective_max_containers(),
             max_body_bytes: MAX_JSON_BODY_BYTES,
+            cleanup_process_dirs_on_wait: config.cleanup_process_dirs_on_wait,
             logger: logger.clone(),
             shutdown: shutdown.clone(),
             request_ids: AtomicU64::new(0),

@@ -16,7 +16,7 @@ use super::cgroup::{CgroupError, ContainerCgroup};
 use super::files::{self, Direction, FilesConfig};
 use super::init::InitConfig;
 use super::rootfs::{self, ContainerRootfs, RootfsError};
-use super::shim::ShimConfig;
+use super::shim::{self, ShimConfig};
 use super::{syscalls, users, LinuxRuntime};
 use crate::api::ProcessSpec;
 use crate::runtime::stdio::{ShimFrame, StartFailure};
@@ -30,6 +30,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Subdirectory of the state directory holding one directory per process.
 const PROCESSES_DIR: &str = "processes";
+/// `net.ipv4.ping_group_range` of containers under no-new-privileges: ping
+/// sockets for every gid that needs no setuid ping then.
+const PING_GROUP_RANGE: &str = "1 65535";
 
 impl From<RootfsError> for RuntimeError {
     fn from(error: RootfsError) -> Self {
@@ -73,6 +76,8 @@ pub struct LinuxContainer {
     handle: String,
     container_dir: PathBuf,
     privileged: bool,
+    /// The operator's no-new-privileges option, for unprivileged containers.
+    no_new_privileges: bool,
     executable: PathBuf,
     logger: slog::Logger,
     /// The container's environment from its spec.
@@ -115,6 +120,7 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         handle: config.handle.clone(),
         container_dir,
         privileged,
+        no_new_privileges: runtime.config.no_new_privileges && !privileged,
         executable: runtime.config.executable.clone(),
         logger,
         env: config.spec.env.clone(),
@@ -161,6 +167,7 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
         hostname: users::hostname_for(&config.handle),
         privileged: container.privileged,
         bind_mounts: config.spec.bind_mounts.clone(),
+        ping_group_range: container.no_new_privileges.then(|| PING_GROUP_RANGE.to_string()),
     };
     start_init(container, &init_config, config.id_mappings.as_ref())
 }
@@ -391,34 +398,45 @@ impl ContainerRuntime for LinuxContainer {
         if init_pid == 0 {
             return Err(RuntimeError::failed("container has no init process (destroyed)"));
         }
-        if !spec.image.uri.is_empty() || !spec.bind_mounts.is_empty() {
+        if spec.image.uri.is_empty() && !spec.bind_mounts.is_empty() {
+            return Err(RuntimeError::invalid("Running a process with bind mounts and no image provided is not allowed"));
+        }
+        if !spec.image.uri.is_empty() {
             // TODO: processes with their own image and bind mounts.
-            return Err(RuntimeError::invalid("processes with their own image or bind mounts are not supported yet"));
+            return Err(RuntimeError::invalid("processes with their own image are not supported yet"));
         }
         let process_dir = self.process_dir()?;
         fs::write(process_dir.join("id"), process_id).map_err(|error| RuntimeError::failed(format!("failed to record process id: {error}")))?;
         let config = ShimConfig {
             init_pid,
             privileged: self.privileged,
+            no_new_privileges: self.no_new_privileges,
             cgroup_dirs: self.cgroup.dirs.clone(),
             container_env: self.env.clone(),
             exit_status_path: process_dir.join("exit-status"),
             spec: spec.clone(),
         };
-        let argument = serde_json::to_string(&config).map_err(|error| RuntimeError::failed(error.to_string()))?;
         let (mut server_end, shim_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
         let log_path = process_dir.join("shim.log");
         let log = fs::File::create(&log_path).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", log_path.display())))?;
         let mut first = Command::new(&self.executable)
             .arg(super::SHIM_COMMAND)
-            .arg(argument)
             .stdin(Stdio::from(OwnedFd::from(shim_end)))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
             .map_err(|error| RuntimeError::failed(format!("failed to start the shim {}: {error}", self.executable.display())))?;
+        // The configuration goes through the socket, never argv: it holds
+        // the environment, which may carry secrets.
+        server_end.set_write_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
+        let written = shim::write_config(&mut server_end, &config);
         // The first shim process forks the real shim and exits at once.
         let _ = first.wait();
+        written.map_err(|error| {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            RuntimeError::failed(format!("failed to send the configuration to the shim: {error} {}", log.trim()))
+        })?;
+        server_end.set_write_timeout(None).map_err(|error| RuntimeError::failed(error.to_string()))?;
 
         server_end.set_read_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
         let frame = read_one_frame(&mut server_end).map_err(|error| {
@@ -493,6 +511,25 @@ impl ContainerRuntime for LinuxContainer {
         let config = self.files_config(Direction::Out, source, user)?;
         slog::debug!(self.logger, "stream out started"; "source" => source, "user" => user);
         files::stream_out(&self.executable, &config)
+    }
+
+    fn forget_process(&self, process_id: &str) -> Result<(), RuntimeError> {
+        let processes = self.container_dir.join(PROCESSES_DIR);
+        let entries = match fs::read_dir(&processes) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(RuntimeError::failed(format!("failed to list {}: {error}", processes.display()))),
+        };
+        // Directories are numbered, because ids may contain any character;
+        // each records its id in a file.
+        for entry in entries.flatten() {
+            let recorded = fs::read_to_string(entry.path().join("id")).unwrap_or_default();
+            if recorded == process_id {
+                return remove_dir_retrying(&entry.path())
+                    .map_err(|error| RuntimeError::failed(format!("failed to remove {}: {error}", entry.path().display())));
+            }
+        }
+        Ok(())
     }
 
     fn describe(&self) -> serde_json::Value {

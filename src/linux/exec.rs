@@ -14,6 +14,7 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{signal, SigHandler, SigSet, Signal};
 use nix::unistd::{Gid, Uid};
 
+use super::security::{self, CapSets};
 use super::users::{self, ExecUser};
 use crate::api::{ProcessSpec, ResourceLimits};
 use crate::runtime::stdio::StartFailure;
@@ -78,6 +79,13 @@ pub struct ChildSetup<'a> {
     pub cgroup_dirs: &'a [PathBuf],
     pub namespaces: &'a Namespaces,
     pub stdio: &'a ChildStdio,
+    /// Selects the capability sets (see [`security`]).
+    pub privileged: bool,
+    /// Set no_new_privs before execve.
+    pub no_new_privileges: bool,
+    /// The seccomp filters of unprivileged containers, built before the
+    /// fork; `None` for privileged ones.
+    pub filters: Option<&'a [seccompiler::BpfProgram; 2]>,
 }
 
 /// Sets the process up and executes it; returns only on failure.
@@ -126,14 +134,46 @@ fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
     nix::unistd::chdir(&dir).map_err(|error| ChildError::other(format!("failed to enter working directory {}: {error}", dir.display())))?;
 
     connect_stdio(setup.stdio)?;
-    drop_privileges(&user)?;
-    let program = find_executable(&setup.spec.path, &env)?;
 
+    // The bounding set can only shrink while this process has CAP_SETPCAP,
+    // that is before it leaves root. A capability the server itself lacks
+    // cannot be handed out, hence the intersection.
+    let caps = security::container_caps(setup.privileged, user.uid) & security::read_bounding();
+    security::restrict_bounding(caps).map_err(security_error)?;
+    // Keeping the permitted set across the uid change lets a non-root user
+    // install the seccomp filter below, which needs CAP_SYS_ADMIN without
+    // no_new_privs. The permitted set is cleared again before execve.
+    security::keep_caps(true).map_err(security_error)?;
+    drop_privileges(&user)?;
+    let held = security::read_caps().map_err(security_error)?;
+    if user.uid != 0 && setup.filters.is_some() {
+        let effective = held.permitted & 1 << CAP_SYS_ADMIN;
+        security::write_caps(CapSets { effective, ..held }).map_err(security_error)?;
+    }
+
+    let program = find_executable(&setup.spec.path, &env)?;
     let mut argv = vec![cstring(&setup.spec.path)?];
     for arg in &setup.spec.args {
         argv.push(cstring(arg)?);
     }
     let envp: Vec<CString> = env.iter().map(|entry| cstring(entry)).collect::<Result<_, _>>()?;
+
+    if setup.no_new_privileges {
+        security::set_no_new_privs().map_err(|error| ChildError::other(format!("failed to set no_new_privs: {error}")))?;
+    }
+    if let Some(filters) = setup.filters {
+        security::install_filters(filters).map_err(security_error)?;
+    }
+    // In unprivileged containers only allow-listed system calls follow.
+    // At execve root's permitted and effective sets become the union of
+    // the inheritable and bounding sets, and a non-root user ends with none.
+    let final_caps = if user.uid == 0 {
+        CapSets { inheritable: caps, permitted: held.permitted, effective: held.permitted }
+    } else {
+        CapSets { inheritable: caps, permitted: 0, effective: 0 }
+    };
+    security::write_caps(final_caps).map_err(security_error)?;
+    security::keep_caps(false).map_err(security_error)?;
     // Every fd above stderr is closed at execve, the error pipe included, so
     // the shim reads end of file exactly when execve succeeds.
     // SAFETY: only sets the close-on-exec flag on this process's fds.
@@ -146,6 +186,13 @@ fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
         },
         error => ChildError::other(format!("failed to execute {:?}: {error}", setup.spec.path)),
     })
+}
+
+/// Capability number of CAP_SYS_ADMIN.
+const CAP_SYS_ADMIN: u32 = 21;
+
+fn security_error(error: security::SecurityError) -> ChildError {
+    ChildError::other(crate::linux::error_chain(&error))
 }
 
 fn cstring(text: &str) -> Result<CString, ChildError> {

@@ -38,6 +38,9 @@ pub struct InitConfig {
     /// The client's bind mounts, made in this order.
     #[serde(default)]
     pub bind_mounts: Vec<crate::api::BindMount>,
+    /// Value written to `net.ipv4.ping_group_range`, if any.
+    #[serde(default)]
+    pub ping_group_range: Option<String>,
 }
 
 /// Character devices bound from the host into every container's `/dev`.
@@ -175,6 +178,12 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
     bind(root, root, MsFlags::MS_REC)?;
 
     mount_proc_and_sys(root)?;
+    if let Some(range) = &config.ping_group_range {
+        // The sysctl belongs to the container's network namespace, which
+        // this process is in, and its proc mount shows that namespace.
+        let path = root.join("proc/sys/net/ipv4/ping_group_range");
+        fs::write(&path, range).map_err(|error| format!("failed to write {range:?} to {}: {error}", path.display()))?;
+    }
     mount_dev(root, config.privileged)?;
 
     let tmp = root.join("tmp");
@@ -193,9 +202,25 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
     set_loopback_up();
 
     nix::sys::prctl::set_name(c"garden-init").map_err(|error| format!("failed to set the task name: {error}"))?;
-    // NOTE: the capability sets of pid 1 are not reduced yet; they stay the
-    // full set of the container's user namespace.
+    if !config.privileged {
+        confine_init()?;
+    }
     Ok(())
+}
+
+/// Gives pid 1 of an unprivileged container the seccomp filter of its
+/// processes and the unprivileged capability mask in all four sets.
+fn confine_init() -> Result<(), String> {
+    use super::security;
+    let describe = |error: security::SecurityError| super::error_chain(&error);
+    // Installing a filter without no_new_privs needs CAP_SYS_ADMIN, which
+    // the capability change below removes, so the filter comes first. It
+    // allows capset and prctl.
+    let filters = security::build_filters().map_err(describe)?;
+    security::install_filters(&filters).map_err(describe)?;
+    let caps = security::UNPRIVILEGED_CAPS & security::read_bounding();
+    security::restrict_bounding(caps).map_err(describe)?;
+    security::write_caps(security::CapSets { inheritable: caps, permitted: caps, effective: caps }).map_err(describe)
 }
 
 fn mount_proc_and_sys(root: &Path) -> Result<(), String> {

@@ -8,6 +8,7 @@
 //! - [`shim`] and [`exec`]: the process shim and the child it forks.
 //! - [`files`]: the tar helper of stream in and stream out.
 //! - [`rootfs`]: image choice, idmapped lower layer, overlay.
+//! - [`security`]: capability sets and the seccomp filter.
 //! - [`cgroup`]: per-container cgroups on v1 and v2.
 //! - [`users`]: user resolution and process environment.
 //! - [`syscalls`]: system calls nix does not wrap.
@@ -18,6 +19,7 @@ pub mod exec;
 pub mod files;
 pub mod init;
 pub mod rootfs;
+pub mod security;
 pub mod shim;
 pub mod syscalls;
 pub mod users;
@@ -54,6 +56,9 @@ pub struct LinuxConfig {
     /// The `trellis` executable started as garden-init and as process shim:
     /// `/proc/self/exe` in the server, the built binary in tests.
     pub executable: PathBuf,
+    /// Operator hardening of unprivileged containers: no_new_privs on their
+    /// processes and `net.ipv4.ping_group_range` = `1 65535`.
+    pub no_new_privileges: bool,
 }
 
 /// Errors of setting up the runtime itself.

@@ -1,7 +1,10 @@
 //! The process shim: one per container process, outside the container.
 //!
-//! The server starts this executable with [`super::SHIM_COMMAND`] and a JSON
-//! [`ShimConfig`], with its end of a socket pair as stdin. The shim forks
+//! The server starts this executable with [`super::SHIM_COMMAND`], with its
+//! end of a socket pair as stdin, and writes a [`ShimConfig`] to the socket
+//! (see [`write_config`]). The configuration holds the process's
+//! environment, so it never goes on the command line, which every host user
+//! can read in `/proc/<pid>/cmdline`. The shim forks
 //! once more and lets the first process exit at once, so the server reaps it
 //! straight away and the shim survives a server restart. It then forks the
 //! process into the container (see [`super::exec`]), reports `Started` or
@@ -33,6 +36,9 @@ pub struct ShimConfig {
     pub init_pid: i32,
     /// Privileged containers have no user namespace to join.
     pub privileged: bool,
+    /// Set no_new_privs before execve (the operator's option).
+    #[serde(default)]
+    pub no_new_privileges: bool,
     /// The container's cgroup in each hierarchy.
     pub cgroup_dirs: Vec<PathBuf>,
     /// The container's environment, which comes before the process's own.
@@ -52,10 +58,16 @@ const STDIN_HIGH_WATER: usize = 1 << 20;
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Entry point of the shim.
-pub fn main(args: Vec<OsString>) -> ExitCode {
-    let Some(config) = args.first().and_then(|arg| arg.to_str()).and_then(|arg| serde_json::from_str::<ShimConfig>(arg).ok()) else {
-        eprintln!("shim: missing or invalid configuration argument");
-        return ExitCode::FAILURE;
+pub fn main(_args: Vec<OsString>) -> ExitCode {
+    // SAFETY: fd 0 is the server's socket, passed as stdin and owned by no
+    // one else in this process.
+    let mut socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(0) });
+    let config = match read_config(&mut socket) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("shim: failed to read the configuration from the server: {error}");
+            return ExitCode::FAILURE;
+        }
     };
     // SAFETY: the shim is single threaded, so the child may run any code.
     match unsafe { fork() } {
@@ -69,9 +81,6 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     // Its own session keeps the shim alive when the server's session or
     // process group is signalled.
     let _ = nix::unistd::setsid();
-    // SAFETY: fd 0 is the server's socket, passed as stdin and owned by no
-    // one else in this process.
-    let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(0) });
     match serve(&config, socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -79,6 +88,34 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Largest configuration the shim accepts. The environment is the only
+/// part without a natural bound.
+pub const MAX_CONFIG_BYTES: usize = 64 << 20;
+
+/// Writes `config` to the shim's socket: its length as a big-endian u32,
+/// then its JSON.
+pub fn write_config(socket: &mut impl Write, config: &ShimConfig) -> io::Result<()> {
+    let json = serde_json::to_vec(config).map_err(io::Error::other)?;
+    if json.len() > MAX_CONFIG_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("process configuration of {} bytes exceeds {MAX_CONFIG_BYTES}", json.len())));
+    }
+    socket.write_all(&(json.len() as u32).to_be_bytes())?;
+    socket.write_all(&json)
+}
+
+/// Reads the configuration [`write_config`] wrote.
+pub fn read_config(socket: &mut impl Read) -> io::Result<ShimConfig> {
+    let mut length = [0u8; 4];
+    socket.read_exact(&mut length)?;
+    let length = u32::from_be_bytes(length) as usize;
+    if length > MAX_CONFIG_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("configuration length {length} exceeds {MAX_CONFIG_BYTES}")));
+    }
+    let mut json = vec![0u8; length];
+    socket.read_exact(&mut json)?;
+    serde_json::from_slice(&json).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
 }
 
 fn open_ns(init_pid: i32, name: &str) -> io::Result<OwnedFd> {
@@ -162,6 +199,11 @@ fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), C
         }
     };
     let (error_read, error_write) = pipe()?;
+    let filters = if config.privileged {
+        None
+    } else {
+        Some(super::security::build_filters().map_err(|error| io::Error::other(crate::linux::error_chain(&error)))?)
+    };
 
     // setns on a pid namespace only places this process's later children
     // in it, which is why the shim itself joins before forking.
@@ -177,6 +219,9 @@ fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), C
                 cgroup_dirs: &config.cgroup_dirs,
                 namespaces: &namespaces,
                 stdio: &child_stdio,
+                privileged: config.privileged,
+                no_new_privileges: config.no_new_privileges,
+                filters: filters.as_ref(),
             };
             let error = exec::run_child(&setup);
             let mut pipe = fs::File::from(error_write);

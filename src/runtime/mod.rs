@@ -164,4 +164,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// A snapshot of the container's host objects for the introspection
     /// endpoint (init pid, cgroup paths and the like).
     fn describe(&self) -> serde_json::Value;
+
+    /// Removes what the runtime keeps on disk for a finished process. The
+    /// default keeps nothing to remove.
+    fn forget_process(&self, _process_id: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }

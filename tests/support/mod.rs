@@ -196,6 +196,8 @@ pub struct ServerOptions {
     pub default_grace_time: String,
     /// The server's `max-containers`; `None` keeps the server's default.
     pub max_containers: Option<u32>,
+    /// More `key = value` lines for the configuration file.
+    pub extra_config: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -203,6 +205,7 @@ impl Default for ServerOptions {
         ServerOptions {
             default_grace_time: "0".into(),
             max_containers: None,
+            extra_config: Vec::new(),
         }
     }
 }
@@ -302,6 +305,10 @@ impl TestServer {
         );
         if let Some(max) = options.max_containers {
             config.push_str(&format!("max-containers = {max}\n"));
+        }
+        for line in &options.extra_config {
+            config.push_str(line);
+            config.push('\n');
         }
         let path = self.depot.parent().unwrap().join("trellis.toml");
         fs::write(&path, config).expect("writing the server configuration");

@@ -1,0 +1,597 @@
+//! Capability sets and the seccomp filter of container processes and of
+//! garden-init.
+//!
+//! Capability masks, as `/proc/<pid>/status` prints them:
+//!
+//! | process | inheritable and bounding | permitted and effective |
+//! |---|---|---|
+//! | unprivileged, any uid | [`UNPRIVILEGED_CAPS`] | uid 0: the same; else none |
+//! | privileged uid 0 | [`PRIVILEGED_ROOT_CAPS`] | the same |
+//! | privileged uid ≠ 0 | [`PRIVILEGED_USER_CAPS`] | none |
+//!
+//! Each mask is intersected with the bounding set the server runs with, so
+//! a server whose own bounding set lacks a capability cannot hand it out.
+//! The ambient set is always cleared.
+//!
+//! Unprivileged containers also get a seccomp filter (mode 2): an
+//! allow-list whose default action is `EPERM`, where `clone` is allowed only
+//! without namespace flags and `clone3` fails with `ENOSYS` so that libc
+//! falls back to `clone`.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
+
+/// CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP,
+/// NET_BIND_SERVICE, NET_RAW, SYS_CHROOT, MKNOD, AUDIT_WRITE, SETFCAP.
+pub const UNPRIVILEGED_CAPS: u64 = 0xa804_25fb;
+/// [`UNPRIVILEGED_CAPS`] plus SYS_ADMIN (21).
+pub const PRIVILEGED_USER_CAPS: u64 = UNPRIVILEGED_CAPS | 1 << 21;
+/// Capabilities 0 (CHOWN) to 37 (AUDIT_READ). Newer ones (PERFMON, BPF,
+/// CHECKPOINT_RESTORE) are left out even where the kernel has them.
+pub const PRIVILEGED_ROOT_CAPS: u64 = (1 << 38) - 1;
+
+/// `clone` flags that create namespaces: NEWNS, NEWUTS, NEWIPC, NEWUSER,
+/// NEWPID and NEWNET.
+pub const CLONE_NAMESPACE_FLAGS: u64 = 0x7C02_0000;
+
+/// Errors of applying capabilities or the seccomp filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error("failed to read the capability sets")]
+    ReadCapabilities { #[source] source: io::Error },
+    #[error("failed to drop capability {capability} from the bounding set")]
+    DropBounding { capability: u32, #[source] source: io::Error },
+    #[error("failed to set capabilities (inheritable {inheritable:#x}, permitted {permitted:#x}, effective {effective:#x})")]
+    SetCapabilities { inheritable: u64, permitted: u64, effective: u64, #[source] source: io::Error },
+    #[error("failed to clear the ambient capability set")]
+    ClearAmbient { #[source] source: io::Error },
+    #[error("failed to set the keep-capabilities flag")]
+    KeepCapabilities { #[source] source: io::Error },
+    #[error("failed to build the seccomp filter: {message}")]
+    BuildFilter { message: String },
+    #[error("failed to install the seccomp filter: {message}")]
+    InstallFilter { message: String },
+}
+
+/// Returns the inheritable and bounding set of a container process.
+pub fn container_caps(privileged: bool, uid: u32) -> u64 {
+    match (privileged, uid) {
+        (false, _) => UNPRIVILEGED_CAPS,
+        (true, 0) => PRIVILEGED_ROOT_CAPS,
+        (true, _) => PRIVILEGED_USER_CAPS,
+    }
+}
+
+/// The three capability sets of a thread, as masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapSets {
+    pub inheritable: u64,
+    pub permitted: u64,
+    pub effective: u64,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Reads this thread's capability sets.
+pub fn read_caps() -> Result<CapSets, SecurityError> {
+    let mut header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes two CapData entries for version 3.
+    let result = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if result != 0 {
+        return Err(SecurityError::ReadCapabilities { source: io::Error::last_os_error() });
+    }
+    let join = |low: u32, high: u32| u64::from(low) | u64::from(high) << 32;
+    Ok(CapSets {
+        inheritable: join(data[0].inheritable, data[1].inheritable),
+        permitted: join(data[0].permitted, data[1].permitted),
+        effective: join(data[0].effective, data[1].effective),
+    })
+}
+
+/// Sets this thread's capability sets.
+pub fn write_caps(sets: CapSets) -> Result<(), SecurityError> {
+    let mut header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+    let split = |mask: u64| (mask as u32, (mask >> 32) as u32);
+    let (inheritable_low, inheritable_high) = split(sets.inheritable);
+    let (permitted_low, permitted_high) = split(sets.permitted);
+    let (effective_low, effective_high) = split(sets.effective);
+    let data = [
+        CapData { effective: effective_low, permitted: permitted_low, inheritable: inheritable_low },
+        CapData { effective: effective_high, permitted: permitted_high, inheritable: inheritable_high },
+    ];
+    // SAFETY: capset reads two CapData entries for version 3.
+    let result = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if result != 0 {
+        return Err(SecurityError::SetCapabilities {
+            inheritable: sets.inheritable,
+            permitted: sets.permitted,
+            effective: sets.effective,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Returns this process's bounding set.
+pub fn read_bounding() -> u64 {
+    let mut mask = 0;
+    for capability in 0..64 {
+        // SAFETY: PR_CAPBSET_READ only reads.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_READ, capability as libc::c_ulong, 0, 0, 0) } == 1 {
+            mask |= 1 << capability;
+        }
+    }
+    mask
+}
+
+/// Limits the bounding set to `keep` and clears the ambient set. Needs
+/// CAP_SETPCAP, so it runs before the process gives up root.
+pub fn restrict_bounding(keep: u64) -> Result<(), SecurityError> {
+    for capability in 0..64u32 {
+        if keep & 1 << capability != 0 {
+            continue;
+        }
+        // SAFETY: PR_CAPBSET_DROP takes a capability number.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, capability as libc::c_ulong, 0, 0, 0) } != 0 {
+            let source = io::Error::last_os_error();
+            // EINVAL: the kernel has no capability of that number.
+            if source.raw_os_error() == Some(libc::EINVAL) {
+                continue;
+            }
+            return Err(SecurityError::DropBounding { capability, source });
+        }
+    }
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointer.
+    if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(SecurityError::ClearAmbient { source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// Sets or clears the flag that keeps the permitted set across a change
+/// from uid 0 to another uid.
+pub fn keep_caps(keep: bool) -> Result<(), SecurityError> {
+    // SAFETY: PR_SET_KEEPCAPS takes 0 or 1.
+    if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, keep as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(SecurityError::KeepCapabilities { source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+fn target_arch() -> Result<TargetArch, SecurityError> {
+    std::env::consts::ARCH.try_into().map_err(|error| SecurityError::BuildFilter { message: format!("{error:?}") })
+}
+
+/// Builds the two filters of an unprivileged container process: the
+/// allow-list, then the one that makes `clone3` fail with `ENOSYS`.
+///
+/// The kernel runs every installed filter and takes the strictest action,
+/// so `clone3`, allowed by the first, fails through the second.
+// NOTE: both filters check the architecture first and kill a process that
+// uses another ABI (32-bit x86), as seccompiler builds them; x32 system
+// calls carry the x86_64 architecture and get EPERM from the allow-list.
+pub fn build_filters() -> Result<[BpfProgram; 2], SecurityError> {
+    let arch = target_arch()?;
+    let build = |message: seccompiler::BackendError| SecurityError::BuildFilter { message: message.to_string() };
+
+    let mut allowed: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED_SYSCALLS.iter().map(|number| (*number, Vec::new())).collect();
+    let no_namespaces = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(CLONE_NAMESPACE_FLAGS), 0).map_err(build)?;
+    allowed.insert(libc::SYS_clone, vec![SeccompRule::new(vec![no_namespaces]).map_err(build)?]);
+    allowed.insert(libc::SYS_clone3, Vec::new());
+    let allow_list = SeccompFilter::new(allowed, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch).map_err(build)?;
+
+    let clone3: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
+    let clone3_filter = SeccompFilter::new(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch).map_err(build)?;
+
+    let compile = |filter: SeccompFilter| BpfProgram::try_from(filter).map_err(build);
+    Ok([compile(allow_list)?, compile(clone3_filter)?])
+}
+
+/// Installs filters built by [`build_filters`] on the calling thread.
+/// Needs CAP_SYS_ADMIN in the thread's user namespace, because the
+/// no_new_privs flag is not set. seccompiler's `apply_filter` is not used
+/// because it always sets no_new_privs, which Garden leaves to the
+/// operator's option: with it, setuid programs such as sudo stop working.
+pub fn install_filters(filters: &[BpfProgram; 2]) -> Result<(), SecurityError> {
+    #[repr(C)]
+    struct SockFprog {
+        len: libc::c_ushort,
+        filter: *const seccompiler::sock_filter,
+    }
+    for filter in filters {
+        let len = libc::c_ushort::try_from(filter.len())
+            .map_err(|_| SecurityError::InstallFilter { message: format!("filter of {} instructions is too long", filter.len()) })?;
+        let program = SockFprog { len, filter: filter.as_ptr() };
+        // SAFETY: the kernel copies the program, which outlives the call.
+        let result = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &program as *const SockFprog) };
+        if result != 0 {
+            return Err(SecurityError::InstallFilter { message: io::Error::last_os_error().to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// Sets the no_new_privs flag, the operator's hardening option.
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes 1.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// System calls the allow-list permits with any arguments. Left out, so
+/// they fail with EPERM: mount and the new mount API, umount2, pivot_root,
+/// unshare, setns, keyctl, add_key, request_key, module and kexec calls,
+/// reboot, swapon, swapoff, acct, bpf, perf_event_open, syslog, clock and
+/// time setting, sethostname, setdomainname, open_by_handle_at,
+/// name_to_handle_at, quotactl, userfaultfd, fanotify_init, io_uring, kcmp,
+/// pidfd_getfd, lookup_dcookie, iopl, ioperm and the NUMA page movers.
+const ALLOWED_SYSCALLS: &[i64] = &[
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_bind,
+    libc::SYS_brk,
+    libc::SYS_capget,
+    libc::SYS_capset,
+    libc::SYS_chdir,
+    libc::SYS_chroot,
+    libc::SYS_clock_getres,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_close,
+    libc::SYS_close_range,
+    libc::SYS_connect,
+    libc::SYS_copy_file_range,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_eventfd2,
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_fadvise64,
+    libc::SYS_fallocate,
+    libc::SYS_fchdir,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_fcntl,
+    libc::SYS_fdatasync,
+    libc::SYS_fgetxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_flock,
+    libc::SYS_fremovexattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_fstat,
+    libc::SYS_fstatfs,
+    libc::SYS_fsync,
+    libc::SYS_ftruncate,
+    libc::SYS_futex,
+    libc::SYS_get_mempolicy,
+    libc::SYS_get_robust_list,
+    libc::SYS_getcpu,
+    libc::SYS_getcwd,
+    libc::SYS_getdents64,
+    libc::SYS_getegid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getgroups,
+    libc::SYS_getitimer,
+    libc::SYS_getpeername,
+    libc::SYS_getpgid,
+    libc::SYS_getpid,
+    libc::SYS_getppid,
+    libc::SYS_getpriority,
+    libc::SYS_getrandom,
+    libc::SYS_getresgid,
+    libc::SYS_getresuid,
+    libc::SYS_getrlimit,
+    libc::SYS_getrusage,
+    libc::SYS_getsid,
+    libc::SYS_getsockname,
+    libc::SYS_getsockopt,
+    libc::SYS_gettid,
+    libc::SYS_gettimeofday,
+    libc::SYS_getuid,
+    libc::SYS_getxattr,
+    libc::SYS_inotify_add_watch,
+    libc::SYS_inotify_init1,
+    libc::SYS_inotify_rm_watch,
+    libc::SYS_io_cancel,
+    libc::SYS_io_destroy,
+    libc::SYS_io_getevents,
+    libc::SYS_io_setup,
+    libc::SYS_io_submit,
+    libc::SYS_ioctl,
+    libc::SYS_ioprio_get,
+    libc::SYS_ioprio_set,
+    libc::SYS_kill,
+    libc::SYS_landlock_add_rule,
+    libc::SYS_landlock_create_ruleset,
+    libc::SYS_landlock_restrict_self,
+    libc::SYS_lgetxattr,
+    libc::SYS_linkat,
+    libc::SYS_listen,
+    libc::SYS_listxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_lseek,
+    libc::SYS_lsetxattr,
+    libc::SYS_madvise,
+    libc::SYS_mbind,
+    libc::SYS_membarrier,
+    libc::SYS_memfd_create,
+    libc::SYS_mincore,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_mlock,
+    libc::SYS_mlock2,
+    libc::SYS_mlockall,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mq_getsetattr,
+    libc::SYS_mq_notify,
+    libc::SYS_mq_open,
+    libc::SYS_mq_timedreceive,
+    libc::SYS_mq_timedsend,
+    libc::SYS_mq_unlink,
+    libc::SYS_mremap,
+    libc::SYS_msgctl,
+    libc::SYS_msgget,
+    libc::SYS_msgrcv,
+    libc::SYS_msgsnd,
+    libc::SYS_msync,
+    libc::SYS_munlock,
+    libc::SYS_munlockall,
+    libc::SYS_munmap,
+    libc::SYS_nanosleep,
+    libc::SYS_newfstatat,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_personality,
+    libc::SYS_pidfd_open,
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_pipe2,
+    libc::SYS_ppoll,
+    libc::SYS_prctl,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_prlimit64,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_pselect6,
+    libc::SYS_ptrace,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_pwritev2,
+    libc::SYS_read,
+    libc::SYS_readahead,
+    libc::SYS_readlinkat,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_remap_file_pages,
+    libc::SYS_removexattr,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_restart_syscall,
+    libc::SYS_rseq,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigpending,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_rt_tgsigqueueinfo,
+    libc::SYS_sched_get_priority_max,
+    libc::SYS_sched_get_priority_min,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_getattr,
+    libc::SYS_sched_getparam,
+    libc::SYS_sched_getscheduler,
+    libc::SYS_sched_rr_get_interval,
+    libc::SYS_sched_setaffinity,
+    libc::SYS_sched_setattr,
+    libc::SYS_sched_setparam,
+    libc::SYS_sched_setscheduler,
+    libc::SYS_sched_yield,
+    libc::SYS_seccomp,
+    libc::SYS_semctl,
+    libc::SYS_semget,
+    libc::SYS_semop,
+    libc::SYS_semtimedop,
+    libc::SYS_sendfile,
+    libc::SYS_sendmmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_set_mempolicy,
+    libc::SYS_set_robust_list,
+    libc::SYS_set_tid_address,
+    libc::SYS_setfsgid,
+    libc::SYS_setfsuid,
+    libc::SYS_setgid,
+    libc::SYS_setgroups,
+    libc::SYS_setitimer,
+    libc::SYS_setpgid,
+    libc::SYS_setpriority,
+    libc::SYS_setregid,
+    libc::SYS_setresgid,
+    libc::SYS_setresuid,
+    libc::SYS_setreuid,
+    libc::SYS_setrlimit,
+    libc::SYS_setsid,
+    libc::SYS_setsockopt,
+    libc::SYS_setuid,
+    libc::SYS_setxattr,
+    libc::SYS_shmat,
+    libc::SYS_shmctl,
+    libc::SYS_shmdt,
+    libc::SYS_shmget,
+    libc::SYS_shutdown,
+    libc::SYS_sigaltstack,
+    libc::SYS_signalfd4,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_splice,
+    libc::SYS_statfs,
+    libc::SYS_statx,
+    libc::SYS_symlinkat,
+    libc::SYS_sync,
+    libc::SYS_sync_file_range,
+    libc::SYS_syncfs,
+    libc::SYS_sysinfo,
+    libc::SYS_tee,
+    libc::SYS_tgkill,
+    libc::SYS_timer_create,
+    libc::SYS_timer_delete,
+    libc::SYS_timer_getoverrun,
+    libc::SYS_timer_gettime,
+    libc::SYS_timer_settime,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_timerfd_settime,
+    libc::SYS_times,
+    libc::SYS_tkill,
+    libc::SYS_truncate,
+    libc::SYS_umask,
+    libc::SYS_uname,
+    libc::SYS_unlinkat,
+    libc::SYS_utimensat,
+    libc::SYS_vmsplice,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_write,
+    libc::SYS_writev,
+    // The older x86_64 calls that the generic table replaced.
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_access,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_alarm,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_arch_prctl,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_chmod,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_chown,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_creat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_dup2,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_epoll_create,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_epoll_wait,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_eventfd,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_fork,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_futimesat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_getdents,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_getpgrp,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_inotify_init,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_lchown,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_link,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_lstat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_mkdir,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_mknod,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_open,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_pause,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_pipe,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_poll,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_readlink,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_rename,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_rmdir,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_select,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_signalfd,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_stat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_symlink,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_time,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_unlink,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_utime,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_utimes,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_vfork,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_masks_match_garden() {
+        assert_eq!(container_caps(false, 0), 0xa80425fb);
+        assert_eq!(container_caps(false, 1000), 0xa80425fb);
+        assert_eq!(container_caps(true, 0), 0x3f_ffff_ffff);
+        assert_eq!(container_caps(true, 1000), 0xa82425fb);
+        assert_eq!(UNPRIVILEGED_CAPS.count_ones(), 14);
+    }
+
+    #[test]
+    fn allow_list_leaves_out_namespace_calls() {
+        for blocked in [libc::SYS_unshare, libc::SYS_setns, libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root, libc::SYS_keyctl] {
+            assert!(!ALLOWED_SYSCALLS.contains(&blocked), "system call {blocked} is allowed");
+        }
+        assert!(!ALLOWED_SYSCALLS.contains(&libc::SYS_clone), "clone must only be allowed with a condition");
+    }
+
+    #[test]
+    fn filters_build() {
+        let [allow_list, clone3] = build_filters().expect("filters build");
+        assert!(allow_list.len() > ALLOWED_SYSCALLS.len());
+        assert!(!clone3.is_empty());
+    }
+}
