@@ -57,13 +57,18 @@ impl Reaper {
         let Some(destroyer) = self.destroyer.clone() else {
             return;
         };
-        info!(self.logger, "grace time expired"; "handle" => &handle);
+        info!(self.logger, "reaping"; "handle" => &handle);
         let logger = self.logger.clone();
         ctx.spawn(
             async move {
+                // The record is gone already, so a failed reap is not
+                // retried (garden-protocol 8.4).
                 match destroyer.send(DestroyByHandle { handle: handle.clone() }).await {
-                    Ok(Ok(())) => info!(logger, "idle container destroyed"; "handle" => &handle),
+                    Ok(Ok(())) => info!(logger, "reaped"; "handle" => &handle),
                     Ok(Err(ContainerError::NotFound { .. })) => {}
+                    Ok(Err(ContainerError::AlreadyDestroying { .. })) => {
+                        info!(logger, "reap skipped: an API destroy of the container is running"; "handle" => &handle)
+                    }
                     Ok(Err(error)) => warn!(logger, "destroying idle container failed"; "handle" => &handle, "error" => %error),
                     Err(_) => warn!(logger, "destroying idle container failed: registry stopped"; "handle" => &handle),
                 }

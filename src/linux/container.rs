@@ -12,12 +12,13 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::cgroup::{CgroupError, ContainerCgroup};
+use super::cgroup::{effective_shares, CgroupError, ContainerCgroup};
+use super::metrics::{metrics_v1, HostShape};
 use super::init::InitConfig;
 use super::rootfs::{self, ContainerRootfs, RootfsError};
 use super::shim::ShimConfig;
 use super::{syscalls, users, LinuxRuntime};
-use crate::api::ProcessSpec;
+use crate::api::{CpuLimits, Limits, Metrics, ProcessSpec};
 use crate::runtime::stdio::{ShimFrame, StartFailure};
 use crate::runtime::{ContainerConfig, ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
 
@@ -87,6 +88,8 @@ pub struct LinuxContainer {
     /// Held by stop and destroy, so a destroy does not interleave with a
     /// stop's kill loop.
     lifecycle: Mutex<()>,
+    /// The limits in force: from the spec, then from `update_limits`.
+    limits: Mutex<Limits>,
 }
 
 /// Returns the cgroup name of a handle. Handles are validated by the
@@ -122,6 +125,7 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         init: Mutex::new(None),
         next_process: AtomicU64::new(0),
         lifecycle: Mutex::new(()),
+        limits: Mutex::new(config.spec.limits.clone()),
     };
     match build(runtime, config, &mut container, &source) {
         Ok(()) => {
@@ -458,6 +462,32 @@ impl ContainerRuntime for LinuxContainer {
     fn destroy(&self) -> Result<(), RuntimeError> {
         let _guard = self.lifecycle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         self.teardown(true)
+    }
+
+    fn update_limits(&self, current: &Limits, wanted: &Limits) -> Result<(), RuntimeError> {
+        let mut limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.cgroup.update_limits(current, wanted)?;
+        // NOTE: bandwidth (tc, linux-backend 7.6) and disk (7.5) limits are
+        // stored and reported by the server but not yet applied to a
+        // running container.
+        *limits = wanted.clone();
+        Ok(())
+    }
+
+    fn reported_limits(&self, set: &Limits) -> Limits {
+        // Clients compare CPU limits exactly and read them as shares: v1
+        // reports the effective shares S, never `weight`.
+        // NOTE: on cgroup v2 this should be W(S) (linux-backend 7.7), which
+        // needs the weight conversion that is not written yet.
+        let shares = effective_shares(&set.cpu_limits);
+        Limits { cpu_limits: CpuLimits { weight: 0, limit_in_shares: shares }, ..set.clone() }
+    }
+
+    fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError> {
+        let limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let stats = self.cgroup.stats();
+        let host = HostShape::read();
+        Ok(metrics_v1(&stats, effective_shares(&limits.cpu_limits), limits.pid_limits.max, &host, age))
     }
 
     fn describe(&self) -> serde_json::Value {
