@@ -91,6 +91,8 @@ struct State {
     capacity: Capacity,
     /// How long each destroy takes, so tests can overlap two destroys.
     destroy_delay: std::time::Duration,
+    /// How long each create takes, so tests can overlap creates.
+    create_delay: std::time::Duration,
     /// Control channels of running processes, per container.
     running: HashMap<String, Vec<mpsc::UnboundedSender<i32>>>,
     /// Metrics reported per handle, Age and CPU entitlement included.
@@ -157,6 +159,11 @@ impl MemoryRuntime {
         self.lock().applied_limits.get(handle).cloned()
     }
 
+    /// Makes every create take `delay` before it completes.
+    pub fn set_create_delay(&self, delay: std::time::Duration) {
+        self.lock().create_delay = delay;
+    }
+
     /// Returns every call recorded so far, one line each.
     pub fn calls(&self) -> Vec<String> {
         self.lock().calls.clone()
@@ -185,6 +192,8 @@ impl Runtime for MemoryRuntime {
     }
 
     fn create(&self, config: &ContainerConfig) -> Result<Arc<dyn ContainerRuntime>, RuntimeError> {
+        let delay = self.lock().create_delay;
+        std::thread::sleep(delay);
         let mut state = self.lock();
         state.calls.push(format!(
             "create {} grace_time={} privileged={} mapped_root={:?}",
