@@ -148,7 +148,8 @@ fn limits_are_applied_and_reported() {
     }
     assert_eq!(read_number(&cpu_dir.join("cpu.shares")), 512);
 
-    // Read back as set; CPU as shares, never weight (linux-backend 7.7).
+    // Read back as set; CPU as shares, never weight, because clients
+    // compare the struct exactly.
     assert_eq!(raw_request(&server, "GET", &format!("/containers/{handle}/limits/memory"), ""), (200, "{\"limit_in_bytes\":67108864}\n".into()));
     assert_eq!(raw_request(&server, "GET", &format!("/containers/{handle}/limits/cpu"), ""), (200, "{\"limit_in_shares\":512}\n".into()));
     for kind in ["bandwidth", "disk"] {
@@ -222,7 +223,9 @@ fn capacity_and_max_containers() {
     let Some(server) = TestServer::start("capacity_default_pool") else { return };
     let capacity = server.block_on(server.client.capacity()).unwrap();
     assert_eq!(capacity.max_containers, 256, "10.254.0.0/22 holds 256 blocks of /30");
-    assert!(capacity.memory_in_bytes > 0 && capacity.disk_in_bytes > 0 && capacity.schedulable_disk_in_bytes > 0, "{capacity:?}");
+    assert!(capacity.memory_in_bytes > 0, "{capacity:?}");
+    assert!(capacity.disk_in_bytes > 0, "{capacity:?}");
+    assert!(capacity.schedulable_disk_in_bytes > 0, "{capacity:?}");
     drop(server);
 
     let options = ServerOptions { max_containers: Some(2), ..ServerOptions::default() };
@@ -285,8 +288,8 @@ fn concurrent_creates_and_destroys() {
         }
     });
 
-    // A destroy racing a reap: every client gets an answer and nothing is
-    // left behind.
+    // A destroy racing a reap: every client gets a response and nothing
+    // is left behind.
     let handle = server.create("reap-race");
     server.block_on(async {
         let (set, destroyed) = tokio::join!(server.client.set_grace_time(&handle, Duration::ZERO), async {

@@ -1,8 +1,8 @@
-//! Raw-HTTP checks against an in-process server on the in-memory runtime:
-//! the bulk routes, metrics, the current-limits routes and the 2015 PUT
-//! limit routes, capacity and the container maximum, the grace-time state
-//! machine as clients see it, and concurrent creates and destroys
-//! (garden-protocol 14, items 15-16, 31-39, 47-57 and 87-91).
+//! Raw-HTTP checks against an in-process server on the in-memory runtime.
+//!
+//! They cover the bulk routes, metrics, the limits routes (current and
+//! 2015 PUT), capacity and the container maximum, the grace-time state
+//! machine as clients see it, and concurrent creates and destroys.
 
 #[path = "http_support.rs"]
 mod support;
@@ -43,7 +43,7 @@ fn bulk_info_entries_and_errors() {
     harness.create(r#"{"handle":"h1","properties":{"team":"red"}}"#);
     harness.create(r#"{"handle":"h2"}"#);
 
-    // Item 31: the comma is percent-encoded, as the Go client sends it.
+    // The comma is percent-encoded, as the Go client sends it.
     let response = harness.request("GET", "/containers/bulk_info?handles=h1%2Ch2", None);
     assert_eq!(response.status, 200);
     response.assert_json_convention();
@@ -56,7 +56,7 @@ fn bulk_info_entries_and_errors() {
     }
     assert_eq!(body["h1"]["Info"]["Properties"]["team"], "red");
 
-    // Item 32: an unknown handle gets an untyped per-entry error.
+    // An unknown handle gets an untyped per-entry error.
     let body = harness.request("GET", "/containers/bulk_info?handles=h1%2Cmissing", None).json();
     assert_eq!(body["h1"]["Err"], serde_json::Value::Null);
     assert_eq!(
@@ -69,7 +69,8 @@ fn bulk_info_entries_and_errors() {
                "ContainerPath":"","ProcessIDs":null,"Properties":null,"MappedPorts":null})
     );
 
-    // Items 33 and 34, and a handle named twice gets one entry.
+    // An empty or missing list means no handles, and a handle named
+    // twice gets one entry.
     assert_eq!(harness.request("GET", "/containers/bulk_info?handles=", None).body, b"{}\n");
     assert_eq!(harness.request("GET", "/containers/bulk_info", None).body, b"{}\n");
     let body = harness.request("GET", "/containers/bulk_info?handles=h2,h2%2Ch2", None).json();
@@ -81,7 +82,6 @@ fn bulk_metrics_and_metrics_shape() {
     let harness = Harness::start();
     harness.create(r#"{"handle":"h"}"#);
 
-    // Item 35.
     let body = harness.request("GET", "/containers/bulk_metrics?handles=h%2Cgone", None).json();
     assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
     assert_eq!(body["h"]["Err"], serde_json::Value::Null);
@@ -89,7 +89,7 @@ fn bulk_metrics_and_metrics_shape() {
     assert_eq!(body["gone"]["Err"]["Message"], "unknown handle: gone");
     assert_eq!(body["gone"]["Err"]["Type"], "");
 
-    // Item 36.
+    // All seven keys, and all 32 MemoryStat keys in the modern order.
     let response = harness.request("GET", "/containers/h/metrics", None);
     assert_eq!(response.status, 200);
     response.assert_json_convention();
@@ -110,7 +110,7 @@ fn bulk_metrics_and_metrics_shape() {
         assert!(metrics["CPUStat"][key].is_u64(), "{metrics}");
     }
 
-    // Item 37: Age is an integer that grows with the time between calls.
+    // Age is an integer that grows with the time between calls.
     let first = metrics["Age"].as_u64().expect("Age is an unsigned integer");
     std::thread::sleep(Duration::from_secs(1));
     let second = harness.request("GET", "/containers/h/metrics", None).json()["Age"].as_u64().unwrap();
@@ -123,7 +123,7 @@ fn bulk_metrics_and_metrics_shape() {
 #[test]
 fn current_limits_report_what_was_set() {
     let harness = Harness::start();
-    // Item 38, and item 87's 2015 create body.
+    // A 2015 create body with `rootfs` and four limit kinds.
     harness.create(
         r#"{"handle":"limited","rootfs":"/var/rootfs","limits":{"bandwidth_limits":{},"cpu_limits":{"weight":512},"disk_limits":{},
             "memory_limits":{"limit_in_bytes":268435456}}}"#,
@@ -135,7 +135,7 @@ fn current_limits_report_what_was_set() {
     // shares are checked against a real server.
     assert_eq!(harness.request("GET", "/containers/limited/limits/cpu", None).json(), json!({"weight":512}));
 
-    // Item 39: nothing set gives `{}` on all four.
+    // Nothing set gives `{}` on all four.
     harness.create(r#"{"handle":"plain"}"#);
     for kind in ["bandwidth", "cpu", "disk", "memory"] {
         let response = harness.request("GET", &format!("/containers/plain/limits/{kind}"), None);
@@ -152,7 +152,7 @@ fn put_limits_merge_apply_and_persist() {
     let harness = Harness::start();
     harness.create(r#"{"handle":"h","limits":{"memory_limits":{"limit_in_bytes":67108864},"cpu_limits":{"limit_in_shares":100}}}"#);
 
-    // Item 88: zero fields change nothing and answer the current limits.
+    // Zero fields change nothing, and the response holds the current limits.
     let response = harness.request("PUT", "/containers/h/limits/memory", Some(r#"{"limit_in_bytes":0}"#));
     assert_eq!(response.status, 200);
     assert_eq!(response.json(), json!({"limit_in_bytes":67108864}));
@@ -160,7 +160,6 @@ fn put_limits_merge_apply_and_persist() {
     assert_eq!(response.json(), json!({"limit_in_shares":100}));
     assert_eq!(harness.runtime.applied_limits("h"), None, "a zero update reached the runtime");
 
-    // Item 89.
     let response = harness.request("PUT", "/containers/h/limits/bandwidth", Some(r#"{"rate":1000,"burst":2000}"#));
     assert_eq!(response.status, 200);
     response.assert_json_convention();
@@ -255,14 +254,13 @@ fn concurrent_creates_of_one_handle() {
 #[test]
 fn grace_time_expiry_and_polling() {
     let harness = Harness::start();
-    // Item 47.
     harness.create(r#"{"handle":"set"}"#);
     let response = harness.request("PUT", "/containers/set/grace_time", Some("1000000000"));
     assert_eq!((response.status, response.body.as_slice()), (200, b"{}\n".as_slice()));
-    // Item 15.
+    // A duration string is not a number of nanoseconds.
     harness.request("PUT", "/containers/set/grace_time", Some("\"1s\"")).assert_envelope(500, "");
 
-    // Items 48 and 49: idle, or polled only through the bulk routes.
+    // Idle, polled only through the bulk routes, or polled through Info.
     let started = Instant::now();
     harness.create(r#"{"handle":"idle","grace_time":1000000000}"#);
     harness.create(r#"{"handle":"bulk-polled","grace_time":1000000000}"#);
@@ -271,7 +269,7 @@ fn grace_time_expiry_and_polling() {
     while started.elapsed() < Duration::from_millis(2600) {
         harness.request("GET", "/containers/bulk_info?handles=bulk-polled", None);
         harness.request("GET", "/containers/bulk_metrics?handles=bulk-polled", None);
-        assert_eq!(harness.request("GET", "/containers/info-polled/info", None).status, 200, "item 50");
+        assert_eq!(harness.request("GET", "/containers/info-polled/info", None).status, 200, "the polled container was reaped");
         let handles = listed(&harness);
         if gone_at.is_none() && !handles.contains(&"idle".to_string()) {
             gone_at = Some(started.elapsed());
@@ -282,7 +280,7 @@ fn grace_time_expiry_and_polling() {
     assert!(gone_at >= Duration::from_secs(1), "reaped after {gone_at:?}, before its grace time");
     let handles = listed(&harness);
     assert!(!handles.contains(&"bulk-polled".to_string()), "bulk polling kept the container: {handles:?}");
-    // Item 50: Info polling every 200 ms kept it alive for 2.6 s.
+    // Info polling every 200 ms kept it alive for 2.6 s.
     assert!(handles.contains(&"info-polled".to_string()), "{handles:?}");
     wait_until_gone(&harness, "info-polled");
     assert!(harness.runtime.calls().iter().any(|call| call == "destroy idle"));
@@ -291,24 +289,24 @@ fn grace_time_expiry_and_polling() {
 #[test]
 fn grace_time_reset_rules() {
     let harness = Harness::start();
-    // Item 53.
+    // A reset on an idle container restarts the countdown.
     harness.create(r#"{"handle":"reset"}"#);
     harness.request("PUT", "/containers/reset/grace_time", Some("500000000"));
     wait_until_gone(&harness, "reset");
 
-    // Item 57 (quirk): zero on an idle container with a timer reaps it.
+    // Garden's quirk: zero on an idle container with a timer reaps it.
     harness.create(r#"{"handle":"zero","grace_time":3600000000000}"#);
     assert_eq!(harness.request("PUT", "/containers/zero/grace_time", Some("0")).status, 200);
     wait_until_gone(&harness, "zero");
 
-    // Item 56: an explicit destroy disarms the timer, so a new container
+    // An explicit destroy disarms the timer, so a new container
     // with the same handle does not inherit it.
     harness.create(r#"{"handle":"again","grace_time":300000000}"#);
     assert_eq!(harness.request("DELETE", "/containers/again", None).status, 200);
     harness.create(r#"{"handle":"again"}"#);
     std::thread::sleep(Duration::from_millis(800));
     assert!(listed(&harness).contains(&"again".to_string()), "the old timer reaped the new container");
-    // Item 54: the default of 0 never reaps.
+    // The server default of 0 never reaps the new container.
     assert_eq!(harness.runtime.calls().iter().filter(|call| *call == "destroy again").count(), 1);
 }
 
@@ -325,7 +323,7 @@ fn open_run_connection_survives_short_grace_time() {
     let head = read_until(&mut stream, &mut buffer, b"\r\n\r\n");
     assert!(head.starts_with(b"HTTP/1.1 201"), "{}", String::from_utf8_lossy(&head));
     read_until(&mut stream, &mut buffer, b"\n");
-    // Item 52: a reset while the connection is open starts no timer.
+    // A reset while the connection is open starts no timer.
     assert_eq!(harness.request("PUT", "/containers/h/grace_time", Some("50000000")).status, 200);
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(listed(&harness), vec!["h".to_string()]);
@@ -336,7 +334,6 @@ fn open_run_connection_survives_short_grace_time() {
 
 #[test]
 fn server_default_grace_time_applies() {
-    // Item 55, with 1 s instead of 2 s.
     let harness = Harness::start_with(|config| config.default_grace_time = Duration::from_secs(1));
     harness.create(r#"{"handle":"defaulted"}"#);
     let properties = harness.request("GET", "/containers/defaulted/properties", None).json();

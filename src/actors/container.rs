@@ -549,11 +549,10 @@ pub enum LimitUpdate {
 }
 
 /// Returns `current` with the non-zero fields of `update` applied
-/// (garden-protocol 11.1: a zero field leaves that limit as it is).
+/// (the 2015 routes leave a limit as it is when its field is zero).
 ///
-/// A CPU update names shares one way; setting `limit_in_shares` alone
-/// clears `weight`, which would otherwise take precedence (linux-backend
-/// 7.3) and hide the new value. A disk update takes its `scope` along when
+/// Setting `limit_in_shares` alone clears `weight`. Otherwise `weight`
+/// would stay the effective shares and hide the new value. A disk update takes its `scope` along when
 /// it sets any size.
 pub fn merge_limits(current: &Limits, update: &LimitUpdate) -> Limits {
     let mut merged = current.clone();
@@ -616,17 +615,17 @@ impl Handler<UpdateLimits> for Container {
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
         let current = self.spec.limits.clone();
-        let wanted = merge_limits(&current, &message.update);
-        if wanted == current {
+        let requested = merge_limits(&current, &message.update);
+        if requested == current {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(self.runtime.reported_limits(&current)))));
         }
         let runtime = self.runtime.clone();
-        let applied = wanted.clone();
+        let applied = requested.clone();
         let apply = async move { blocking(move || runtime.update_limits(&current, &applied)).await };
         AtomicResponse::new(Box::pin(apply.into_actor(self).then(move |result, container, _| {
             let persist = result.map(|()| {
-                info!(container.logger, "limits changed"; "limits" => serde_json::to_string(&wanted).unwrap_or_default());
-                container.spec.limits = wanted;
+                info!(container.logger, "limits changed"; "limits" => serde_json::to_string(&requested).unwrap_or_default());
+                container.spec.limits = requested;
                 container.persist()
             });
             async move { persist?.await }.into_actor(container).map(|result, container, _| {

@@ -62,7 +62,7 @@ impl Reaper {
         ctx.spawn(
             async move {
                 // The record is gone already, so a failed reap is not
-                // retried (garden-protocol 8.4).
+                // retried, as in Garden.
                 match destroyer.send(DestroyByHandle { handle: handle.clone() }).await {
                     Ok(Ok(())) => info!(logger, "reaped"; "handle" => &handle),
                     Ok(Err(ContainerError::NotFound { .. })) => {}

@@ -322,7 +322,7 @@ fn untyped(error: &ApiError) -> ErrorEnvelope {
     ErrorEnvelope { message: error.to_string(), ..ErrorEnvelope::default() }
 }
 
-/// Answers a limits route with the one limit kind it names.
+/// Builds the response of a limits route: the one limit kind it names.
 fn limits_response(route: Route, limits: &api::Limits) -> HttpResponse {
     match route {
         Route::CurrentBandwidthLimits | Route::LimitBandwidth => json_ok(&limits.bandwidth_limits),

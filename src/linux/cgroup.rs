@@ -253,14 +253,14 @@ impl ContainerCgroup {
         Ok(())
     }
 
-    /// Applies `wanted` where it differs from `current`, for the limits with
+    /// Applies `requested` where it differs from `current`, for the limits with
     /// a simple kernel effect: memory (with swap on v1), pids and cpu
-    /// shares. A zero wanted value leaves that limit as it is.
-    pub fn update_limits(&self, current: &Limits, wanted: &Limits) -> Result<(), CgroupError> {
+    /// shares. A zero requested value leaves that limit as it is.
+    pub fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), CgroupError> {
         let old_memory = current.memory_limits.limit_in_bytes.min(i64::MAX as u64);
-        let memory = wanted.memory_limits.limit_in_bytes.min(i64::MAX as u64);
-        let pids = wanted.pid_limits.max;
-        let shares = effective_shares(&wanted.cpu_limits);
+        let memory = requested.memory_limits.limit_in_bytes.min(i64::MAX as u64);
+        let pids = requested.pid_limits.max;
+        let shares = effective_shares(&requested.cpu_limits);
         for dir in &self.dirs {
             match self.version {
                 CgroupVersion::V1 => {
@@ -281,8 +281,8 @@ impl ContainerCgroup {
                     if pids > 0 {
                         write_control(dir, "pids.max", &pids.to_string())?;
                     }
-                    // NOTE: cpu.weight on v2 (linux-backend 7.3) is not
-                    // written yet, at create or here.
+                    // NOTE: cpu.weight on v2, converted from shares, is
+                    // not written yet, at create or here.
                 }
             }
         }
@@ -439,7 +439,7 @@ fn write_v1_memory(dir: &Path, bytes: u64, raising: bool) -> Result<(), CgroupEr
 }
 
 /// Returns the effective v1 shares of a CPU limit: `weight` when set, else
-/// `limit_in_shares` (linux-backend 7.3); 0 means not set.
+/// `limit_in_shares`; 0 means not set.
 pub fn effective_shares(cpu: &CpuLimits) -> u64 {
     if cpu.weight > 0 {
         cpu.weight

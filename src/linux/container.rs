@@ -464,21 +464,21 @@ impl ContainerRuntime for LinuxContainer {
         self.teardown(true)
     }
 
-    fn update_limits(&self, current: &Limits, wanted: &Limits) -> Result<(), RuntimeError> {
+    fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), RuntimeError> {
         let mut limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.cgroup.update_limits(current, wanted)?;
-        // NOTE: bandwidth (tc, linux-backend 7.6) and disk (7.5) limits are
-        // stored and reported by the server but not yet applied to a
+        self.cgroup.update_limits(current, requested)?;
+        // NOTE: bandwidth (tc on the host end of the link) and disk limits
+        // are stored and reported by the server but not yet applied to a
         // running container.
-        *limits = wanted.clone();
+        *limits = requested.clone();
         Ok(())
     }
 
     fn reported_limits(&self, set: &Limits) -> Limits {
         // Clients compare CPU limits exactly and read them as shares: v1
         // reports the effective shares S, never `weight`.
-        // NOTE: on cgroup v2 this should be W(S) (linux-backend 7.7), which
-        // needs the weight conversion that is not written yet.
+        // NOTE: on cgroup v2 this should be the cpu.weight converted from S,
+        // which needs the weight conversion that is not written yet.
         let shares = effective_shares(&set.cpu_limits);
         Limits { cpu_limits: CpuLimits { weight: 0, limit_in_shares: shares }, ..set.clone() }
     }

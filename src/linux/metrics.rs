@@ -1,5 +1,4 @@
-//! Metrics of a Linux container from its cgroup v1 counters
-//! (linux-backend 9.2).
+//! Metrics of a Linux container from its cgroup v1 counters.
 //!
 //! The pure conversions live here so they can be tested without root; the
 //! reading is [`super::cgroup::ContainerCgroup::stats`].
@@ -11,7 +10,8 @@ use crate::api::{CpuStat, Metrics, MemoryStat, PidStat};
 
 use super::cgroup::CgroupStats;
 
-/// What the host contributes to the CPU entitlement.
+/// The host's CPU count, memory size and clock tick, for CPU time and
+/// entitlement.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HostShape {
     pub cpu_cores: u64,
@@ -31,8 +31,8 @@ impl HostShape {
         }
     }
 
-    /// The default entitlement per share, in percent: CPU cores × 100 ÷
-    /// the host's memory in MiB (integer division of the bytes).
+    /// Returns the default entitlement per share, in percent: CPU cores ×
+    /// 100 ÷ the host's memory in MiB (integer division of the bytes).
     pub fn entitlement_per_share_percent(&self) -> f64 {
         let mebibytes = self.memory_bytes / 1_048_576;
         if mebibytes == 0 {
@@ -53,7 +53,7 @@ pub fn cpu_entitlement(shares: u64, percent_per_share: f64, age: Duration) -> u6
 }
 
 /// Fills the v1 memory statistics from the keys of `memory.stat`. The v2
-/// keys (`anon`, `file`, `swapcached`) stay 0, as linux-backend 9.2 says.
+/// keys (`anon`, `file`, `swapcached`) stay 0 on a v1 host.
 pub fn memory_stat_v1(stat: &BTreeMap<String, u64>) -> MemoryStat {
     let get = |key: &str| stat.get(key).copied().unwrap_or(0);
     let toward_limit = (get("total_rss") + get("total_cache") + get("total_swap")).saturating_sub(get("total_inactive_file"));
@@ -97,7 +97,7 @@ pub fn memory_stat_v1(stat: &BTreeMap<String, u64>) -> MemoryStat {
 ///
 /// NOTE: `DiskStat` stays zero and `NetworkStat` null: disk usage needs the
 /// writable layer's accounting and network counters the container's
-/// interface, both later work (linux-backend 9.2).
+/// interface, both later work.
 pub fn metrics_v1(stats: &CgroupStats, shares: u64, pid_limit: u64, host: &HostShape, age: Duration) -> Metrics {
     let tick_ns = 1_000_000_000 / host.ticks_per_second.max(1);
     Metrics {

@@ -289,10 +289,10 @@ impl ContainerRuntime for MemoryContainer {
         }
     }
 
-    fn update_limits(&self, _current: &Limits, wanted: &Limits) -> Result<(), RuntimeError> {
+    fn update_limits(&self, _current: &Limits, requested: &Limits) -> Result<(), RuntimeError> {
         let mut state = self.runtime.lock();
-        state.calls.push(format!("update_limits {} {}", self.handle, serde_json::to_string(wanted).unwrap_or_default()));
-        state.applied_limits.insert(self.handle.clone(), wanted.clone());
+        state.calls.push(format!("update_limits {} {}", self.handle, serde_json::to_string(requested).unwrap_or_default()));
+        state.applied_limits.insert(self.handle.clone(), requested.clone());
         Ok(())
     }
 

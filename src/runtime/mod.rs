@@ -140,14 +140,14 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn destroy(&self) -> Result<(), RuntimeError>;
 
     /// Applies changed limits to the running container. `current` is what
-    /// was in force and `wanted` what should be; the server has already
+    /// was in force and `requested` what should be; the server has already
     /// merged the request (a zero field keeps the current value). Limits
     /// without a simple kernel effect are only stored by the server.
-    fn update_limits(&self, current: &Limits, wanted: &Limits) -> Result<(), RuntimeError>;
+    fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), RuntimeError>;
 
     /// Returns the limits as this runtime reports them to clients, given
     /// the limits that were set. The Linux runtime reports CPU as the
-    /// shares the kernel got (linux-backend 7.7); a runtime that enforces
+    /// shares the kernel got, never `weight`; a runtime that enforces
     /// nothing may report `set` unchanged.
     fn reported_limits(&self, set: &Limits) -> Limits;
 
