@@ -359,3 +359,25 @@ fn destroy_during_a_reap_is_refused() {
     assert_eq!(harness.runtime.calls().iter().filter(|call| *call == "destroy h").count(), 1);
     assert!(harness.runtime.containers().is_empty());
 }
+
+#[test]
+fn grace_time_store_failure_is_500() {
+    let harness = Harness::start();
+    harness.create(r#"{"handle":"h","grace_time":3600000000000}"#);
+    // A directory where the state file's temporary copy goes makes the
+    // atomic write fail.
+    let blocker = harness.depot.path().join("h/.container.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let envelope = harness.request("PUT", "/containers/h/grace_time", Some("0")).assert_envelope(500, "");
+    assert!(envelope["Message"].as_str().unwrap().contains("container.json"), "{envelope}");
+    // Neither the value nor the timer changed: zero would have reaped the
+    // idle container at once.
+    let properties = harness.request("GET", "/containers/h/properties", None).json();
+    assert_eq!(properties["garden.grace-time"], "3600000000000");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(listed(&harness), vec!["h".to_string()]);
+
+    std::fs::remove_dir(&blocker).unwrap();
+    assert_eq!(harness.request("PUT", "/containers/h/grace_time", Some("0")).status, 200);
+    wait_until_gone(&harness, "h");
+}
