@@ -306,8 +306,10 @@ fn tty_window_size_and_resize() {
 
         // A terminal echoes input and may add prompts, so the test looks
         // for the sizes in the output rather than comparing it whole.
-        process.write_stdin(b"stty size; echo first-done\n").await.unwrap();
-        wait_for_text(&stdout, "first-done\r\n").await;
+        // The terminal echoes the typed line, so the marker is computed by
+        // the shell: only the command's own output contains `first-42`.
+        process.write_stdin(b"stty size; echo first-$((40+2))\n").await.unwrap();
+        wait_for_text(&stdout, "first-42\r\n").await;
         process.resize(120, 40).await.unwrap();
         process.write_stdin(b"stty size; exit 4\n").await.unwrap();
         assert_eq!(process.wait().await.unwrap(), 4);

@@ -262,7 +262,11 @@ impl Process {
         }
     }
 
-    fn finish_stream(&mut self, stream_id: &str, ctx: &mut Context<Self>) {
+    /// Marks a stream finished. A detached stream (`reclaim`) returns what
+    /// its unclaimed reserved readers queued to the ring buffer, for the next
+    /// attacher; a stream that ended with the process keeps it for a late
+    /// stdout or stderr connection of its own.
+    fn finish_stream(&mut self, stream_id: &str, reclaim: bool, ctx: &mut Context<Self>) {
         let Some(record) = self.streams.get_mut(stream_id) else {
             return;
         };
@@ -273,6 +277,20 @@ impl Process {
         record.liveness = None;
         for output in &mut self.outputs {
             output.readers.retain(|reader| reader.stream_id != stream_id);
+        }
+        if reclaim {
+            for kind in [OutputKind::Stdout, OutputKind::Stderr] {
+                let Some(mut receiver) = record.expected[kind.index()].take() else {
+                    continue;
+                };
+                let output = &mut self.outputs[kind.index()];
+                let keep = output.readers.is_empty();
+                while let Ok(chunk) = receiver.try_recv() {
+                    if keep {
+                        output.unattached.push(chunk);
+                    }
+                }
+            }
         }
         debug!(self.logger, "stream finished"; "stream_id" => stream_id);
         let stream_id = stream_id.to_string();
@@ -333,7 +351,7 @@ impl Handler<OpenStream> for Process {
         if finished {
             // The process has already ended: the stream only serves the kept
             // output to late output attaches.
-            self.finish_stream(&message.stream_id, ctx);
+            self.finish_stream(&message.stream_id, false, ctx);
         }
         MessageResult(StreamHandle {
             process_id: self.process_id.clone(),
@@ -357,7 +375,7 @@ impl Handler<CloseStream> for Process {
     type Result = ();
 
     fn handle(&mut self, message: CloseStream, ctx: &mut Context<Self>) {
-        self.finish_stream(&message.stream_id, ctx);
+        self.finish_stream(&message.stream_id, true, ctx);
     }
 }
 
@@ -465,7 +483,7 @@ impl Handler<ShimExited> for Process {
         self.exit.send_replace(Some(message.outcome));
         let stream_ids: Vec<String> = self.streams.keys().cloned().collect();
         for stream_id in stream_ids {
-            self.finish_stream(&stream_id, ctx);
+            self.finish_stream(&stream_id, false, ctx);
         }
     }
 }
