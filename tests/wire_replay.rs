@@ -449,11 +449,28 @@ fn start_attach_target(harness: &Harness) {
     let head = read_until(&mut stream, &mut buffer, b"\r\n\r\n");
     assert!(head.starts_with(b"HTTP/1.1 201 Created\r\n"), "{}", String::from_utf8_lossy(&head));
     read_until(&mut stream, &mut buffer, b"\n");
-    // The Run's stream holds the process's first output for its stdout and
-    // stderr attaches, which never come; after this wait the server keeps
-    // that output for the next attacher, as for a process started long
-    // before the capture.
-    std::thread::sleep(trellis::actors::process::EXPECTED_ATTACH_WAIT + Duration::from_millis(500));
+    drop(stream);
+    // The detach returns the output the Run's stream held to the ring
+    // buffer. Until then an Attach would not see it, so wait for both
+    // outputs to be kept.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let snapshot = harness.introspect();
+        let kept: Vec<u64> = snapshot["registry"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|container| container["container"]["processes"].as_array().cloned().unwrap_or_default())
+            .filter(|process| process["process_id"] == "8c0d4f2a-5e6b-4a7c-9d1e-0b2f3a4c5d6e")
+            .flat_map(|process| process["outputs"].as_array().cloned().unwrap_or_default())
+            .map(|output| output["kept_bytes"].as_u64().unwrap_or(0))
+            .collect();
+        if kept.len() == 2 && kept.iter().all(|bytes| *bytes > 0) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the detached output was not kept: {snapshot}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
