@@ -188,6 +188,20 @@ fn limits_are_applied_and_reported() {
     assert_eq!(metrics.pid_stat.max, 128);
     assert_eq!(metrics.memory_stat.hierarchical_memory_limit, 32 << 20);
     server.block_on(server.client.destroy(&handle)).unwrap();
+
+    // A container created without a memory limit gets its first one: a
+    // change down from unlimited, so the memory limit is written first.
+    let handle = server.create("unlimited");
+    let memory_dir = cgroup_with(&server, &handle, "memory.limit_in_bytes");
+    let target = format!("/containers/{handle}/limits/memory");
+    assert_eq!(raw_request(&server, "GET", &target, ""), (200, "{}\n".into()));
+    assert_eq!(raw_request(&server, "PUT", &target, r#"{"limit_in_bytes":67108864}"#), (200, "{\"limit_in_bytes\":67108864}\n".into()));
+    assert_eq!(read_number(&memory_dir.join("memory.limit_in_bytes")), 64 << 20);
+    let memsw = memory_dir.join("memory.memsw.limit_in_bytes");
+    if memsw.exists() {
+        assert_eq!(read_number(&memsw), 64 << 20);
+    }
+    server.block_on(server.client.destroy(&handle)).unwrap();
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
 

@@ -220,37 +220,11 @@ impl ContainerCgroup {
 
     /// Applies the memory limit, the pid limit and the cpu shares of `limits`
     /// where set (0 means unset).
-    // TODO: the cpu quota and the v1 to v2 weight conversion are not
-    // written yet.
+    // TODO: the cpu quota and the v2 swap limit are not written yet.
     pub fn apply_limits(&self, limits: &Limits) -> Result<(), CgroupError> {
-        let memory = limits.memory_limits.limit_in_bytes.min(i64::MAX as u64);
-        let pids = limits.pid_limits.max;
-        let shares = effective_shares(&limits.cpu_limits);
-        for dir in &self.dirs {
-            match self.version {
-                CgroupVersion::V1 => {
-                    if memory > 0 && dir.join("memory.limit_in_bytes").exists() {
-                        // A new cgroup has no limit, so this is a lowering.
-                        write_v1_memory(dir, memory, false)?;
-                    }
-                    if pids > 0 && dir.join("pids.max").exists() {
-                        write_control(dir, "pids.max", &pids.to_string())?;
-                    }
-                    if shares > 0 && dir.join("cpu.shares").exists() {
-                        write_control(dir, "cpu.shares", &shares.to_string())?;
-                    }
-                }
-                CgroupVersion::V2 => {
-                    if memory > 0 {
-                        write_control(dir, "memory.max", &memory.to_string())?;
-                    }
-                    if pids > 0 {
-                        write_control(dir, "pids.max", &pids.to_string())?;
-                    }
-                }
-            }
-        }
-        Ok(())
+        // A new cgroup has no limits, so every value set is a change from
+        // unlimited.
+        self.update_limits(&Limits::default(), limits)
     }
 
     /// Applies `requested` where it differs from `current`, for the limits with
@@ -265,7 +239,8 @@ impl ContainerCgroup {
             match self.version {
                 CgroupVersion::V1 => {
                     if memory > 0 && memory != old_memory && dir.join("memory.limit_in_bytes").exists() {
-                        write_v1_memory(dir, memory, old_memory == 0 || memory > old_memory)?;
+                        // Zero means unlimited, so any value lowers it.
+                        write_v1_memory(dir, memory, old_memory != 0 && memory > old_memory)?;
                     }
                     if pids > 0 && dir.join("pids.max").exists() {
                         write_control(dir, "pids.max", &pids.to_string())?;
@@ -281,8 +256,9 @@ impl ContainerCgroup {
                     if pids > 0 {
                         write_control(dir, "pids.max", &pids.to_string())?;
                     }
-                    // NOTE: cpu.weight on v2, converted from shares, is
-                    // not written yet, at create or here.
+                    if shares > 0 && dir.join("cpu.weight").exists() {
+                        write_control(dir, "cpu.weight", &v2_weight(shares).to_string())?;
+                    }
                 }
             }
         }
@@ -448,6 +424,23 @@ pub fn effective_shares(cpu: &CpuLimits) -> u64 {
     }
 }
 
+/// Converts v1 shares to a cgroup v2 `cpu.weight` (1 to 10000) on the
+/// curve that maps 2, 1024 and 262144 shares to 1, 100 and 10000:
+/// W = ⌈10^((L² + 125·L − 126) / 612)⌉ with L = log₂ S.
+pub fn v2_weight(shares: u64) -> u64 {
+    if shares <= 2 {
+        return 1;
+    }
+    if shares >= 262_144 {
+        return 10_000;
+    }
+    let log = (shares as f64).log2();
+    let weight = 10f64.powf((log * log + 125.0 * log - 126.0) / 612.0);
+    // The tolerance keeps an exact power such as 100 from rounding up to
+    // 101 through floating-point error.
+    ((weight - 1e-9).ceil() as u64).clamp(1, 10_000)
+}
+
 /// Usage counters of one container's cgroups (v1 file names).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CgroupStats {
@@ -596,9 +589,12 @@ mod tests {
         let mut limits = Limits::default();
         limits.memory_limits.limit_in_bytes = 64 << 20;
         limits.pid_limits.max = 50;
+        limits.cpu_limits.weight = 1028;
+        fs::write(dir.join("cpu.weight"), "100").unwrap();
         cgroup.create(false, &limits).unwrap();
         assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), "67108864");
         assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "50");
+        assert_eq!(fs::read_to_string(dir.join("cpu.weight")).unwrap(), "101");
 
         cgroup.attach(4242).unwrap();
         assert_eq!(fs::read_to_string(dir.join("cgroup.procs")).unwrap(), "4242");
@@ -611,6 +607,13 @@ mod tests {
 
         assert!(cgroup.kill_all().unwrap());
         assert_eq!(fs::read_to_string(dir.join("cgroup.kill")).unwrap(), "1");
+    }
+
+    #[test]
+    fn v2_weight_follows_the_curve() {
+        for (shares, weight) in [(1028, 101), (280, 37), (1024, 100), (100, 17), (123, 20), (2, 1), (0, 1), (262_144, 10_000), (1 << 30, 10_000)] {
+            assert_eq!(v2_weight(shares), weight, "{shares} shares");
+        }
     }
 
     #[test]

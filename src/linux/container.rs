@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::cgroup::{effective_shares, CgroupError, ContainerCgroup};
+use super::cgroup::{effective_shares, v2_weight, CgroupError, CgroupVersion, ContainerCgroup};
 use super::metrics::{metrics_v1, HostShape};
 use super::init::InitConfig;
 use super::rootfs::{self, ContainerRootfs, RootfsError};
@@ -475,12 +475,14 @@ impl ContainerRuntime for LinuxContainer {
     }
 
     fn reported_limits(&self, set: &Limits) -> Limits {
-        // Clients compare CPU limits exactly and read them as shares: v1
-        // reports the effective shares S, never `weight`.
-        // NOTE: on cgroup v2 this should be the cpu.weight converted from S,
-        // which needs the weight conversion that is not written yet.
+        // Clients compare CPU limits exactly and read them as shares, never
+        // `weight`: v1 reports the shares S, v2 the cpu.weight it wrote.
         let shares = effective_shares(&set.cpu_limits);
-        Limits { cpu_limits: CpuLimits { weight: 0, limit_in_shares: shares }, ..set.clone() }
+        let reported = match (self.cgroup.version, shares) {
+            (_, 0) | (CgroupVersion::V1, _) => shares,
+            (CgroupVersion::V2, _) => v2_weight(shares),
+        };
+        Limits { cpu_limits: CpuLimits { weight: 0, limit_in_shares: reported }, ..set.clone() }
     }
 
     fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError> {
