@@ -323,3 +323,53 @@ fn concurrent_creates_and_destroys() {
     assert!(!listed(&server, &won));
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn grace_time_rules_on_a_real_server() {
+    let options = ServerOptions { default_grace_time: "1s".into(), ..ServerOptions::default() };
+    let Some(server) = TestServer::start_with("grace_time_rules_on_a_real_server", options) else { return };
+    // The server default applies to a spec without a grace time.
+    let idle = server.create("idle");
+    let properties = server.block_on(server.client.properties(&idle)).unwrap();
+    assert_eq!(properties.get("garden.grace-time").map(String::as_str), Some("1000000000"));
+    // The others start with an hour, so the time their creates take does
+    // not count, and get 1 s once everything is in place.
+    let create_for_an_hour = |label: &str| {
+        let spec = ContainerSpec { handle: server.unique_handle(label), grace_time: 3_600_000_000_000, ..ContainerSpec::default() };
+        server.block_on(server.client.create(&spec)).unwrap()
+    };
+    let info_polled = create_for_an_hour("info-polled");
+    let bulk_polled = create_for_an_hour("bulk-polled");
+    let running = create_for_an_hour("running");
+
+    server.block_on(async {
+        // A Run connection open for 2.5 s keeps its container.
+        let spec = command_spec("sleep", &["2.5"]);
+        let mut process = server.client.run(&running, &spec, ProcessIo::default()).await.unwrap();
+        for handle in [&info_polled, &bulk_polled, &running] {
+            server.client.set_grace_time(handle, Duration::from_secs(1)).await.unwrap();
+        }
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(2000) {
+            server.client.info(&info_polled).await.unwrap();
+            server.client.bulk_info(&[&bulk_polled]).await.unwrap();
+            server.client.bulk_metrics(&[&bulk_polled]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let listed = server.client.list(&Properties::new()).await.unwrap();
+        assert!(listed.contains(&info_polled), "Info polling did not keep the container");
+        assert!(listed.contains(&running), "an open Run connection did not keep the container");
+        assert!(!listed.contains(&idle), "the idle container outlived its grace time");
+        assert!(!listed.contains(&bulk_polled), "bulk polling kept the container");
+        // Keep it for the zero-reset check at the end.
+        server.client.set_grace_time(&info_polled, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(process.wait().await.unwrap(), 0);
+    });
+    // The countdown starts when the Run connection ends.
+    wait_until_gone(&server, &running, Duration::from_secs(10));
+
+    // Garden's quirk: zero on an idle container with a timer reaps it now.
+    server.block_on(server.client.set_grace_time(&info_polled, Duration::ZERO)).unwrap();
+    wait_until_gone(&server, &info_polled, Duration::from_secs(10));
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}
