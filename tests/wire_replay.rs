@@ -24,7 +24,8 @@ use trellis::http::router::match_route;
 use trellis::runtime::memory::{Action, ProcessScript};
 use trellis::runtime::RuntimeError;
 
-const FIXTURES: &str = "/work/shared/fixtures/wire";
+/// The golden transcripts, in the `shared` folder beside this repository.
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/wire");
 
 /// The transcripts this server serves so far, in capture order (the
 /// backend state carries over from one to the next).
