@@ -50,6 +50,23 @@ fn readme_session() {
 }
 
 #[test]
+fn run_that_cannot_start_keeps_nothing() {
+    let Some(server) = TestServer::start("run_that_cannot_start") else { return };
+
+    let run = trellis(&server, &["run", "--", "no-such-command"]);
+    assert_eq!(run.status.code(), Some(125), "stderr: {}", text(&run.stderr));
+    assert!(
+        text(&run.stderr).contains("executable file not found in $PATH"),
+        "stderr: {}",
+        text(&run.stderr)
+    );
+
+    let list = trellis(&server, &["list"]);
+    assert!(list.status.success(), "trellis list: {}", text(&list.stderr));
+    assert_eq!(text(&list.stdout), "", "the container made for the run was kept");
+}
+
+#[test]
 fn cli_exit_codes_and_errors() {
     let Some(server) = TestServer::start("cli_exit_codes_and_errors") else { return };
     let handle = server.unique_handle("cli");

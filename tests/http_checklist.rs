@@ -236,9 +236,8 @@ fn unknown_handle_is_404_everywhere() {
 fn unimplemented_routes_answer_500() {
     let harness = Harness::start();
     harness.create(r#"{"handle":"h"}"#);
-    let envelope = harness.request("GET", "/containers/h/metrics", None).assert_envelope(500, "");
-    assert!(envelope["Message"].as_str().unwrap().contains("not implemented"), "{envelope}");
-    let envelope = harness.request("GET", "/containers/bulk_info?handles=h", None).assert_envelope(500, "");
+    let body = r#"{"handle":"h","container_port":8080}"#;
+    let envelope = harness.request("POST", "/containers/h/net/in", Some(body)).assert_envelope(500, "");
     assert!(envelope["Message"].as_str().unwrap().contains("not implemented"), "{envelope}");
 }
 

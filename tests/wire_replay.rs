@@ -24,7 +24,8 @@ use trellis::http::router::match_route;
 use trellis::runtime::memory::{Action, ProcessScript};
 use trellis::runtime::RuntimeError;
 
-const FIXTURES: &str = "/work/shared/fixtures/wire";
+/// The golden transcripts, in the `shared` folder beside this repository.
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/wire");
 
 /// The transcripts this server serves so far, in capture order (the
 /// backend state carries over from one to the next).
@@ -39,13 +40,20 @@ const SCENARIOS: &[&str] = &[
     "08-lookup-unknown",
     "09-info",
     "10-info-unknown",
+    "11-bulk-info",
+    "12-bulk-metrics",
     "13-stream-in",
     "14-stream-out",
+    "15-current-bandwidth-limits",
+    "16-current-cpu-limits",
+    "17-current-disk-limits",
+    "18-current-memory-limits",
     "23-set-grace-time",
     "24-properties",
     "25-property",
     "26-set-property",
     "27-remove-property",
+    "28-metrics",
     "29-run",
     "30-run-tty",
     "31-attach",
@@ -194,6 +202,14 @@ fn replace_all(haystack: &[u8], needle: &[u8], replacement: &[u8]) -> Vec<u8> {
 ///   in-memory runtime cannot supply them;
 /// - Info's `ContainerPath`, which is the test's temporary depot.
 fn mask_server_values(route: &str, value: &mut serde_json::Value) {
+    if route == "BulkInfo" {
+        if let serde_json::Value::Object(entries) = value {
+            for entry in entries.values_mut() {
+                mask_server_values("Info", &mut entry["Info"]);
+            }
+        }
+        return;
+    }
     let properties = match route {
         "Properties" => Some(&mut *value),
         "Info" => value.get_mut("Properties"),
@@ -375,6 +391,12 @@ fn script_backend(harness: &Harness) {
     // 14-stream-out: the archive the backend returned, as the transcript
     // records it.
     runtime.script_stream_out("/home/vcap/logs/", &transcript_response_body("14-stream-out"));
+    // 12-bulk-metrics and 28-metrics: the backend's Metrics are the
+    // response body of 12, per handle.
+    for (handle, entry) in fixture_response_body("12-bulk-metrics").as_object().unwrap() {
+        let metrics: trellis::api::Metrics = serde_json::from_value(entry["Metrics"].clone()).unwrap();
+        runtime.set_metrics(handle, metrics);
+    }
     // 29-run: `trap 'echo term >&2' TERM; cat; echo done >&2; exit 3`.
     runtime.script_path(
         "sh",
@@ -424,6 +446,20 @@ fn transcript_response_body(name: &str) -> Vec<u8> {
     Response::parse(&bytes).unwrap_or_else(|| panic!("{name}: unparsable response")).body
 }
 
+/// Returns the JSON body of the first server response in a transcript.
+fn fixture_response_body(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(PathBuf::from(FIXTURES).join(format!("{name}.txt"))).unwrap();
+    let response = parse_transcript(&text)
+        .into_iter()
+        .find_map(|event| match event {
+            Event::ServerBytes(_, bytes) => Some(bytes),
+            _ => None,
+        })
+        .unwrap();
+    let body_start = find(&response, b"\r\n\r\n").unwrap() + 4;
+    serde_json::from_slice(&response[body_start..]).unwrap()
+}
+
 /// Starts the process that 31-attach attaches to, as if it had been started
 /// before the capture: a Run whose connection is closed at once (a detach).
 fn start_attach_target(harness: &Harness) {
@@ -438,6 +474,28 @@ fn start_attach_target(harness: &Harness) {
     let head = read_until(&mut stream, &mut buffer, b"\r\n\r\n");
     assert!(head.starts_with(b"HTTP/1.1 201 Created\r\n"), "{}", String::from_utf8_lossy(&head));
     read_until(&mut stream, &mut buffer, b"\n");
+    drop(stream);
+    // The detach returns the output the Run's stream held to the ring
+    // buffer. Until then an Attach would not see it, so wait for both
+    // outputs to be kept.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let snapshot = harness.introspect();
+        let kept: Vec<u64> = snapshot["registry"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|container| container["container"]["processes"].as_array().cloned().unwrap_or_default())
+            .filter(|process| process["process_id"] == "8c0d4f2a-5e6b-4a7c-9d1e-0b2f3a4c5d6e")
+            .flat_map(|process| process["outputs"].as_array().cloned().unwrap_or_default())
+            .map(|output| output["kept_bytes"].as_u64().unwrap_or(0))
+            .collect();
+        if kept.len() == 2 && kept.iter().all(|bytes| *bytes > 0) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the detached output was not kept: {snapshot}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]

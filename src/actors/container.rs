@@ -17,7 +17,10 @@ use slog::{debug, info, o, warn, Logger};
 
 use super::process::{Process, ProcessStart};
 use super::{ContainerError, Introspect, StreamTable};
-use crate::api::{ContainerInfo, ContainerSpec, ProcessSpec, Properties};
+use crate::api::{
+    BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, ProcessSpec,
+    Properties,
+};
 use crate::runtime::{ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
 
 /// Reserved property set to `created` once create has finished.
@@ -587,6 +590,117 @@ impl Handler<Introspect> for Container {
     }
 }
 
+/// One limit kind, as the 2015 `PUT .../limits/<kind>` routes carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitUpdate {
+    Bandwidth(BandwidthLimits),
+    Cpu(CpuLimits),
+    Disk(DiskLimits),
+    Memory(MemoryLimits),
+}
+
+/// Returns `current` with the non-zero fields of `update` applied
+/// (the 2015 routes leave a limit as it is when its field is zero).
+///
+/// Setting `limit_in_shares` alone clears `weight`. Otherwise `weight`
+/// would stay the effective shares and hide the new value. A disk update takes its `scope` along when
+/// it sets any size.
+pub fn merge_limits(current: &Limits, update: &LimitUpdate) -> Limits {
+    let mut merged = current.clone();
+    let keep = |old: u64, new: u64| if new > 0 { new } else { old };
+    match update {
+        LimitUpdate::Bandwidth(bandwidth) => {
+            merged.bandwidth_limits.rate = keep(current.bandwidth_limits.rate, bandwidth.rate);
+            merged.bandwidth_limits.burst = keep(current.bandwidth_limits.burst, bandwidth.burst);
+        }
+        LimitUpdate::Cpu(cpu) => {
+            if cpu.weight > 0 {
+                merged.cpu_limits = CpuLimits { weight: cpu.weight, limit_in_shares: keep(current.cpu_limits.limit_in_shares, cpu.limit_in_shares) };
+            } else if cpu.limit_in_shares > 0 {
+                merged.cpu_limits = CpuLimits { weight: 0, limit_in_shares: cpu.limit_in_shares };
+            }
+        }
+        LimitUpdate::Disk(disk) => {
+            let old = current.disk_limits;
+            merged.disk_limits.inode_soft = keep(old.inode_soft, disk.inode_soft);
+            merged.disk_limits.inode_hard = keep(old.inode_hard, disk.inode_hard);
+            merged.disk_limits.byte_soft = keep(old.byte_soft, disk.byte_soft);
+            merged.disk_limits.byte_hard = keep(old.byte_hard, disk.byte_hard);
+            if disk.inode_soft > 0 || disk.inode_hard > 0 || disk.byte_soft > 0 || disk.byte_hard > 0 {
+                merged.disk_limits.scope = disk.scope;
+            }
+        }
+        LimitUpdate::Memory(memory) => {
+            merged.memory_limits.limit_in_bytes = keep(current.memory_limits.limit_in_bytes, memory.limit_in_bytes);
+        }
+    }
+    merged
+}
+
+/// Returns the container's limits as its runtime reports them.
+#[derive(Message)]
+#[rtype(result = "Result<Limits, ContainerError>")]
+pub struct GetLimits;
+
+impl Handler<GetLimits> for Container {
+    type Result = Result<Limits, ContainerError>;
+
+    fn handle(&mut self, _message: GetLimits, _ctx: &mut Context<Self>) -> Self::Result {
+        Ok(self.runtime.reported_limits(&self.spec.limits))
+    }
+}
+
+/// Changes one limit kind of the running container, stores the result in
+/// the state file and returns the limits as reported afterwards.
+#[derive(Message)]
+#[rtype(result = "Result<Limits, ContainerError>")]
+pub struct UpdateLimits {
+    pub update: LimitUpdate,
+}
+
+impl Handler<UpdateLimits> for Container {
+    type Result = AtomicResponse<Self, Result<Limits, ContainerError>>;
+
+    fn handle(&mut self, message: UpdateLimits, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.check_not_destroying() {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
+        }
+        let current = self.spec.limits.clone();
+        let requested = merge_limits(&current, &message.update);
+        if requested == current {
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(self.runtime.reported_limits(&current)))));
+        }
+        let runtime = self.runtime.clone();
+        let applied = requested.clone();
+        let apply = async move { blocking(move || runtime.update_limits(&current, &applied)).await };
+        AtomicResponse::new(Box::pin(apply.into_actor(self).then(move |result, container, _| {
+            let persist = result.map(|()| {
+                info!(container.logger, "limits changed"; "limits" => serde_json::to_string(&requested).unwrap_or_default());
+                container.spec.limits = requested;
+                container.persist()
+            });
+            async move { persist?.await }.into_actor(container).map(|result, container, _| {
+                result.map(|()| container.runtime.reported_limits(&container.spec.limits))
+            })
+        })))
+    }
+}
+
+/// Returns the container's usage.
+#[derive(Message)]
+#[rtype(result = "Result<Metrics, ContainerError>")]
+pub struct GetMetrics;
+
+impl Handler<GetMetrics> for Container {
+    type Result = ResponseFuture<Result<Metrics, ContainerError>>;
+
+    fn handle(&mut self, _message: GetMetrics, _ctx: &mut Context<Self>) -> Self::Result {
+        let runtime = self.runtime.clone();
+        let age = self.created_at.elapsed().unwrap_or_default();
+        Box::pin(async move { blocking(move || runtime.metrics(age)).await })
+    }
+}
+
 /// Runs a blocking runtime call off the actor thread.
 pub async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> Result<T, RuntimeError> + Send + 'static,
@@ -638,6 +752,26 @@ mod tests {
         assert!(!ContainerState::Destroying.can_destroy());
         assert!(!ContainerState::Destroying.can_change_properties());
         assert_eq!(ContainerState::Stopped.as_info(), "stopped");
+    }
+
+    #[test]
+    fn limit_updates_keep_zero_fields() {
+        let mut current = Limits::default();
+        current.memory_limits.limit_in_bytes = 64 << 20;
+        current.cpu_limits.weight = 512;
+        current.bandwidth_limits = BandwidthLimits { rate: 10, burst: 20 };
+        let unchanged = merge_limits(&current, &LimitUpdate::Memory(MemoryLimits { limit_in_bytes: 0 }));
+        assert_eq!(unchanged, current);
+        assert_eq!(merge_limits(&current, &LimitUpdate::Cpu(CpuLimits::default())), current);
+        let memory = merge_limits(&current, &LimitUpdate::Memory(MemoryLimits { limit_in_bytes: 128 << 20 }));
+        assert_eq!(memory.memory_limits.limit_in_bytes, 128 << 20);
+        let cpu = merge_limits(&current, &LimitUpdate::Cpu(CpuLimits { weight: 0, limit_in_shares: 50 }));
+        assert_eq!(cpu.cpu_limits, CpuLimits { weight: 0, limit_in_shares: 50 });
+        let bandwidth = merge_limits(&current, &LimitUpdate::Bandwidth(BandwidthLimits { rate: 0, burst: 99 }));
+        assert_eq!(bandwidth.bandwidth_limits, BandwidthLimits { rate: 10, burst: 99 });
+        let disk = merge_limits(&current, &LimitUpdate::Disk(DiskLimits { byte_hard: 1 << 30, scope: 1, ..DiskLimits::default() }));
+        assert_eq!(disk.disk_limits, DiskLimits { byte_hard: 1 << 30, scope: 1, ..DiskLimits::default() });
+        assert_eq!(merge_limits(&current, &LimitUpdate::Disk(DiskLimits { scope: 1, ..DiskLimits::default() })), current);
     }
 
     #[test]

@@ -57,13 +57,18 @@ impl Reaper {
         let Some(destroyer) = self.destroyer.clone() else {
             return;
         };
-        info!(self.logger, "grace time expired"; "handle" => &handle);
+        info!(self.logger, "reaping"; "handle" => &handle);
         let logger = self.logger.clone();
         ctx.spawn(
             async move {
+                // The record is gone already, so a failed reap is not
+                // retried, as in Garden.
                 match destroyer.send(DestroyByHandle { handle: handle.clone() }).await {
-                    Ok(Ok(())) => info!(logger, "idle container destroyed"; "handle" => &handle),
+                    Ok(Ok(())) => info!(logger, "reaped"; "handle" => &handle),
                     Ok(Err(ContainerError::NotFound { .. })) => {}
+                    Ok(Err(ContainerError::AlreadyDestroying { .. })) => {
+                        info!(logger, "reap skipped: an API destroy of the container is running"; "handle" => &handle)
+                    }
                     Ok(Err(error)) => warn!(logger, "destroying idle container failed"; "handle" => &handle, "error" => %error),
                     Err(_) => warn!(logger, "destroying idle container failed: registry stopped"; "handle" => &handle),
                 }
@@ -103,7 +108,12 @@ impl Handler<Strap> for Reaper {
     type Result = ();
 
     fn handle(&mut self, message: Strap, ctx: &mut Context<Self>) {
-        self.records.insert(message.handle.clone(), Record { grace_time: message.grace_time, in_flight: 0, timer: None });
+        let record = Record { grace_time: message.grace_time, in_flight: 0, timer: None };
+        // A timer left from an earlier record of the handle must not reap
+        // the new container.
+        if let Some(Record { timer: Some(timer), .. }) = self.records.insert(message.handle.clone(), record) {
+            ctx.cancel_future(timer);
+        }
         self.arm(&message.handle, ctx);
     }
 }
@@ -297,6 +307,52 @@ mod tests {
         advance(Duration::from_millis(40)).await;
         assert!(registry.send(Destroyed).await.unwrap().is_empty());
         advance(Duration::from_millis(20)).await;
+        assert_eq!(registry.send(Destroyed).await.unwrap(), vec!["h".to_string()]);
+    }
+
+    #[actix::test]
+    async fn zero_reset_on_an_idle_container_expires_at_once() {
+        tokio::time::pause();
+        let (reaper, registry) = start();
+        reaper.send(Strap { handle: "idle".into(), grace_time: 3_600_000_000_000 }).await.unwrap();
+        reaper.send(Strap { handle: "busy".into(), grace_time: 3_600_000_000_000 }).await.unwrap();
+        reaper.send(Pause { handle: "busy".into() }).await.unwrap();
+        reaper.send(Reset { handle: "idle".into(), grace_time: 0 }).await.unwrap();
+        reaper.send(Reset { handle: "busy".into(), grace_time: 0 }).await.unwrap();
+        advance(Duration::from_millis(1)).await;
+        assert_eq!(registry.send(Destroyed).await.unwrap(), vec!["idle".to_string()]);
+        // With a request in flight zero disables expiry, also after it ends.
+        reaper.send(Unpause { handle: "busy".into() }).await.unwrap();
+        advance(Duration::from_secs(7200)).await;
+        assert_eq!(registry.send(Destroyed).await.unwrap(), vec!["idle".to_string()]);
+    }
+
+    #[actix::test]
+    async fn negative_grace_time_expires_at_once_and_restrap_replaces_timer() {
+        tokio::time::pause();
+        let (reaper, registry) = start();
+        reaper.send(Strap { handle: "negative".into(), grace_time: -5 }).await.unwrap();
+        reaper.send(Strap { handle: "h".into(), grace_time: 1_000_000_000 }).await.unwrap();
+        reaper.send(Strap { handle: "h".into(), grace_time: 0 }).await.unwrap();
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(registry.send(Destroyed).await.unwrap(), vec!["negative".to_string()]);
+    }
+
+    #[actix::test]
+    async fn last_unpause_restarts_the_full_countdown() {
+        tokio::time::pause();
+        let (reaper, registry) = start();
+        reaper.send(Strap { handle: "h".into(), grace_time: 1_000_000_000 }).await.unwrap();
+        advance(Duration::from_millis(900)).await;
+        reaper.send(Pause { handle: "h".into() }).await.unwrap();
+        reaper.send(Pause { handle: "h".into() }).await.unwrap();
+        reaper.send(Unpause { handle: "h".into() }).await.unwrap();
+        advance(Duration::from_secs(3)).await;
+        assert!(registry.send(Destroyed).await.unwrap().is_empty());
+        reaper.send(Unpause { handle: "h".into() }).await.unwrap();
+        advance(Duration::from_millis(950)).await;
+        assert!(registry.send(Destroyed).await.unwrap().is_empty(), "elapsed time was remembered");
+        advance(Duration::from_millis(100)).await;
         assert_eq!(registry.send(Destroyed).await.unwrap(), vec!["h".to_string()]);
     }
 

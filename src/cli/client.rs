@@ -54,8 +54,9 @@ pub enum ClientCommand {
     ///
     /// Without --handle, a new container is created first. That container
     /// is kept after the command exits, so `trellis list` shows it, unless
-    /// --rm is given; it carries the property `trellis.created-by=run`.
-    /// Exits with 125 when a request fails.
+    /// --rm is given or the command could not be started; it carries the
+    /// property `trellis.created-by=run`. Exits with 125 when a request
+    /// fails.
     Run(Box<RunArgs>),
     /// Attach to a running process, stream its output and exit with its
     /// exit code (125 when a request fails).
@@ -347,9 +348,11 @@ async fn run_command(args: RunArgs) -> ExitCode {
         }
     };
 
-    let code = run_in(&client, &handle, &args).await;
+    let (code, started) = run_in(&client, &handle, &args).await;
 
-    if created && args.rm {
+    // A container made for a process that never started holds nothing of
+    // the user's, and its handle was never printed, so it goes too.
+    if created && (args.rm || !started) {
         if let Err(error) = client.destroy(&handle).await {
             eprintln!("trellis: destroying container {handle} failed: {error}");
             return ExitCode::from(REQUEST_FAILED_EXIT_CODE);
@@ -358,7 +361,9 @@ async fn run_command(args: RunArgs) -> ExitCode {
     code
 }
 
-async fn run_in(client: &Client, handle: &str, args: &RunArgs) -> ExitCode {
+/// Runs the command in the container and follows it. Returns the exit code
+/// and whether the process started at all.
+async fn run_in(client: &Client, handle: &str, args: &RunArgs) -> (ExitCode, bool) {
     let (path, process_args) = args.command.split_first().expect("clap requires a command");
     let terminal = args.tty.then(RawTerminal::enter).flatten();
     let spec = ProcessSpec {
@@ -375,9 +380,10 @@ async fn run_in(client: &Client, handle: &str, args: &RunArgs) -> ExitCode {
     };
     let io = local_io(!args.no_stdin);
     let started = client.run(handle, &spec, io).await;
+    let process_started = started.is_ok();
     let code = follow(started, args.tty).await;
     drop(terminal);
-    code
+    (code, process_started)
 }
 
 async fn attach_command(target: &TargetArgs, handle: &str, process_id: &str, forward_stdin: bool) -> ExitCode {

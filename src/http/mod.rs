@@ -132,7 +132,9 @@ impl Server {
             RegistrySettings {
                 depot: config.depot.clone(),
                 default_grace_time: config.default_grace_time,
-                max_containers: config.max_containers,
+                // The smaller of the subnet pool's /30 blocks and the
+                // operator's limit: every container needs a subnet.
+                max_containers: config.effective_max_containers(),
             },
             stream_table.clone(),
             logger.clone(),

@@ -4,6 +4,7 @@
 //! Go server's matching rules apply: 404 `404 page not found\n`, 405 with
 //! `Allow`, empty parameters and no trailing-slash variants.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,12 +17,16 @@ use super::error::ApiError;
 use super::router::{match_route, Route, RouteError, RouteMatch};
 use super::{AppState, PauseGuard};
 use crate::actors::container::{
-    blocking, GetInfo, GetProperties, GetProperty, RemoveProperty, SetGraceTime, SetProperty, StopContainer,
+    blocking, GetInfo, GetLimits, GetMetrics, GetProperties, GetProperty, LimitUpdate, RemoveProperty, SetGraceTime,
+    SetProperty, StopContainer, UpdateLimits,
 };
 use crate::actors::reaper::Reset;
 use crate::actors::registry::{CreateContainer, DestroyByHandle, ListContainers, LookupContainer};
 use crate::actors::{Container, ContainerError};
-use crate::api::{self, ContainerSpec, CreateResponse, ListResponse, PropertyValue, StopRequest};
+use crate::api::{
+    self, ContainerInfoEntry, ContainerMetricsEntry, ContainerSpec, CreateResponse, ErrorEnvelope, ListResponse,
+    PropertyValue, StopRequest,
+};
 
 /// Builds a `text/plain` response as the Go router sends it.
 fn plain_text(status: StatusCode, text: &'static str) -> HttpResponse {
@@ -226,16 +231,106 @@ async fn serve(
         }
         Route::StreamIn => super::files::stream_in(request, payload, state, handle).await,
         Route::StreamOut => super::files::stream_out(request, state, handle, logger).await,
-        Route::BulkInfo | Route::BulkMetrics => Err(ApiError::NotImplemented { route: found.route.name() }),
+        Route::BulkInfo => {
+            // Bulk routes do not pause grace timers: polling them must not
+            // keep a container alive.
+            let mut entries = BTreeMap::new();
+            for handle in bulk_handles(request.query_string()) {
+                let entry = match lookup(state, &handle).await {
+                    Ok(addr) => match ask(&addr, GetInfo, "reading container info").await {
+                        Ok(info) => ContainerInfoEntry { info, err: None },
+                        Err(error) => ContainerInfoEntry { err: Some(untyped(&error)), ..ContainerInfoEntry::default() },
+                    },
+                    Err(error) => ContainerInfoEntry { err: Some(untyped(&error)), ..ContainerInfoEntry::default() },
+                };
+                entries.insert(handle, entry);
+            }
+            Ok(json_ok(&entries))
+        }
+        Route::BulkMetrics => {
+            let mut entries = BTreeMap::new();
+            for handle in bulk_handles(request.query_string()) {
+                let entry = match lookup(state, &handle).await {
+                    Ok(addr) => match ask(&addr, GetMetrics, "reading metrics").await {
+                        Ok(metrics) => ContainerMetricsEntry { metrics, err: None },
+                        Err(error) => ContainerMetricsEntry { err: Some(untyped(&error)), ..ContainerMetricsEntry::default() },
+                    },
+                    Err(error) => ContainerMetricsEntry { err: Some(untyped(&error)), ..ContainerMetricsEntry::default() },
+                };
+                entries.insert(handle, entry);
+            }
+            Ok(json_ok(&entries))
+        }
+        Route::Metrics => {
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            Ok(json_ok(&ask(&addr, GetMetrics, "reading metrics").await?))
+        }
+        Route::CurrentBandwidthLimits | Route::CurrentCpuLimits | Route::CurrentDiskLimits | Route::CurrentMemoryLimits => {
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            let limits = ask(&addr, GetLimits, "reading limits").await?;
+            Ok(limits_response(found.route, &limits))
+        }
+        Route::LimitBandwidth | Route::LimitCpu | Route::LimitDisk | Route::LimitMemory => {
+            // Like the Go server, the body is decoded before the lookup.
+            let body = read_body(payload, state.max_body_bytes).await?;
+            let update = match found.route {
+                Route::LimitBandwidth => LimitUpdate::Bandwidth(api::decode(&body)?),
+                Route::LimitCpu => LimitUpdate::Cpu(api::decode(&body)?),
+                Route::LimitDisk => LimitUpdate::Disk(api::decode(&body)?),
+                _ => LimitUpdate::Memory(api::decode(&body)?),
+            };
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            let limits = ask(&addr, UpdateLimits { update }, "changing limits").await?;
+            Ok(limits_response(found.route, &limits))
+        }
         _ => {
-            // TODO: limits, net-in/out, grace time and
-            // metrics are not served yet. Until they are, an existing
-            // container gets this envelope and an unknown one a 404.
+            // TODO: net-in and net-out are not served yet. Until they are,
+            // an existing container gets this envelope and an unknown one a
+            // 404.
             let _ = read_body(payload, state.max_body_bytes).await;
             lookup(state, handle).await?;
             let _pause = PauseGuard::new(state, handle);
             Err(ApiError::NotImplemented { route: found.route.name() })
         }
+    }
+}
+
+/// Returns the handles of a bulk route's `handles` parameter: decoded
+/// first, then split on commas, each handle once. A missing or empty
+/// parameter means no handles (the Go server drops the connection when it
+/// is missing).
+pub fn bulk_handles(query: &str) -> Vec<String> {
+    let Some((_, value)) = query_pairs(query).into_iter().find(|(key, _)| key == "handles") else {
+        return Vec::new();
+    };
+    if value.is_empty() {
+        return Vec::new();
+    }
+    let mut handles: Vec<String> = Vec::new();
+    for handle in value.split(',') {
+        if !handles.iter().any(|seen| seen == handle) {
+            handles.push(handle.to_string());
+        }
+    }
+    handles
+}
+
+/// Returns the envelope of a bulk entry's error. The reference backend's
+/// per-entry errors are untyped, so `Type` and `Handle` stay empty.
+fn untyped(error: &ApiError) -> ErrorEnvelope {
+    ErrorEnvelope { message: error.to_string(), ..ErrorEnvelope::default() }
+}
+
+/// Builds the response of a limits route: the one limit kind it names.
+fn limits_response(route: Route, limits: &api::Limits) -> HttpResponse {
+    match route {
+        Route::CurrentBandwidthLimits | Route::LimitBandwidth => json_ok(&limits.bandwidth_limits),
+        Route::CurrentCpuLimits | Route::LimitCpu => json_ok(&limits.cpu_limits),
+        Route::CurrentDiskLimits | Route::LimitDisk => json_ok(&limits.disk_limits),
+        _ => json_ok(&limits.memory_limits),
     }
 }
 
@@ -257,5 +352,14 @@ mod tests {
         let pairs = query_pairs("team=red&k=a+b%2Fc&team=blue");
         assert_eq!(pairs, vec![("team".to_string(), "red".to_string()), ("k".to_string(), "a b/c".to_string())]);
         assert!(query_pairs("").is_empty());
+    }
+
+    #[test]
+    fn bulk_handles_decode_then_split() {
+        assert_eq!(bulk_handles("handles=web-1%2Cmissing-9"), vec!["web-1", "missing-9"]);
+        assert_eq!(bulk_handles("handles=a,b,a"), vec!["a", "b"]);
+        assert!(bulk_handles("handles=").is_empty());
+        assert!(bulk_handles("").is_empty());
+        assert!(bulk_handles("other=x").is_empty());
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::api::Limits;
+use crate::api::{CpuLimits, Limits};
 
 /// v1 controllers the runtime uses; each gets a container cgroup in its
 /// hierarchy when the host has it.
@@ -220,17 +220,27 @@ impl ContainerCgroup {
 
     /// Applies the memory limit, the pid limit and the cpu shares of `limits`
     /// where set (0 means unset).
-    // TODO: swap limits, cpu quota and the v1 to v2 weight conversion belong
-    // to the limits work.
+    // TODO: the cpu quota and the v2 swap limit are not written yet.
     pub fn apply_limits(&self, limits: &Limits) -> Result<(), CgroupError> {
-        let memory = limits.memory_limits.limit_in_bytes.min(i64::MAX as u64);
-        let pids = limits.pid_limits.max;
-        let shares = if limits.cpu_limits.weight > 0 { limits.cpu_limits.weight } else { limits.cpu_limits.limit_in_shares };
+        // A new cgroup has no limits, so every value set is a change from
+        // unlimited.
+        self.update_limits(&Limits::default(), limits)
+    }
+
+    /// Applies `requested` where it differs from `current`, for the limits with
+    /// a simple kernel effect: memory (with swap on v1), pids and cpu
+    /// shares. A zero requested value leaves that limit as it is.
+    pub fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), CgroupError> {
+        let old_memory = current.memory_limits.limit_in_bytes.min(i64::MAX as u64);
+        let memory = requested.memory_limits.limit_in_bytes.min(i64::MAX as u64);
+        let pids = requested.pid_limits.max;
+        let shares = effective_shares(&requested.cpu_limits);
         for dir in &self.dirs {
             match self.version {
                 CgroupVersion::V1 => {
-                    if memory > 0 && dir.join("memory.limit_in_bytes").exists() {
-                        write_control(dir, "memory.limit_in_bytes", &memory.to_string())?;
+                    if memory > 0 && memory != old_memory && dir.join("memory.limit_in_bytes").exists() {
+                        // Zero means unlimited, so any value lowers it.
+                        write_v1_memory(dir, memory, old_memory != 0 && memory > old_memory)?;
                     }
                     if pids > 0 && dir.join("pids.max").exists() {
                         write_control(dir, "pids.max", &pids.to_string())?;
@@ -246,10 +256,39 @@ impl ContainerCgroup {
                     if pids > 0 {
                         write_control(dir, "pids.max", &pids.to_string())?;
                     }
+                    if shares > 0 && dir.join("cpu.weight").exists() {
+                        write_control(dir, "cpu.weight", &v2_weight(shares).to_string())?;
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Reads the usage counters of the container's cgroups. A counter the
+    /// host does not have reads as zero.
+    pub fn stats(&self) -> CgroupStats {
+        let mut stats = CgroupStats::default();
+        for dir in &self.dirs {
+            if let Ok(text) = read_control(dir, "memory.stat") {
+                stats.memory = parse_flat_keyed(&text);
+            }
+            if let Ok(text) = read_control(dir, "memory.memsw.limit_in_bytes") {
+                stats.memsw_limit = text.trim().parse().ok();
+            }
+            if let Ok(text) = read_control(dir, "cpuacct.usage") {
+                stats.cpu_usage_ns = text.trim().parse().unwrap_or(0);
+            }
+            if let Ok(text) = read_control(dir, "cpuacct.stat") {
+                let ticks = parse_flat_keyed(&text);
+                stats.cpu_user_ticks = ticks.get("user").copied().unwrap_or(0);
+                stats.cpu_system_ticks = ticks.get("system").copied().unwrap_or(0);
+            }
+            if let Ok(text) = read_control(dir, "pids.current") {
+                stats.pids_current = text.trim().parse().unwrap_or(0);
+            }
+        }
+        stats
     }
 
     /// Moves process `pid` into every container cgroup.
@@ -356,6 +395,78 @@ impl ContainerCgroup {
         }
         Ok(())
     }
+}
+
+/// Writes a v1 memory limit together with the memory+swap limit, when the
+/// host accounts swap. The kernel refuses (EINVAL) a
+/// `memory.memsw.limit_in_bytes` below `memory.limit_in_bytes`, so a raise
+/// writes memsw first and a lowering writes the memory limit first.
+fn write_v1_memory(dir: &Path, bytes: u64, raising: bool) -> Result<(), CgroupError> {
+    let value = bytes.to_string();
+    let has_memsw = dir.join("memory.memsw.limit_in_bytes").exists();
+    if raising && has_memsw {
+        write_control(dir, "memory.memsw.limit_in_bytes", &value)?;
+    }
+    write_control(dir, "memory.limit_in_bytes", &value)?;
+    if !raising && has_memsw {
+        write_control(dir, "memory.memsw.limit_in_bytes", &value)?;
+    }
+    Ok(())
+}
+
+/// Returns the effective v1 shares of a CPU limit: `weight` when set, else
+/// `limit_in_shares`; 0 means not set.
+pub fn effective_shares(cpu: &CpuLimits) -> u64 {
+    if cpu.weight > 0 {
+        cpu.weight
+    } else {
+        cpu.limit_in_shares
+    }
+}
+
+/// Converts v1 shares to a cgroup v2 `cpu.weight` (1 to 10000) on the
+/// curve that maps 2, 1024 and 262144 shares to 1, 100 and 10000:
+/// W = ⌈10^((L² + 125·L − 126) / 612)⌉ with L = log₂ S.
+pub fn v2_weight(shares: u64) -> u64 {
+    if shares <= 2 {
+        return 1;
+    }
+    if shares >= 262_144 {
+        return 10_000;
+    }
+    let log = (shares as f64).log2();
+    let weight = 10f64.powf((log * log + 125.0 * log - 126.0) / 612.0);
+    // The tolerance keeps an exact power such as 100 from rounding up to
+    // 101 through floating-point error.
+    ((weight - 1e-9).ceil() as u64).clamp(1, 10_000)
+}
+
+/// Usage counters of one container's cgroups (v1 file names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    /// The keys and values of `memory.stat`.
+    pub memory: std::collections::BTreeMap<String, u64>,
+    /// `memory.memsw.limit_in_bytes`, when the host accounts swap.
+    pub memsw_limit: Option<u64>,
+    /// `cpuacct.usage`, in nanoseconds.
+    pub cpu_usage_ns: u64,
+    /// `user` and `system` of `cpuacct.stat`, in USER_HZ ticks.
+    pub cpu_user_ticks: u64,
+    pub cpu_system_ticks: u64,
+    pub pids_current: u64,
+}
+
+/// Parses a flat keyed file such as `memory.stat`: one `key value` per
+/// line. Lines that do not parse are skipped.
+pub fn parse_flat_keyed(text: &str) -> std::collections::BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let key = words.next()?;
+            let value = words.next()?.parse().ok()?;
+            Some((key.to_string(), value))
+        })
+        .collect()
 }
 
 fn create_dir(path: &Path) -> Result<(), CgroupError> {
@@ -478,9 +589,12 @@ mod tests {
         let mut limits = Limits::default();
         limits.memory_limits.limit_in_bytes = 64 << 20;
         limits.pid_limits.max = 50;
+        limits.cpu_limits.weight = 1028;
+        fs::write(dir.join("cpu.weight"), "100").unwrap();
         cgroup.create(false, &limits).unwrap();
         assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), "67108864");
         assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "50");
+        assert_eq!(fs::read_to_string(dir.join("cpu.weight")).unwrap(), "101");
 
         cgroup.attach(4242).unwrap();
         assert_eq!(fs::read_to_string(dir.join("cgroup.procs")).unwrap(), "4242");
@@ -493,6 +607,13 @@ mod tests {
 
         assert!(cgroup.kill_all().unwrap());
         assert_eq!(fs::read_to_string(dir.join("cgroup.kill")).unwrap(), "1");
+    }
+
+    #[test]
+    fn v2_weight_follows_the_curve() {
+        for (shares, weight) in [(1028, 101), (280, 37), (1024, 100), (100, 17), (123, 20), (2, 1), (0, 1), (262_144, 10_000), (1 << 30, 10_000)] {
+            assert_eq!(v2_weight(shares), weight, "{shares} shares");
+        }
     }
 
     #[test]

@@ -12,13 +12,14 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::cgroup::{CgroupError, ContainerCgroup};
+use super::cgroup::{effective_shares, v2_weight, CgroupError, CgroupVersion, ContainerCgroup};
+use super::metrics::{metrics_v1, HostShape};
 use super::files::{self, Direction, FilesConfig};
 use super::init::InitConfig;
 use super::rootfs::{self, ContainerRootfs, RootfsError};
 use super::shim::{self, ShimConfig};
 use super::{syscalls, users, LinuxRuntime};
-use crate::api::ProcessSpec;
+use crate::api::{CpuLimits, Limits, Metrics, ProcessSpec};
 use crate::runtime::stdio::{ShimFrame, StartFailure};
 use crate::runtime::{ContainerConfig, ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
 
@@ -93,6 +94,8 @@ pub struct LinuxContainer {
     /// Held by stop and destroy, so a destroy does not interleave with a
     /// stop's kill loop.
     lifecycle: Mutex<()>,
+    /// The limits in force: from the spec, then from `update_limits`.
+    limits: Mutex<Limits>,
 }
 
 /// Returns the cgroup name of a handle. Handles are validated by the
@@ -129,6 +132,7 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         init: Mutex::new(None),
         next_process: AtomicU64::new(0),
         lifecycle: Mutex::new(()),
+        limits: Mutex::new(config.spec.limits.clone()),
     };
     match build(runtime, config, &mut container, &source) {
         Ok(()) => {
@@ -530,6 +534,34 @@ impl ContainerRuntime for LinuxContainer {
             }
         }
         Ok(())
+    }
+
+    fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), RuntimeError> {
+        let mut limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.cgroup.update_limits(current, requested)?;
+        // NOTE: bandwidth (tc on the host end of the link) and disk limits
+        // are stored and reported by the server but not yet applied to a
+        // running container.
+        *limits = requested.clone();
+        Ok(())
+    }
+
+    fn reported_limits(&self, set: &Limits) -> Limits {
+        // Clients compare CPU limits exactly and read them as shares, never
+        // `weight`: v1 reports the shares S, v2 the cpu.weight it wrote.
+        let shares = effective_shares(&set.cpu_limits);
+        let reported = match (self.cgroup.version, shares) {
+            (_, 0) | (CgroupVersion::V1, _) => shares,
+            (CgroupVersion::V2, _) => v2_weight(shares),
+        };
+        Limits { cpu_limits: CpuLimits { weight: 0, limit_in_shares: reported }, ..set.clone() }
+    }
+
+    fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError> {
+        let limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let stats = self.cgroup.stats();
+        let host = HostShape::read();
+        Ok(metrics_v1(&stats, effective_shares(&limits.cpu_limits), limits.pid_limits.max, &host, age))
     }
 
     fn describe(&self) -> serde_json::Value {

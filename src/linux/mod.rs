@@ -18,6 +18,7 @@ pub mod container;
 pub mod exec;
 pub mod files;
 pub mod init;
+pub mod metrics;
 pub mod rootfs;
 pub mod security;
 pub mod shim;
@@ -123,20 +124,14 @@ impl Runtime for LinuxRuntime {
     }
 
     fn capacity(&self) -> Result<Capacity, RuntimeError> {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|error| RuntimeError::failed(format!("failed to read /proc/meminfo: {error}")))?;
-        let memory_kib: u64 = meminfo
-            .lines()
-            .find_map(|line| line.strip_prefix("MemTotal:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|value| value.parse().ok())
-            .ok_or_else(|| RuntimeError::failed("no MemTotal line in /proc/meminfo"))?;
+        let memory_bytes = host_memory_bytes()?;
         let stats = nix::sys::statvfs::statvfs(&self.config.depot)
             .map_err(|error| RuntimeError::failed(format!("failed to stat the filesystem of {}: {error}", self.config.depot.display())))?;
         let fragment = stats.fragment_size() as u64;
         let disk = stats.blocks() as u64 * fragment;
         let available = stats.blocks_available() as u64 * fragment;
         Ok(Capacity {
-            memory_in_bytes: memory_kib * 1024,
+            memory_in_bytes: memory_bytes,
             disk_in_bytes: disk,
             schedulable_disk_in_bytes: if available > 0 { available } else { disk },
             max_containers: 0,
@@ -164,6 +159,19 @@ impl Runtime for LinuxRuntime {
         let container = container::create(self, config)?;
         Ok(Arc::new(container))
     }
+}
+
+/// Returns the host's total memory (`MemTotal` of `/proc/meminfo`).
+pub fn host_memory_bytes() -> Result<u64, RuntimeError> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|error| RuntimeError::failed(format!("failed to read /proc/meminfo: {error}")))?;
+    let memory_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .ok_or_else(|| RuntimeError::failed("no MemTotal line in /proc/meminfo"))?;
+    Ok(memory_kib * 1024)
 }
 
 /// Entry point of garden-init, pid 1 of each container.

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::stdio::{ServerFrame, ShimFrame, StartFailure};
 use super::{ContainerConfig, ContainerRuntime, Runtime, RuntimeError, StartedProcess, StdioConnection};
-use crate::api::{Capacity, ProcessSpec};
+use crate::api::{Capacity, Limits, Metrics, ProcessSpec};
 
 /// One thing a scripted process does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,8 +97,14 @@ struct State {
     stream_in_archives: Vec<Vec<u8>>,
     /// The failure of the next stream in to a destination.
     stream_in_errors: HashMap<String, RuntimeError>,
+    /// How long each create takes, so tests can overlap creates.
+    create_delay: std::time::Duration,
     /// Control channels of running processes, per container.
     running: HashMap<String, Vec<mpsc::UnboundedSender<i32>>>,
+    /// Metrics reported per handle, Age and CPU entitlement included.
+    metrics: HashMap<String, Metrics>,
+    /// Limits applied through `update_limits`, per handle.
+    applied_limits: HashMap<String, Limits>,
 }
 
 /// The in-memory runtime. Clones share their state, so a test keeps one
@@ -165,6 +171,22 @@ impl MemoryRuntime {
         self.lock().stream_in_archives.clone()
     }
 
+    /// Makes Metrics of `handle` report exactly `metrics`. Without this a
+    /// container reports zero usage and its real age.
+    pub fn set_metrics(&self, handle: &str, metrics: Metrics) {
+        self.lock().metrics.insert(handle.to_string(), metrics);
+    }
+
+    /// Returns the limits last applied to a running container, if any.
+    pub fn applied_limits(&self, handle: &str) -> Option<Limits> {
+        self.lock().applied_limits.get(handle).cloned()
+    }
+
+    /// Makes every create take `delay` before it completes.
+    pub fn set_create_delay(&self, delay: std::time::Duration) {
+        self.lock().create_delay = delay;
+    }
+
     /// Returns every call recorded so far, one line each.
     pub fn calls(&self) -> Vec<String> {
         self.lock().calls.clone()
@@ -193,6 +215,8 @@ impl Runtime for MemoryRuntime {
     }
 
     fn create(&self, config: &ContainerConfig) -> Result<Arc<dyn ContainerRuntime>, RuntimeError> {
+        let delay = self.lock().create_delay;
+        std::thread::sleep(delay);
         let mut state = self.lock();
         state.calls.push(format!(
             "create {} grace_time={} privileged={} mapped_root={:?}",
@@ -312,6 +336,25 @@ impl ContainerRuntime for MemoryContainer {
             Some(archive) => Ok(Box::new(std::io::Cursor::new(archive.clone()))),
             None => Err(RuntimeError::invalid(format!("error streaming out: {source}: No such file or directory (os error 2)"))),
         }
+    }
+
+    fn update_limits(&self, _current: &Limits, requested: &Limits) -> Result<(), RuntimeError> {
+        let mut state = self.runtime.lock();
+        state.calls.push(format!("update_limits {} {}", self.handle, serde_json::to_string(requested).unwrap_or_default()));
+        state.applied_limits.insert(self.handle.clone(), requested.clone());
+        Ok(())
+    }
+
+    fn reported_limits(&self, set: &Limits) -> Limits {
+        set.clone()
+    }
+
+    fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError> {
+        let state = self.runtime.lock();
+        Ok(state.metrics.get(&self.handle).cloned().unwrap_or_else(|| Metrics {
+            age: i64::try_from(age.as_nanos()).unwrap_or(i64::MAX),
+            ..Metrics::default()
+        }))
     }
 
     fn describe(&self) -> serde_json::Value {

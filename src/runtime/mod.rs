@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::api::{Capacity, ContainerSpec, ProcessSpec};
+use crate::api::{Capacity, ContainerSpec, Limits, Metrics, ProcessSpec};
 
 /// Everything a runtime needs to create one container. The server has
 /// already validated the spec and reserved the handle.
@@ -160,6 +160,23 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// the archive could not be finished; dropping the reader stops the
     /// work.
     fn stream_out(&self, source: &str, user: &str) -> Result<Box<dyn std::io::Read + Send>, RuntimeError>;
+
+    /// Applies changed limits to the running container. `current` is what
+    /// was in force and `requested` what should be; the server has already
+    /// merged the request (a zero field keeps the current value). Limits
+    /// without a simple kernel effect are only stored by the server.
+    fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), RuntimeError>;
+
+    /// Returns the limits as this runtime reports them to clients, given
+    /// the limits that were set. The Linux runtime reports CPU as the
+    /// shares the kernel got, never `weight`; a runtime that enforces
+    /// nothing may report `set` unchanged.
+    fn reported_limits(&self, set: &Limits) -> Limits;
+
+    /// Returns the container's usage. `age` is the time since create, which
+    /// the server tracks; the runtime reports it as `Age` and derives the
+    /// CPU entitlement from it.
+    fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError>;
 
     /// A snapshot of the container's host objects for the introspection
     /// endpoint (init pid, cgroup paths and the like).
