@@ -147,9 +147,10 @@ impl Config {
 
     /// Parses TOML text over the defaults; `path` names the source in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|error: toml::de::Error| ConfigError::Syntax { path: path.to_path_buf(), reason: error.message().to_string() })?;
+        let table: toml::Table = text.parse().map_err(|error: toml::de::Error| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            reason: describe_syntax_error(text, &error),
+        })?;
         let source_name = path.display().to_string();
         let mut config = Config::default();
         for (key, value) in &table {
@@ -298,6 +299,19 @@ fn parse_level(text: &str) -> Result<slog::Level, String> {
         "critical" | "fatal" => Ok(slog::Level::Critical),
         _ => Err(format!("`{text}` is not one of trace, debug, info, warn, error, critical")),
     }
+}
+
+/// Returns the parser's message prefixed with the line and column where it
+/// found the error, counted from 1.
+fn describe_syntax_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', "; ");
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 /// Accepts 1 to 16 lowercase letters and digits: the tag names cgroup
@@ -457,9 +471,10 @@ mod tests {
 
     #[test]
     fn syntax_error_names_file() {
-        let error = load("bind-port = ").unwrap_err();
+        let error = load("depot = \"/d\"\nbind-port = ").unwrap_err();
         assert!(matches!(error, ConfigError::Syntax { .. }));
-        assert!(error.to_string().contains("/etc/trellis.toml"));
+        assert!(error.to_string().contains("/etc/trellis.toml"), "{error}");
+        assert!(error.to_string().contains("line 2, column"), "{error}");
     }
 
     #[test]
