@@ -581,3 +581,49 @@ fn stream_in_keeps_extended_attributes() {
     assert!(length >= 0, "getxattr failed: {}", std::io::Error::last_os_error());
     assert_eq!(&value[..length as usize], b"kept");
 }
+
+#[test]
+fn destroy_during_stream_in() {
+    let Some(server) = TestServer::start("destroy_during_stream_in") else { return };
+    let handle = server.create("files-destroy");
+
+    // The header of a 64 MiB file and its first MiB; the rest never comes
+    // before the destroy.
+    let mut header = tar::Header::new_gnu();
+    header.set_path("big").unwrap();
+    header.set_size(64 << 20);
+    header.set_mode(0o644);
+    header.set_cksum();
+
+    server.block_on(async {
+        use tokio::io::AsyncWriteExt;
+
+        let (mut feed, mut body) = tokio::io::duplex(64 * 1024);
+        let client = server.client.clone();
+        let streaming_handle = handle.clone();
+        let upload = tokio::spawn(async move { client.stream_in(&streaming_handle, "/tmp", "", &mut body).await });
+        feed.write_all(header.as_bytes()).await.expect("feed the header");
+        feed.write_all(&vec![7u8; 1 << 20]).await.expect("feed the first MiB");
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while helpers_of(&handle).is_empty() {
+            assert!(Instant::now() < deadline, "no tar helper started for the stream in");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        server.client.destroy(&handle).await.expect("destroy while streaming in");
+        drop(feed);
+        let outcome = tokio::time::timeout(Duration::from_secs(30), upload)
+            .await
+            .expect("the stream in got an answer after the destroy")
+            .expect("the upload task ran to completion");
+        assert!(outcome.is_err(), "a stream in cut short by a destroy reported success");
+
+        let info = server.client.info(&handle).await;
+        assert!(
+            matches!(info, Err(ClientError::ContainerNotFound { .. })),
+            "the container is still there after destroy: {info:?}"
+        );
+    });
+    assert!(helpers_of(&handle).is_empty(), "tar helper left running: {:?}", helpers_of(&handle));
+}
