@@ -46,6 +46,15 @@ fn tty_defaults_onlcr_and_sigwinch() {
     };
     assert_eq!(server.run(&handle, &zero, None).expect("stty size").stdout_text(), "24 123\r\n");
 
+    // The terminal belongs to the container's own devpts, so the process
+    // finds it under /dev/pts, owned by container root.
+    let named = server.run(&handle, &tty("sh", &["-c", "tty && stat -c '%u' $(tty)"]), None).expect("tty");
+    assert_eq!(named.status, 0, "tty: {}", named.stdout_text());
+    let text = named.stdout_text();
+    let lines: Vec<&str> = text.lines().map(|line| line.trim_end_matches('\r')).collect();
+    assert!(lines.first().is_some_and(|name| name.starts_with("/dev/pts/")), "tty printed {lines:?}");
+    assert_eq!(lines.get(1), Some(&"0"), "terminal owner inside the container: {lines:?}");
+
     // stdout and stderr share the terminal; stderr carries nothing.
     let merged = server.run(&handle, &tty("sh", &["-c", "echo out; echo err >&2; printf 'new\\nline'"]), None).expect("sh");
     assert_eq!(merged.stdout_text(), "out\r\nerr\r\nnew\r\nline");

@@ -48,6 +48,61 @@ pub struct ShimConfig {
     pub spec: ProcessSpec,
 }
 
+/// Opens a pseudo-terminal on the container's own devpts instance and
+/// returns its master and slave, both close-on-exec.
+///
+/// A terminal from the host's devpts would work for reading and writing,
+/// but the process could not find it under the container's `/dev/pts`, so
+/// `ttyname` (and `tty`, `script`, `sudo`) would fail. The slave is opened
+/// from the master with TIOCGPTPEER, so no path inside the container is
+/// resolved by this host process. It is given to container root, because
+/// the shim's own uid may be unmapped inside the container.
+fn open_container_pty(init_pid: i32, winsize: &libc::winsize) -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let ptmx = format!("/proc/{init_pid}/root/dev/pts/ptmx");
+    let master: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&ptmx)
+        .map_err(|error| io::Error::new(error.kind(), format!("failed to open {ptmx}: {error}")))?
+        .into();
+
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int; TIOCSWINSZ reads a winsize.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, winsize) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCGPTPEER takes open flags and returns a new descriptor.
+    let slave = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if slave < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the ioctl returned a new descriptor that nothing else owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+
+    let root_uid = container_root_uid(init_pid)?;
+    nix::unistd::fchown(&slave, Some(nix::unistd::Uid::from_raw(root_uid)), None).map_err(io::Error::from)?;
+    Ok((master, slave))
+}
+
+/// Returns the host uid of the container's root from its init's uid_map.
+fn container_root_uid(init_pid: i32) -> io::Result<u32> {
+    let path = format!("/proc/{init_pid}/uid_map");
+    let map = fs::read_to_string(&path)?;
+    map.lines()
+        .filter_map(|line| {
+            let fields: Vec<u32> = line.split_whitespace().filter_map(|field| field.parse().ok()).collect();
+            (fields.len() == 3 && fields[0] == 0).then_some(fields[1])
+        })
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path} maps no container root")))
+}
+
 /// Output buffered for the server beyond which the shim stops reading the
 /// process's output, so a slow reader slows the process down as a pipe would.
 const OUTPUT_HIGH_WATER: usize = 1 << 20;
@@ -183,10 +238,8 @@ fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), C
                 ws_xpixel: 0,
                 ws_ypixel: 0,
             };
-            let pty = nix::pty::openpty(Some(&winsize), None).map_err(io::Error::from)?;
-            set_cloexec(pty.master.as_raw_fd())?;
-            set_cloexec(pty.slave.as_raw_fd())?;
-            (ChildStdio::Tty { slave: pty.slave }, ParentStdio::Tty { master: pty.master })
+            let (master, slave) = open_container_pty(config.init_pid, &winsize)?;
+            (ChildStdio::Tty { slave }, ParentStdio::Tty { master })
         }
         None => {
             let (stdin_read, stdin_write) = pipe()?;
@@ -244,13 +297,6 @@ fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), C
             }
         }
     }
-}
-
-fn set_cloexec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: the caller owns fd for the duration of the call.
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
-    Ok(())
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
