@@ -67,6 +67,10 @@ impl ContainerState {
     }
 }
 
+// NOTE: a finished process keeps its slot (a small actor and its state
+// directory) until the container is destroyed, unless the operator enables
+// cleanup-process-dirs-on-wait, so a container that runs a health check
+// every few seconds grows the server slowly but without a cap.
 enum ProcessSlot {
     /// The runtime is starting it; the id is reserved.
     Starting,
