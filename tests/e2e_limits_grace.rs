@@ -83,11 +83,13 @@ fn reaping_releases_everything() {
     assert!(matches!(error, ClientError::ContainerNotFound { .. }), "{error:?}");
     assert!(!server.depot.join(&handle).exists(), "the depot entry is left");
     assert_eq!(server.leftovers(), Vec::<String>::new());
-    let log = server.log_text();
-    assert!(
-        log.lines().any(|line| line.contains("\"reaping\"") && line.contains(&handle)),
-        "no reaping line for {handle} in the log"
-    );
+    // The server logs asynchronously, so the line may reach the file a
+    // moment after the container is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log_text().lines().any(|line| line.contains("\"reaping\"") && line.contains(&handle)) {
+        assert!(Instant::now() < deadline, "no reaping line for {handle} in the log");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

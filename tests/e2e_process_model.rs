@@ -339,9 +339,23 @@ fn bad_messages_ignored_and_logged() {
     // The stdin sent after the close never reached the process.
     assert_eq!(output, "got-first\nmore-\n");
 
-    let log = server.log_text();
+    // The server logs asynchronously, so a line may still be half written
+    // when the test reads the log: only whole JSON lines count.
     for needle in ["unknown signal ignored", "resize ignored", "stdin ignored"] {
-        let line = log.lines().find(|line| line.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} line in the server log"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let line = loop {
+            let log = server.log_text();
+            let found = log
+                .lines()
+                .filter(|line| serde_json::from_str::<serde_json::Value>(line).is_ok())
+                .find(|line| line.contains(needle))
+                .map(str::to_string);
+            if let Some(line) = found {
+                break line;
+            }
+            assert!(Instant::now() < deadline, "no complete {needle:?} line in the server log:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(line.contains(&format!("\"process_id\":\"{id}\"")), "log line without the process id: {line}");
     }
     assert_eq!(server.run_command(&handle, "echo", &["fine"]).stdout_text(), "fine\n");
