@@ -20,11 +20,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::demux::{RequestHead, HEAD_TIMEOUT};
 use super::error::ApiError;
 use super::router::{Route, RouteMatch};
+use super::routes::lookup;
 use super::{AppState, PauseGuard};
 use crate::actors::container::{FindProcess, ForgetProcess, RunProcess};
 use crate::actors::process::{AttachOutput, CloseStream, ExitOutcome, OpenStream, OutputKind, Process, StreamHandle};
-use crate::actors::registry::LookupContainer;
-use crate::actors::{Container, ContainerError};
+use crate::actors::ContainerError;
 use crate::api::{self, ProcessPayload, ProcessSpec, SIGNAL_KILL, SIGNAL_TERMINATE};
 use crate::runtime::stdio::ServerFrame;
 
@@ -150,15 +150,6 @@ where
         container.do_send(ForgetProcess { process_id });
     }
     info!(logger, "finished"; "status" => status_line, "end" => end, "duration_ms" => started.elapsed().as_secs_f64() * 1000.0);
-}
-
-async fn lookup(state: &AppState, handle: &str) -> Result<Addr<Container>, ApiError> {
-    state
-        .registry
-        .send(LookupContainer { handle: handle.to_string() })
-        .await
-        .map_err(|_| ContainerError::Mailbox { operation: "looking up the container" })?
-        .map_err(ApiError::from)
 }
 
 /// Writes an error response, then closes once the client has closed or
