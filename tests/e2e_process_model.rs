@@ -227,7 +227,8 @@ fn users_env_dirs_and_rlimits() {
     let env_text = server.run(&handle, &env, None).expect("env").stdout_text();
     assert!(env_text.starts_with("TEST=hello\nFRUIT=banana\n"), "env order: {env_text}");
     assert!(env_text.contains("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"), "root PATH: {env_text}");
-    assert!(env_text.contains("USER=root\n") && env_text.contains("HOME=/root\n"), "USER and HOME: {env_text}");
+    assert!(env_text.contains("USER=root\n"), "USER: {env_text}");
+    assert!(env_text.contains("HOME=/root\n"), "HOME: {env_text}");
     let alice_env = as_user("alice", "env", &[]).stdout_text();
     assert!(alice_env.contains("PATH=/usr/local/bin:/usr/bin:/bin\n"), "alice PATH: {alice_env}");
 
@@ -270,7 +271,8 @@ fn bad_run_requests_fail_clearly() {
     let unknown_group = error_of(ProcessSpec { user: "alice:no-such-group".into(), ..command_spec("true", &[]) });
     assert!(unknown_group.contains("no-such-group"), "{unknown_group}");
     let file_dir = error_of(ProcessSpec { dir: "/etc/passwd".into(), ..command_spec("true", &[]) });
-    assert!(file_dir.contains("/etc/passwd") && file_dir.contains("Not a directory"), "{file_dir}");
+    assert!(file_dir.contains("/etc/passwd"), "error names the directory: {file_dir}");
+    assert!(file_dir.contains("Not a directory"), "error gives the cause: {file_dir}");
 
     assert_eq!(server.run_command(&handle, "echo", &["still working"]).stdout_text(), "still working\n");
 }

@@ -26,8 +26,8 @@ pub use container::Container;
 pub use process::Process;
 pub use registry::Registry;
 
-/// A failed container or process operation, classified by what the client
-/// is told.
+/// A failed container or process operation, classified by the error the
+/// client receives.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ContainerError {
     #[error("unknown handle: {handle}")]

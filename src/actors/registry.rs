@@ -21,7 +21,7 @@ use crate::api::ContainerSpec;
 use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
 use crate::runtime::{ContainerConfig, Runtime};
 
-/// Longest handle accepted, in bytes.
+/// Maximum handle length, in bytes.
 pub const MAX_HANDLE_LEN: usize = 255;
 
 /// Settings of the registry, from the server configuration.

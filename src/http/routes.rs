@@ -133,6 +133,30 @@ where
         .map_err(ApiError::from)
 }
 
+/// Sends one message to each container a bulk query names, in the order
+/// named. An unknown handle or a failed request becomes that handle's error.
+async fn ask_each<M, T>(
+    state: &AppState,
+    query: &str,
+    message: impl Fn() -> M,
+    operation: &'static str,
+) -> Vec<(String, Result<T, ApiError>)>
+where
+    M: actix::Message<Result = Result<T, ContainerError>> + Send + 'static,
+    T: Send + 'static,
+    Container: actix::Handler<M>,
+{
+    let mut results = Vec::new();
+    for handle in bulk_handles(query) {
+        let result = match lookup(state, &handle).await {
+            Ok(addr) => ask(&addr, message(), operation).await,
+            Err(error) => Err(error),
+        };
+        results.push((handle, result));
+    }
+    results
+}
+
 async fn serve(
     request: &HttpRequest,
     payload: web::Payload,
@@ -235,12 +259,9 @@ async fn serve(
             // Bulk routes do not pause grace timers: polling them must not
             // keep a container alive.
             let mut entries = BTreeMap::new();
-            for handle in bulk_handles(request.query_string()) {
-                let entry = match lookup(state, &handle).await {
-                    Ok(addr) => match ask(&addr, GetInfo, "reading container info").await {
-                        Ok(info) => ContainerInfoEntry { info, err: None },
-                        Err(error) => ContainerInfoEntry { err: Some(untyped(&error)), ..ContainerInfoEntry::default() },
-                    },
+            for (handle, result) in ask_each(state, request.query_string(), || GetInfo, "reading container info").await {
+                let entry = match result {
+                    Ok(info) => ContainerInfoEntry { info, err: None },
                     Err(error) => ContainerInfoEntry { err: Some(untyped(&error)), ..ContainerInfoEntry::default() },
                 };
                 entries.insert(handle, entry);
@@ -249,12 +270,9 @@ async fn serve(
         }
         Route::BulkMetrics => {
             let mut entries = BTreeMap::new();
-            for handle in bulk_handles(request.query_string()) {
-                let entry = match lookup(state, &handle).await {
-                    Ok(addr) => match ask(&addr, GetMetrics, "reading metrics").await {
-                        Ok(metrics) => ContainerMetricsEntry { metrics, err: None },
-                        Err(error) => ContainerMetricsEntry { err: Some(untyped(&error)), ..ContainerMetricsEntry::default() },
-                    },
+            for (handle, result) in ask_each(state, request.query_string(), || GetMetrics, "reading metrics").await {
+                let entry = match result {
+                    Ok(metrics) => ContainerMetricsEntry { metrics, err: None },
                     Err(error) => ContainerMetricsEntry { err: Some(untyped(&error)), ..ContainerMetricsEntry::default() },
                 };
                 entries.insert(handle, entry);

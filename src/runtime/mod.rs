@@ -58,7 +58,7 @@ impl IdMappings {
     }
 }
 
-/// A runtime failure, classified by what the client should be told.
+/// A runtime failure, classified by the error the client receives.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuntimeError {
     /// Run named an executable that does not exist; sent to the client as
@@ -178,8 +178,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// CPU entitlement from it.
     fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError>;
 
-    /// A snapshot of the container's host objects for the introspection
-    /// endpoint (init pid, cgroup paths and the like).
+    /// Returns a snapshot of the container's host objects for the
+    /// introspection endpoint (init pid, cgroup paths and the like).
     fn describe(&self) -> serde_json::Value;
 
     /// Removes what the runtime keeps on disk for a finished process. The
