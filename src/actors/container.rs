@@ -15,6 +15,7 @@ use actix::prelude::*;
 use bytes::BytesMut;
 use slog::{debug, info, o, warn, Logger};
 
+use super::oom::{OomKilled, OomWatcher};
 use super::process::{Process, ProcessStart};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{
@@ -90,7 +91,17 @@ pub struct Container {
     processes: HashMap<String, ProcessSlot>,
     stream_table: StreamTable,
     logger: Logger,
+    /// Notable events for Info: one `Out of memory` per OOM kill.
+    events: Vec<String>,
+    /// The kernel's OOM kill count already recorded in `events`.
+    oom_kills: u64,
+    /// Dropped with the actor, which stops the watch.
+    oom_watcher: Option<Addr<OomWatcher>>,
 }
+
+/// The event Garden records for each out-of-memory kill; clients compare
+/// Info's events with this text.
+pub const OUT_OF_MEMORY_EVENT: &str = "Out of memory";
 
 /// The on-disk record of a container, written atomically.
 #[derive(serde::Serialize)]
@@ -101,6 +112,8 @@ struct StateRecord<'a> {
     properties: &'a Properties,
     created_at_unix_ns: u128,
     spec: &'a ContainerSpec,
+    events: &'a [String],
+    oom_kills: u64,
 }
 
 impl Container {
@@ -130,6 +143,9 @@ impl Container {
             created_at: SystemTime::now(),
             processes: HashMap::new(),
             stream_table,
+            events: Vec::new(),
+            oom_kills: 0,
+            oom_watcher: None,
         }
     }
 
@@ -146,6 +162,8 @@ impl Container {
                 .map(|age| age.as_nanos())
                 .unwrap_or(0),
             spec: &self.spec,
+            events: &self.events,
+            oom_kills: self.oom_kills,
         };
         let mut bytes = serde_json::to_vec_pretty(&record).expect("state record serialises");
         bytes.push(b'\n');
@@ -169,9 +187,8 @@ impl Container {
     fn info(&self) -> ContainerInfo {
         ContainerInfo {
             state: self.state.as_info().into(),
-            // No out-of-memory event has been recorded, and Garden reports
-            // none as null.
-            events: None,
+            // Garden reports no events as null, not as an empty list.
+            events: (!self.events.is_empty()).then(|| self.events.clone()),
             container_path: self.dir.display().to_string(),
             process_ids: None,
             properties: Some(self.properties.clone()),
@@ -191,6 +208,39 @@ impl Container {
 
 impl Actor for Container {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Opening the watch only opens cgroup files, cheap enough for the
+        // actor thread.
+        let watch = match self.runtime.watch_oom() {
+            Ok(Some(watch)) => watch,
+            Ok(None) => return,
+            Err(error) => {
+                warn!(self.logger, "out-of-memory kills will not be reported"; "error" => %error);
+                return;
+            }
+        };
+        match OomWatcher::new(watch, ctx.address().recipient(), self.oom_kills, &self.handle, &self.logger) {
+            Ok(watcher) => self.oom_watcher = Some(watcher.start()),
+            Err(error) => warn!(self.logger, "out-of-memory kills will not be reported"; "error" => %error),
+        }
+    }
+}
+
+impl Handler<OomKilled> for Container {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, message: OomKilled, _ctx: &mut Context<Self>) -> Self::Result {
+        for _ in 0..message.kills {
+            self.events.push(OUT_OF_MEMORY_EVENT.to_string());
+        }
+        self.oom_kills = message.total;
+        AtomicResponse::new(Box::pin(self.persist().into_actor(self).map(|result, container, _| {
+            if let Err(error) = result {
+                warn!(container.logger, "out-of-memory event not persisted"; "error" => %error);
+            }
+        })))
+    }
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new

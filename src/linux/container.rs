@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::cgroup::{effective_shares, v2_weight, CgroupError, CgroupVersion, ContainerCgroup};
+use super::cgroup::{effective_shares, v2_weight, CgroupError, CgroupVersion, ContainerCgroup, OomListener};
 use super::metrics::{metrics_v1, HostShape};
 use super::files::{self, Direction, FilesConfig};
 use super::init::InitConfig;
@@ -21,7 +21,7 @@ use super::shim::{self, ShimConfig};
 use super::{syscalls, users, LinuxRuntime};
 use crate::api::{CpuLimits, Limits, Metrics, ProcessSpec};
 use crate::runtime::stdio::{ShimFrame, StartFailure};
-use crate::runtime::{ContainerConfig, ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
+use crate::runtime::{ContainerConfig, ContainerRuntime, OomWatch, RuntimeError, StartedProcess, StdioConnection};
 
 /// How long create waits for garden-init and run for a shim's first frame.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -562,6 +562,11 @@ impl ContainerRuntime for LinuxContainer {
         let stats = self.cgroup.stats();
         let host = HostShape::read();
         Ok(metrics_v1(&stats, effective_shares(&limits.cpu_limits), limits.pid_limits.max, &host, age))
+    }
+
+    fn watch_oom(&self) -> Result<Option<Box<dyn OomWatch>>, RuntimeError> {
+        let listener = OomListener::open(self.cgroup.version, &self.cgroup.dirs)?;
+        Ok(listener.map(|listener| Box::new(listener) as Box<dyn OomWatch>))
     }
 
     fn describe(&self) -> serde_json::Value {

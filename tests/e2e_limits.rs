@@ -1,0 +1,208 @@
+//! End-to-end tests of memory, pid and CPU limits, out-of-memory events
+//! and metrics against a real `trellis server` with the Linux runtime. They
+//! need root; see `support` for how they skip.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use support::{command_spec, TestServer};
+use trellis::api::{ContainerSpec, CpuLimits, Limits, MemoryLimits, PidLimits};
+
+const MIB: u64 = 1 << 20;
+
+/// Sends one request over the server's Unix socket and returns the status
+/// and body; the client has no calls for the 2015 PUT limit routes.
+fn raw_request(server: &TestServer, method: &str, target: &str, body: &str) -> (u16, String) {
+    let mut stream = UnixStream::connect(&server.socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+fn create_with(server: &TestServer, label: &str, limits: Limits) -> String {
+    let spec = ContainerSpec { handle: server.unique_handle(label), limits, ..ContainerSpec::default() };
+    server.block_on(server.client.create(&spec)).unwrap_or_else(|error| panic!("creating {label} failed: {error}"))
+}
+
+fn memory_limit(bytes: u64) -> Limits {
+    Limits { memory_limits: MemoryLimits { limit_in_bytes: bytes }, ..Limits::default() }
+}
+
+fn info_events(server: &TestServer, handle: &str) -> Option<Vec<String>> {
+    server.block_on(server.client.info(handle)).unwrap().events
+}
+
+/// Polls Info until its events equal `expected`; returns the events seen
+/// last when `limit` passes first.
+fn wait_for_events(server: &TestServer, handle: &str, expected: &[&str], limit: Duration) -> Option<Vec<String>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let events = info_events(server, handle);
+        let matches = events.as_ref().is_some_and(|events| events.iter().map(String::as_str).eq(expected.iter().copied()));
+        if matches || Instant::now() >= deadline {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn oom_kill_is_reported_in_info() {
+    let Some(server) = TestServer::start("oom_kill_is_reported_in_info") else { return };
+    let handle = create_with(&server, "oom", memory_limit(64 * MIB));
+    assert_eq!(info_events(&server, &handle), None, "no event before any kill");
+
+    // dd allocates a buffer of one block and fills it from /dev/zero.
+    let within = server.run_command(&handle, "dd", &["if=/dev/zero", "of=/dev/null", "bs=16M", "count=2"]);
+    assert_eq!(within.status, 0, "a 16 MiB buffer fits: {}", within.stderr_text());
+    assert_eq!(info_events(&server, &handle), None, "a process within the limit is not an event");
+
+    let past = server.run_command(&handle, "dd", &["if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"]);
+    assert_eq!(past.status, 137, "a 128 MiB buffer is killed: {}", past.stderr_text());
+    let events = wait_for_events(&server, &handle, &["Out of memory"], Duration::from_secs(1));
+    assert_eq!(events, Some(vec!["Out of memory".to_string()]));
+
+    // A second kill appends a second event; the container stays active.
+    let again = server.run_command(&handle, "dd", &["if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"]);
+    assert_eq!(again.status, 137);
+    let events = wait_for_events(&server, &handle, &["Out of memory", "Out of memory"], Duration::from_secs(1));
+    assert_eq!(events, Some(vec!["Out of memory".to_string(), "Out of memory".to_string()]));
+    assert_eq!(server.block_on(server.client.info(&handle)).unwrap().state, "active");
+
+    let log = server.log_text();
+    let logged = log.lines().find(|line| line.contains("out of memory") && line.contains(&handle));
+    assert!(logged.is_some(), "the server logs the kill with the handle:\n{log}");
+
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn shm_writes_count_against_memory() {
+    let Some(server) = TestServer::start("shm_writes_count_against_memory") else { return };
+    let handle = create_with(&server, "shm", memory_limit(64 * MIB));
+    let fits = server.run_command(&handle, "dd", &["if=/dev/zero", "of=/dev/shm/fits", "bs=1M", "count=58"]);
+    assert_eq!(fits.status, 0, "58 MiB in /dev/shm fits: {}", fits.stderr_text());
+    let removed = server.run_command(&handle, "rm", &["/dev/shm/fits"]);
+    assert_eq!(removed.status, 0);
+
+    let past = server.run_command(&handle, "dd", &["if=/dev/zero", "of=/dev/shm/past", "bs=1M", "count=65"]);
+    assert_ne!(past.status, 0, "65 MiB in /dev/shm exceeds a 64 MiB limit");
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn pid_limit_makes_fork_fail() {
+    let Some(server) = TestServer::start("pid_limit_makes_fork_fail") else { return };
+    let handle = create_with(&server, "pids", Limits { pid_limits: PidLimits { max: 50 }, ..Limits::default() });
+    // Each background sleep keeps a pid in use, so the loop reaches the limit.
+    let script = "i=0; while [ $i -lt 60 ]; do sleep 30 & i=$((i+1)); done; echo started $i";
+    let output = server.run_command(&handle, "sh", &["-c", script]);
+    assert_eq!(output.status, 2, "stdout {:?}, stderr {:?}", output.stdout_text(), output.stderr_text());
+    assert!(output.stderr_text().contains("can't fork: Resource temporarily unavailable"), "{}", output.stderr_text());
+
+    let metrics = server.block_on(server.client.metrics(&handle)).unwrap();
+    assert_eq!(metrics.pid_stat.max, 50);
+    assert!(metrics.pid_stat.current > 1, "the orphaned sleeps count: {:?}", metrics.pid_stat);
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn no_limits_report_empty_structs() {
+    let Some(server) = TestServer::start("no_limits_report_empty_structs") else { return };
+    let handle = server.create("none");
+    for kind in ["bandwidth", "cpu", "disk", "memory"] {
+        let answer = raw_request(&server, "GET", &format!("/containers/{handle}/limits/{kind}"), "");
+        assert_eq!(answer, (200, "{}\n".to_string()), "{kind}");
+    }
+    let metrics = server.block_on(server.client.metrics(&handle)).unwrap();
+    assert_eq!(metrics.pid_stat.max, 0);
+    assert!(metrics.pid_stat.current >= 1, "garden-init counts: {:?}", metrics.pid_stat);
+    server.block_on(server.client.destroy(&handle)).unwrap();
+}
+
+#[test]
+fn limits_read_back_exactly() {
+    let Some(server) = TestServer::start("limits_read_back_exactly") else { return };
+    let limits = Limits {
+        memory_limits: MemoryLimits { limit_in_bytes: 134_217_728 },
+        cpu_limits: CpuLimits { weight: 0, limit_in_shares: 50 },
+        ..Limits::default()
+    };
+    let handle = create_with(&server, "exact", limits);
+    assert_eq!(server.block_on(server.client.cpu_limits(&handle)).unwrap(), CpuLimits { weight: 0, limit_in_shares: 50 });
+    assert_eq!(server.block_on(server.client.memory_limits(&handle)).unwrap(), MemoryLimits { limit_in_bytes: 134_217_728 });
+
+    // A value beyond what the kernel takes is capped at 2^63 - 1, and the
+    // limit reads back as it was set.
+    let target = format!("/containers/{handle}/limits/memory");
+    let (status, body) = raw_request(&server, "PUT", &target, &format!("{{\"limit_in_bytes\":{}}}", u64::MAX));
+    assert_eq!((status, body), (200, format!("{{\"limit_in_bytes\":{}}}\n", u64::MAX)));
+    let metrics = server.block_on(server.client.metrics(&handle)).unwrap();
+    assert!(metrics.memory_stat.hierarchical_memory_limit >= 1 << 62, "{:?}", metrics.memory_stat.hierarchical_memory_limit);
+    server.block_on(server.client.destroy(&handle)).unwrap();
+}
+
+#[test]
+fn memory_limit_below_usage_is_rejected() {
+    let Some(server) = TestServer::start("memory_limit_below_usage_is_rejected") else { return };
+    let handle = create_with(&server, "below", memory_limit(128 * MIB));
+    let filled = server.run_command(&handle, "dd", &["if=/dev/zero", "of=/dev/shm/fill", "bs=1M", "count=40"]);
+    assert_eq!(filled.status, 0, "{}", filled.stderr_text());
+
+    let target = format!("/containers/{handle}/limits/memory");
+    let (status, body) = raw_request(&server, "PUT", &target, &format!("{{\"limit_in_bytes\":{}}}", 16 * MIB));
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("below the container's current memory usage"), "{body}");
+    // Nothing was half applied.
+    assert_eq!(server.block_on(server.client.memory_limits(&handle)).unwrap(), MemoryLimits { limit_in_bytes: 128 * MIB });
+    let still = server.run_command(&handle, "ls", &["/dev/shm/fill"]);
+    assert_eq!(still.status, 0, "the data was not reclaimed by a lower limit");
+
+    let (status, body) = raw_request(&server, "PUT", &target, &format!("{{\"limit_in_bytes\":{}}}", 96 * MIB));
+    assert_eq!((status, body), (200, format!("{{\"limit_in_bytes\":{}}}\n", 96 * MIB)));
+    server.block_on(server.client.destroy(&handle)).unwrap();
+}
+
+#[test]
+fn metrics_follow_real_usage() {
+    let Some(server) = TestServer::start("metrics_follow_real_usage") else { return };
+    let handle = server.create("usage");
+    let before = server.block_on(server.client.metrics(&handle)).unwrap();
+
+    // Files in /dev/shm are memory charged to the container until removed.
+    let filled = server.run_command(&handle, "dd", &["if=/dev/zero", "of=/dev/shm/fill", "bs=1M", "count=100"]);
+    assert_eq!(filled.status, 0, "{}", filled.stderr_text());
+    let after = server.block_on(server.client.metrics(&handle)).unwrap();
+    let grown = after.memory_stat.total_usage_toward_limit.saturating_sub(before.memory_stat.total_usage_toward_limit);
+    assert!((90 * MIB..=110 * MIB).contains(&grown), "usage grew by {grown} bytes for 100 MiB");
+
+    // CPU usage grows while a busy loop runs.
+    let spec = command_spec("sh", &["-c", "while true; do :; done"]);
+    let io = trellis::client::ProcessIo::default();
+    let mut busy = server.block_on(server.client.run(&handle, &spec, io)).unwrap();
+    let first = server.block_on(server.client.metrics(&handle)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let second = server.block_on(server.client.metrics(&handle)).unwrap();
+    assert!(second.cpu_stat.usage > first.cpu_stat.usage, "{:?} then {:?}", first.cpu_stat, second.cpu_stat);
+    assert!(second.cpu_stat.user + second.cpu_stat.system > 0, "{:?}", second.cpu_stat);
+    assert!(second.age > first.age);
+    assert!(second.cpu_entitlement == 0, "no shares set, so no entitlement: {}", second.cpu_entitlement);
+    server.block_on(busy.signal(trellis::client::Signal::Kill)).unwrap();
+    let _ = server.block_on(busy.wait());
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}
