@@ -299,8 +299,13 @@ impl ContainerCgroup {
     /// Reads the usage counters of the container's cgroups. A counter the
     /// host does not have reads as zero.
     pub fn stats(&self) -> CgroupStats {
-        let mut stats = CgroupStats::default();
+        let mut stats = CgroupStats::new(self.version);
         for dir in &self.dirs {
+            if self.version == CgroupVersion::V2 {
+                if let Ok(text) = read_control(dir, "cpu.stat") {
+                    stats.cpu_stat = parse_flat_keyed(&text);
+                }
+            }
             if let Ok(text) = read_control(dir, "memory.stat") {
                 stats.memory = parse_flat_keyed(&text);
             }
@@ -709,9 +714,11 @@ pub fn v2_weight(shares: u64) -> u64 {
     ((weight - 1e-9).ceil() as u64).clamp(1, 10_000)
 }
 
-/// Usage counters of one container's cgroups (v1 file names).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Usage counters of one container's cgroups.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupStats {
+    /// The version the counters come from, which decides their keys.
+    pub version: CgroupVersion,
     /// The keys and values of `memory.stat`.
     pub memory: std::collections::BTreeMap<String, u64>,
     /// `memory.memsw.limit_in_bytes`, when the host accounts swap.
@@ -721,7 +728,26 @@ pub struct CgroupStats {
     /// `user` and `system` of `cpuacct.stat`, in USER_HZ ticks.
     pub cpu_user_ticks: u64,
     pub cpu_system_ticks: u64,
+    /// The keys of the v2 `cpu.stat` (`usage_usec`, `user_usec`,
+    /// `system_usec`…), in microseconds; empty on v1.
+    pub cpu_stat: std::collections::BTreeMap<String, u64>,
     pub pids_current: u64,
+}
+
+impl CgroupStats {
+    /// Returns all-zero counters of `version`.
+    pub fn new(version: CgroupVersion) -> CgroupStats {
+        CgroupStats {
+            version,
+            memory: Default::default(),
+            memsw_limit: None,
+            cpu_usage_ns: 0,
+            cpu_user_ticks: 0,
+            cpu_system_ticks: 0,
+            cpu_stat: Default::default(),
+            pids_current: 0,
+        }
+    }
 }
 
 /// Parses a flat keyed file such as `memory.stat`: one `key value` per

@@ -9,12 +9,15 @@
 //! - [`files`]: the tar helper of stream in and stream out.
 //! - [`rootfs`]: image choice, idmapped lower layer, overlay.
 //! - [`security`]: capability sets and the seccomp filter.
-//! - [`cgroup`]: per-container cgroups on v1 and v2.
+//! - [`cgroup`]: per-container cgroups on v1 and v2, and OOM notifications.
+//! - [`disk`]: disk limits on a size-limited filesystem, and layer usage.
+//! - [`metrics`]: metrics from cgroup counters, layers and interfaces.
 //! - [`users`]: user resolution and process environment.
 //! - [`syscalls`]: system calls nix does not wrap.
 
 pub mod cgroup;
 pub mod container;
+pub mod disk;
 pub mod exec;
 pub mod files;
 pub mod init;
