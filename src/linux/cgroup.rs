@@ -266,6 +266,11 @@ impl ContainerCgroup {
                 CgroupVersion::V2 => {
                     if memory > 0 {
                         write_control(dir, "memory.max", &memory.to_string())?;
+                        // v2 limits swap on its own; none keeps the memory
+                        // limit the whole budget, as memsw does on v1.
+                        if dir.join("memory.swap.max").exists() {
+                            write_control(dir, "memory.swap.max", "0")?;
+                        }
                     }
                     if pids > 0 {
                         write_control(dir, "pids.max", &pids.to_string())?;
@@ -1004,5 +1009,41 @@ mod tests {
         cgroup.update_limits(&current, &requested).unwrap();
         assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), i64::MAX.to_string());
         assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "10");
+    }
+
+    #[test]
+    fn v2_stats_read_v2_files() {
+        let (root, cgroup) = v2_fixture();
+        let dir = root.path().join("srv/trellis/box");
+        seed_v2(&dir, "memory cpu pids");
+        fs::write(dir.join("memory.stat"), "anon 4096\nfile 8192\ninactive_file 1024\n").unwrap();
+        fs::write(dir.join("cpu.stat"), "usage_usec 30\nuser_usec 20\nsystem_usec 10\n").unwrap();
+        fs::write(dir.join("pids.current"), "3\n").unwrap();
+        fs::write(dir.join("memory.current"), "12288\n").unwrap();
+
+        let stats = cgroup.stats();
+        assert_eq!(stats.version, CgroupVersion::V2);
+        assert_eq!(stats.memory.get("anon"), Some(&4096));
+        assert_eq!(stats.memory.get("inactive_file"), Some(&1024));
+        assert_eq!(stats.cpu_stat.get("usage_usec"), Some(&30));
+        assert_eq!(stats.cpu_stat.get("system_usec"), Some(&10));
+        assert_eq!(stats.pids_current, 3);
+        assert_eq!(cgroup.memory_usage().unwrap(), Some(12288));
+    }
+
+    #[test]
+    fn v2_memory_limit_disables_swap() {
+        let (root, cgroup) = v2_fixture();
+        let dir = root.path().join("srv/trellis/box");
+        seed_v2(&dir, "memory");
+        // Empty, because writes to a fixture file do not truncate it.
+        fs::write(dir.join("memory.swap.max"), "").unwrap();
+        let mut limits = Limits::default();
+        cgroup.create(false, &limits).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("memory.swap.max")).unwrap(), "", "no memory limit, swap untouched");
+        limits.memory_limits.limit_in_bytes = 32 << 20;
+        cgroup.update_limits(&Limits::default(), &limits).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), "33554432");
+        assert_eq!(fs::read_to_string(dir.join("memory.swap.max")).unwrap(), "0");
     }
 }
