@@ -206,3 +206,51 @@ fn metrics_follow_real_usage() {
     server.block_on(server.client.destroy(&handle)).unwrap();
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
+
+/// Runs `program` with `args` and fails the test with its stderr when it
+/// fails.
+fn run_tool(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(program).args(args).output().unwrap();
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn network_stat_counts_container_interfaces() {
+    let Some(server) = TestServer::start("network_stat_counts_interfaces") else { return };
+    let handle = server.create("net");
+    let init_pid = support::processes_in_cgroups_named(&handle)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "garden-init"))
+        .expect("the container's garden-init");
+
+    // A veth pair from the server's private namespace into the
+    // container's, on the test network 192.0.2.0/30. Both ends go away
+    // with their namespaces.
+    let host_end = format!("tlh{}", std::process::id() % 100_000);
+    let container_end = format!("tlc{}", std::process::id() % 100_000);
+    let container_netns = format!("/proc/{init_pid}/ns/net");
+    run_tool("ip", &["-n", &server.name, "link", "add", &host_end, "type", "veth", "peer", "name", &container_end]);
+    run_tool("ip", &["-n", &server.name, "link", "set", &container_end, "netns", &init_pid.to_string()]);
+    run_tool("ip", &["-n", &server.name, "addr", "add", "192.0.2.1/30", "dev", &host_end]);
+    run_tool("ip", &["-n", &server.name, "link", "set", &host_end, "up"]);
+    let inside = |args: &[&str]| {
+        let mut full = vec!["--net=".to_string() + &container_netns, "ip".to_string()];
+        full.extend(args.iter().map(|arg| arg.to_string()));
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        run_tool("nsenter", &full);
+    };
+    inside(&["addr", "add", "192.0.2.2/30", "dev", &container_end]);
+    inside(&["link", "set", &container_end, "up"]);
+
+    let before = server.block_on(server.client.metrics(&handle)).unwrap().network_stat.expect("network statistics");
+    // busybox-static, which the tests need for the root filesystem anyway,
+    // supplies ping.
+    run_tool("ip", &["netns", "exec", &server.name, "busybox", "ping", "-c", "3", "-W", "5", "192.0.2.2"]);
+    let after = server.block_on(server.client.metrics(&handle)).unwrap().network_stat.expect("network statistics");
+    // Three echo requests in and three replies out, 84 bytes or more each.
+    assert!(after.rx_bytes >= before.rx_bytes + 3 * 84, "{before:?} then {after:?}");
+    assert!(after.tx_bytes >= before.tx_bytes + 3 * 84, "{before:?} then {after:?}");
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}
