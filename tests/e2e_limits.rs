@@ -254,3 +254,35 @@ fn network_stat_counts_container_interfaces() {
     server.block_on(server.client.destroy(&handle)).unwrap();
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn operator_cpu_options_apply() {
+    let options = support::ServerOptions {
+        extra_config: vec!["cpu-quota-per-share = 100".into(), "cpu-entitlement-per-share = 1".into()],
+        ..support::ServerOptions::default()
+    };
+    let Some(server) = TestServer::start_with("operator_cpu_options_apply", options) else { return };
+    let handle = create_with(&server, "quota", Limits { cpu_limits: CpuLimits { weight: 0, limit_in_shares: 100 }, ..Limits::default() });
+    let cpu_dir = support::cgroups_named(&server.tag)
+        .into_iter()
+        .map(|parent| parent.join(&handle))
+        .find(|dir| dir.join("cpu.cfs_quota_us").exists())
+        .expect("a cpu cgroup");
+    let read = |file: &str| std::fs::read_to_string(cpu_dir.join(file)).unwrap().trim().to_string();
+    // 100 shares × 100 µs: 10 ms of CPU per 100 ms period.
+    assert_eq!(read("cpu.cfs_quota_us"), "10000");
+    assert_eq!(read("cpu.cfs_period_us"), "100000");
+    assert_eq!(read("cpu.shares"), "100");
+
+    // 100 shares × 1 % of a CPU: the entitlement equals the age.
+    let metrics = server.block_on(server.client.metrics(&handle)).unwrap();
+    let age = metrics.age as u64;
+    assert!(metrics.cpu_entitlement.abs_diff(age) <= 1, "entitlement {} for age {age}", metrics.cpu_entitlement);
+
+    // A CPU change through the 2015 route moves the quota too.
+    let target = format!("/containers/{handle}/limits/cpu");
+    assert_eq!(raw_request(&server, "PUT", &target, r#"{"limit_in_shares":300}"#), (200, "{\"limit_in_shares\":300}\n".into()));
+    assert_eq!(read("cpu.cfs_quota_us"), "30000");
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}

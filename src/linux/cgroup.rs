@@ -177,6 +177,28 @@ pub struct ContainerCgroup {
     pub dirs: Vec<PathBuf>,
     /// The `<tag>` parent in each hierarchy, removed when empty.
     pub parents: Vec<PathBuf>,
+    /// The operator's hard CPU quota per share in microseconds per
+    /// period; 0 leaves CPU uncapped.
+    pub cpu_quota_per_share: u64,
+}
+
+/// The CFS period of a CPU quota, in microseconds.
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// The smallest CPU quota written, in microseconds; the kernel rejects
+/// quotas below 1 ms.
+pub const MIN_CPU_QUOTA_US: u64 = 1_000;
+/// The largest CPU quota the kernel takes, in microseconds (its MAX_BW,
+/// 2^44 - 1, in kernel/sched/core.c of Linux 6.x).
+pub const MAX_CPU_QUOTA_US: u64 = (1 << 44) - 1;
+
+/// Returns the CPU quota in microseconds per [`CPU_PERIOD_US`] for
+/// `shares` with `per_share` microseconds each: max(S·Q, 1000), capped
+/// at what the kernel takes. `None` when either is 0.
+pub fn cpu_quota(shares: u64, per_share: u64) -> Option<u64> {
+    if shares == 0 || per_share == 0 {
+        return None;
+    }
+    Some(shares.saturating_mul(per_share).clamp(MIN_CPU_QUOTA_US, MAX_CPU_QUOTA_US))
 }
 
 impl ContainerCgroup {
@@ -189,7 +211,13 @@ impl ContainerCgroup {
         ordered.sort_by_key(|hierarchy| !hierarchy.controllers.iter().any(|c| c == "freezer"));
         let parents: Vec<PathBuf> = ordered.iter().map(|h| h.mount.join(&h.own_path).join(tag)).collect();
         let dirs = parents.iter().map(|parent| parent.join(name)).collect();
-        ContainerCgroup { version, dirs, parents }
+        ContainerCgroup { version, dirs, parents, cpu_quota_per_share: 0 }
+    }
+
+    /// Sets the operator's hard CPU quota per share (0: uncapped).
+    pub fn with_cpu_quota_per_share(mut self, microseconds: u64) -> ContainerCgroup {
+        self.cpu_quota_per_share = microseconds;
+        self
     }
 
     /// Creates the cgroups (and their parents when missing) and applies the
@@ -262,6 +290,10 @@ impl ContainerCgroup {
                     if shares > 0 && dir.join("cpu.shares").exists() {
                         write_control(dir, "cpu.shares", &shares.to_string())?;
                     }
+                    if let Some(quota) = cpu_quota(shares, self.cpu_quota_per_share).filter(|_| dir.join("cpu.cfs_quota_us").exists()) {
+                        write_control(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                        write_control(dir, "cpu.cfs_quota_us", &quota.to_string())?;
+                    }
                 }
                 CgroupVersion::V2 => {
                     if memory > 0 {
@@ -277,6 +309,9 @@ impl ContainerCgroup {
                     }
                     if shares > 0 && dir.join("cpu.weight").exists() {
                         write_control(dir, "cpu.weight", &v2_weight(shares).to_string())?;
+                    }
+                    if let Some(quota) = cpu_quota(shares, self.cpu_quota_per_share).filter(|_| dir.join("cpu.max").exists()) {
+                        write_control(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
                     }
                 }
             }
@@ -924,7 +959,7 @@ mod tests {
 
     #[test]
     fn v1_kill_all_is_not_available() {
-        let cgroup = ContainerCgroup { version: CgroupVersion::V1, dirs: vec![PathBuf::from("/nonexistent")], parents: Vec::new() };
+        let cgroup = ContainerCgroup { version: CgroupVersion::V1, dirs: vec![PathBuf::from("/nonexistent")], parents: Vec::new(), cpu_quota_per_share: 0 };
         assert!(!cgroup.kill_all().unwrap());
         assert_eq!(cgroup.pids().unwrap(), Vec::<i32>::new());
     }
@@ -1045,5 +1080,29 @@ mod tests {
         cgroup.update_limits(&Limits::default(), &limits).unwrap();
         assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), "33554432");
         assert_eq!(fs::read_to_string(dir.join("memory.swap.max")).unwrap(), "0");
+    }
+
+    #[test]
+    fn cpu_quota_follows_shares() {
+        assert_eq!(cpu_quota(0, 100), None);
+        assert_eq!(cpu_quota(512, 0), None);
+        assert_eq!(cpu_quota(512, 100), Some(51_200));
+        assert_eq!(cpu_quota(2, 100), Some(1_000), "at least 1 ms");
+        assert_eq!(cpu_quota(u64::MAX, 100), Some(MAX_CPU_QUOTA_US));
+    }
+
+    #[test]
+    fn v2_cpu_quota_is_written_to_cpu_max() {
+        let (root, cgroup) = v2_fixture();
+        let cgroup = cgroup.with_cpu_quota_per_share(100);
+        let dir = root.path().join("srv/trellis/box");
+        seed_v2(&dir, "cpu");
+        fs::write(dir.join("cpu.weight"), "").unwrap();
+        fs::write(dir.join("cpu.max"), "").unwrap();
+        let mut limits = Limits::default();
+        limits.cpu_limits.limit_in_shares = 1024;
+        cgroup.create(false, &limits).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("cpu.max")).unwrap(), "102400 100000");
+        assert_eq!(fs::read_to_string(dir.join("cpu.weight")).unwrap(), "100");
     }
 }

@@ -114,6 +114,9 @@ pub struct LinuxContainer {
     image_usage: OnceLock<Usage>,
     /// The size-limited filesystem of a container with a disk limit.
     disk: Option<DiskImage>,
+    /// The operator's CPU entitlement per share in percent; 0 derives it
+    /// from the host.
+    cpu_entitlement_per_share: f64,
 }
 
 /// Returns the cgroup name of a handle. Handles are validated by the
@@ -136,7 +139,8 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
     let container_dir = fs::canonicalize(&config.container_dir)
         .map_err(|error| RuntimeError::failed(format!("state directory {} is not usable: {error}", config.container_dir.display())))?;
 
-    let cgroup = ContainerCgroup::plan(runtime.cgroup_version, &runtime.hierarchies, &runtime.config.tag, &cgroup_name(&config.handle));
+    let cgroup = ContainerCgroup::plan(runtime.cgroup_version, &runtime.hierarchies, &runtime.config.tag, &cgroup_name(&config.handle))
+        .with_cpu_quota_per_share(runtime.config.cpu_quota_per_share);
     let mut container = LinuxContainer {
         handle: config.handle.clone(),
         container_dir,
@@ -157,6 +161,7 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         },
         image_usage: OnceLock::new(),
         disk: None,
+        cpu_entitlement_per_share: runtime.config.cpu_entitlement_per_share,
     };
     match build(runtime, config, &mut container, &source) {
         Ok(()) => {
@@ -656,7 +661,8 @@ impl ContainerRuntime for LinuxContainer {
     fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError> {
         let limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         let stats = self.cgroup.stats();
-        let host = HostShape::read();
+        let mut host = HostShape::read();
+        host.entitlement_percent = (self.cpu_entitlement_per_share > 0.0).then_some(self.cpu_entitlement_per_share);
         let mut metrics = build_metrics(&stats, effective_shares(&limits.cpu_limits), limits.pid_limits.max, &host, age);
         metrics.disk_stat = metrics::disk_stat(self.image_usage()?, self.writable_usage()?);
         // /proc/<pid>/net/dev lists the interfaces of that process's

@@ -21,6 +21,9 @@ pub struct HostShape {
     pub memory_bytes: u64,
     /// Clock ticks per second of `cpuacct.stat` (USER_HZ).
     pub ticks_per_second: u64,
+    /// The operator's CPU entitlement per share in percent, which replaces
+    /// the one derived from cores and memory.
+    pub entitlement_percent: Option<f64>,
 }
 
 impl HostShape {
@@ -31,12 +34,17 @@ impl HostShape {
             cpu_cores: sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN).max(1),
             memory_bytes: super::host_memory_bytes().unwrap_or(0),
             ticks_per_second: sysconf(nix::unistd::SysconfVar::CLK_TCK).max(1),
+            entitlement_percent: None,
         }
     }
 
-    /// Returns the default entitlement per share, in percent: CPU cores ×
-    /// 100 ÷ the host's memory in MiB (integer division of the bytes).
+    /// Returns the entitlement per share in percent: the operator's, or by
+    /// default CPU cores × 100 ÷ the host's memory in MiB (integer division
+    /// of the bytes).
     pub fn entitlement_per_share_percent(&self) -> f64 {
+        if let Some(percent) = self.entitlement_percent {
+            return percent;
+        }
         let mebibytes = self.memory_bytes / 1_048_576;
         if mebibytes == 0 {
             return 0.0;
@@ -191,7 +199,7 @@ mod tests {
     #[test]
     fn entitlement_matches_the_worked_example() {
         // 4 cores and 16 GiB: 1024 shares earn 2.5 s of CPU per 10 s of age.
-        let host = HostShape { cpu_cores: 4, memory_bytes: 16 << 30, ticks_per_second: 100 };
+        let host = HostShape { cpu_cores: 4, memory_bytes: 16 << 30, ticks_per_second: 100, entitlement_percent: None };
         assert_eq!(host.entitlement_per_share_percent(), 0.0244140625);
         let earned = cpu_entitlement(1024, host.entitlement_per_share_percent(), Duration::from_secs(10));
         assert_eq!(earned, 2_500_000_000);
@@ -218,7 +226,7 @@ mod tests {
     #[test]
     fn cpu_ticks_become_nanoseconds() {
         let stats = CgroupStats { cpu_usage_ns: 5, cpu_user_ticks: 3, cpu_system_ticks: 2, pids_current: 4, ..CgroupStats::new(CgroupVersion::V1) };
-        let host = HostShape { cpu_cores: 2, memory_bytes: 2 << 30, ticks_per_second: 100 };
+        let host = HostShape { cpu_cores: 2, memory_bytes: 2 << 30, ticks_per_second: 100, entitlement_percent: None };
         let metrics = build_metrics(&stats, 0, 128, &host, Duration::from_secs(1));
         assert_eq!(metrics.cpu_stat, CpuStat { usage: 5, user: 30_000_000, system: 20_000_000 });
         assert_eq!(metrics.pid_stat, PidStat { current: 4, max: 128 });
@@ -235,7 +243,7 @@ mod tests {
         );
         stats.cpu_stat = parse_flat_keyed("usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\n");
         stats.pids_current = 3;
-        let host = HostShape { cpu_cores: 4, memory_bytes: 16 << 30, ticks_per_second: 100 };
+        let host = HostShape { cpu_cores: 4, memory_bytes: 16 << 30, ticks_per_second: 100, entitlement_percent: None };
         let metrics = build_metrics(&stats, 1024, 0, &host, Duration::from_secs(10));
 
         let memory = metrics.memory_stat;
@@ -271,5 +279,13 @@ eth1:      10       1    0    0    0     0          0         0       20       1
         assert_eq!(network_stat(text), NetworkStat { rx_bytes: 1530, tx_bytes: 1000 });
         let only_loopback = "h1\nh2\n    lo:  5 1 0 0 0 0 0 0  5 1 0 0 0 0 0 0\n";
         assert_eq!(network_stat(only_loopback), NetworkStat::default());
+    }
+
+    #[test]
+    fn operator_entitlement_replaces_the_host_default() {
+        let host = HostShape { cpu_cores: 4, memory_bytes: 16 << 30, ticks_per_second: 100, entitlement_percent: Some(0.5) };
+        assert_eq!(host.entitlement_per_share_percent(), 0.5);
+        // 100 shares × 0.5 % of a CPU for 10 s.
+        assert_eq!(cpu_entitlement(100, host.entitlement_per_share_percent(), Duration::from_secs(10)), 5_000_000_000);
     }
 }

@@ -63,6 +63,11 @@ pub struct LinuxConfig {
     /// Operator hardening of unprivileged containers: no_new_privs on their
     /// processes and `net.ipv4.ping_group_range` = `1 65535`.
     pub no_new_privileges: bool,
+    /// Hard CPU quota per share in microseconds per 100 ms period; 0 is
+    /// uncapped.
+    pub cpu_quota_per_share: u64,
+    /// CPU entitlement per share in percent; 0 derives it from the host.
+    pub cpu_entitlement_per_share: f64,
 }
 
 /// Errors of setting up the runtime itself.
