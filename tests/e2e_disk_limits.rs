@@ -158,7 +158,8 @@ fn disk_limit_grows_online_and_rejects_shrinking() {
     // shrink of a mounted ext4 filesystem; the limit stays as it was.
     let (status, body) = raw_request(&server, "PUT", &target, &format!("{{\"byte_hard\":{},\"scope\":1}}", 5 * MIB));
     assert_eq!(status, 500, "{body}");
-    assert!(body.contains("is below the") && body.contains("writable layer uses"), "{body}");
+    assert!(body.contains("is below the"), "{body}");
+    assert!(body.contains("writable layer uses"), "{body}");
     let (status, body) = raw_request(&server, "PUT", &target, &format!("{{\"byte_hard\":{},\"scope\":1}}", 28 * MIB));
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("cannot shrink"), "{body}");

@@ -65,7 +65,7 @@ impl OomWatcher {
         if raw < 0 {
             return Err(OomWatcherError::StopFd { source: io::Error::last_os_error() });
         }
-        // SAFETY: `raw` is a fresh fd owned by nobody else.
+        // SAFETY: `raw` is a fresh fd with no other owner.
         let stop = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
         Ok(OomWatcher { logger: logger.new(o!("handle" => handle.to_string())), recipient, recorded, stop, watch: Some(watch) })
     }
@@ -86,7 +86,7 @@ impl Actor for OomWatcher {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let Some(mut watch) = self.watch.take() else { return };
-        // Kills that happened while nobody watched, such as during a server
+        // Kills that happened while no watch ran, such as during a server
         // restart, are recorded first.
         self.record(watch.initial_kills());
         let address = ctx.address().downgrade();
@@ -116,10 +116,10 @@ impl Actor for OomWatcher {
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        let one = 1u64.to_ne_bytes();
+        let increment = 1u64.to_ne_bytes();
         // SAFETY: the buffer is valid for eight bytes, the size an eventfd
         // write takes, and the fd is open.
-        let written = unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        let written = unsafe { libc::write(self.stop.as_raw_fd(), increment.as_ptr().cast(), increment.len()) };
         if written < 0 {
             warn!(self.logger, "failed to stop the out-of-memory watch thread"; "error" => %io::Error::last_os_error());
         }
@@ -146,7 +146,7 @@ mod tests {
     struct ScriptedWatch {
         initial: u64,
         results: Vec<OomWait>,
-        /// Told when the thread saw the stop fd.
+        /// Receives a message once the thread sees the stop fd.
         stopped: mpsc::Sender<()>,
     }
 
@@ -180,7 +180,7 @@ mod tests {
     }
 
     #[actix::test]
-    async fn kills_are_forwarded_once_and_stop_ends_thread() {
+    async fn watcher_forwards_kills_and_stops() {
         let (killed_sender, killed) = mpsc::channel();
         let (stopped_sender, stopped) = mpsc::channel();
         let collector = Collector(killed_sender).start();

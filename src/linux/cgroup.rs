@@ -545,7 +545,8 @@ impl OomListener {
         }
     }
 
-    /// Reads the notification; returns true when it says the cgroup is gone.
+    /// Reads the notification and returns true when it reports the cgroup
+    /// gone.
     fn drain(&self) -> io::Result<bool> {
         let mut buffer = [0u8; 4096];
         // SAFETY: the buffer is valid for its length, and the fd is open.
@@ -557,7 +558,7 @@ impl OomListener {
             // An eventfd counter carries no reason; a removed cgroup shows
             // as a missing control file.
             CgroupVersion::V1 => Ok(!self.dir.join("memory.oom_control").exists()),
-            CgroupVersion::V2 => Ok(inotify_says_removed(&buffer[..read as usize])),
+            CgroupVersion::V2 => Ok(inotify_reports_removal(&buffer[..read as usize])),
         }
     }
 
@@ -608,7 +609,7 @@ impl crate::runtime::OomWatch for OomListener {
     }
 }
 
-/// What [`OomListener::wait`] saw.
+/// The outcome of one [`OomListener::wait`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OomEvent {
     /// The new kill count.
@@ -638,7 +639,7 @@ fn register_v1_oom_eventfd(dir: &Path) -> Result<OwnedFd, CgroupError> {
     if raw < 0 {
         return Err(CgroupError::Read { path: control_path, source: io::Error::last_os_error() });
     }
-    // SAFETY: `raw` is a fresh fd owned by nobody else.
+    // SAFETY: `raw` is a fresh fd with no other owner.
     let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
     // The kernel takes its own reference to the control file during the
     // write, so the file can be closed afterwards.
@@ -659,7 +660,7 @@ fn watch_v2_memory_events(dir: &Path) -> Result<OwnedFd, CgroupError> {
     if raw < 0 {
         return Err(failed(io::Error::last_os_error()));
     }
-    // SAFETY: `raw` is a fresh fd owned by nobody else.
+    // SAFETY: `raw` is a fresh fd with no other owner.
     let inotify = unsafe { OwnedFd::from_raw_fd(raw) };
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| failed(io::Error::from_raw_os_error(libc::EINVAL)))?;
     // SAFETY: the path is a valid NUL-terminated string and the fd is open.
@@ -672,7 +673,7 @@ fn watch_v2_memory_events(dir: &Path) -> Result<OwnedFd, CgroupError> {
 
 /// Returns true when a buffer of inotify events reports the watched file
 /// removed (`IN_DELETE_SELF`) or the watch dropped (`IN_IGNORED`).
-fn inotify_says_removed(events: &[u8]) -> bool {
+fn inotify_reports_removal(events: &[u8]) -> bool {
     // Each event is a `struct inotify_event`: wd (i32), mask (u32), cookie
     // (u32) and len (u32), then `len` bytes of name.
     let mut offset = 0;
@@ -966,7 +967,7 @@ mod tests {
 
     /// Returns an eventfd used as the stop fd of an OOM wait.
     fn stop_fd() -> OwnedFd {
-        // SAFETY: a fresh eventfd owned by nobody else.
+        // SAFETY: a fresh eventfd with no other owner.
         unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) }
     }
 

@@ -110,7 +110,7 @@ pub struct LinuxContainer {
     limits: Mutex<Limits>,
     /// The image directory under the overlay; `None` for `raw://` roots.
     image: Option<PathBuf>,
-    /// What the image uses, measured once: the image is read-only.
+    /// The image's usage, measured once because the image is read-only.
     image_usage: OnceLock<Usage>,
     /// The size-limited filesystem of a container with a disk limit.
     disk: Option<DiskImage>,

@@ -1,14 +1,15 @@
 //! Disk limits and disk usage of a container's writable layer.
 //!
-//! The kernel of the hosts Trellis targets may lack quota support
-//! (`CONFIG_QUOTA`), so project quotas on a shared filesystem are not used.
-//! A container with a disk limit instead gets its own ext4 filesystem in a
-//! sparse image file, loop-mounted at `<state dir>/disk`, and the overlay's
-//! upper and work directories live on it. Writes past its size fail with
-//! ENOSPC as they would on a full disk, while the rest of the host is
-//! unaffected. A limit is grown online by enlarging the image and running
-//! `resize2fs` on the mounted filesystem. ext4 cannot shrink while mounted,
-//! so a smaller limit is rejected.
+//! A kernel built without `CONFIG_QUOTA` (as on the host Trellis was
+//! developed on) mounts neither XFS nor ext4 with project quotas, so quotas
+//! on a shared filesystem are not used. A container with a disk limit
+//! instead gets its own ext4 filesystem in a sparse image file,
+//! loop-mounted at `<state dir>/disk`, and the overlay's upper and work
+//! directories live on it. Writes past its size fail with ENOSPC as they
+//! would on a full disk, while the rest of the host is unaffected. A limit
+//! is grown online by enlarging the image and running `resize2fs` on the
+//! mounted filesystem. ext4 cannot shrink while mounted, so a smaller limit
+//! is rejected.
 
 use std::collections::HashSet;
 use std::fs;
@@ -153,9 +154,9 @@ pub fn plan(limits: &DiskLimits, image: Usage, unlimited_bytes: u64) -> Result<O
         return Err(DiskError::TooSmall { bytes, minimum: MIN_FILESYSTEM_BYTES });
     }
     // NOTE: ext4 rounds the inode count up to whole inode table blocks in
-    // every block group (16 inodes per 128 MiB group with 4 KiB blocks),
-    // so an inode limit is exact only to that step, which is coarse for a
-    // filesystem sized by `unlimited_bytes`.
+    // every block group (16 inodes per 128 MiB group with 4 KiB blocks).
+    // An inode limit is therefore exact only to that step, which is coarse
+    // for a filesystem sized by `unlimited_bytes`.
     let inodes = match (limits.inode_hard, total_scope) {
         (0, _) => 0,
         (limit, false) => limit + RESERVED_INODES,
@@ -281,7 +282,7 @@ impl DiskImage {
     }
 
     /// Sets the length of the image and makes the loop device `device`
-    /// take it, which it does only when told to re-read it.
+    /// re-read it, because a loop device keeps its size until then.
     fn set_length(&self, device: &Path, length: u64) -> Result<(), DiskError> {
         let file = fs::OpenOptions::new().write(true).open(&self.image).map_err(|source| self.io("open the disk image", source))?;
         file.set_len(length).map_err(|source| self.io("change the disk image length", source))?;
@@ -418,6 +419,7 @@ mod tests {
         let usage = measure(root.path()).unwrap();
         // The root, sub, data (once for its two names) and the symlink.
         assert_eq!(usage.inodes, 4);
-        assert!(usage.bytes >= (1 << 20) && usage.bytes < (1 << 20) + (64 << 10), "{usage:?}");
+        assert!(usage.bytes >= 1 << 20, "{usage:?}");
+        assert!(usage.bytes < (1 << 20) + (64 << 10), "{usage:?}");
     }
 }
