@@ -84,8 +84,23 @@ fn oom_kill_is_reported_in_info() {
     let logged = log.lines().find(|line| line.contains("out of memory") && line.contains(&handle));
     assert!(logged.is_some(), "the server logs the kill with the handle:\n{log}");
 
+    assert_eq!(oom_threads(&server), 1, "one watch thread for the one container");
     server.block_on(server.client.destroy(&handle)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while oom_threads(&server) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(oom_threads(&server), 0, "destroy ends the watch thread");
     assert_eq!(server.leftovers(), Vec::<String>::new());
+}
+
+/// Counts the server's threads that watch for out-of-memory kills.
+fn oom_threads(server: &TestServer) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap();
+    tasks
+        .flatten()
+        .filter(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == "trellis-oom"))
+        .count()
 }
 
 #[test]
