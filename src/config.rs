@@ -82,6 +82,13 @@ pub struct Config {
     /// Set no_new_privs on the processes of unprivileged containers and
     /// give their network namespace `net.ipv4.ping_group_range` = `1 65535`.
     pub no_new_privileges: bool,
+    /// Hard CPU quota per share, in microseconds per 100 ms period, as
+    /// gdn's `--cpu-quota-per-share`; 0 leaves CPU uncapped.
+    pub cpu_quota_per_share: u64,
+    /// CPU entitlement per share in percent, as gdn's
+    /// `--cpu-entitlement-per-share`; 0 derives it from the host's CPU
+    /// cores and memory.
+    pub cpu_entitlement_per_share: f64,
 }
 
 impl Default for Config {
@@ -108,6 +115,8 @@ impl Default for Config {
             gid_map_length: None,
             cleanup_process_dirs_on_wait: false,
             no_new_privileges: false,
+            cpu_quota_per_share: 0,
+            cpu_entitlement_per_share: 0.0,
         }
     }
 }
@@ -135,6 +144,8 @@ pub const KEYS: &[&str] = &[
     "gid-map-length",
     "cleanup-process-dirs-on-wait",
     "no-new-privileges",
+    "cpu-quota-per-share",
+    "cpu-entitlement-per-share",
 ];
 
 impl Config {
@@ -211,6 +222,14 @@ impl Config {
             "gid-map-length" => self.gid_map_length = Some(parse_number(text).map_err(invalid)?),
             "cleanup-process-dirs-on-wait" => self.cleanup_process_dirs_on_wait = parse_bool(text).map_err(invalid)?,
             "no-new-privileges" => self.no_new_privileges = parse_bool(text).map_err(invalid)?,
+            "cpu-quota-per-share" => self.cpu_quota_per_share = parse_number(text).map_err(invalid)?,
+            "cpu-entitlement-per-share" => {
+                let percent: f64 = parse_number(text).map_err(invalid)?;
+                if !percent.is_finite() || percent < 0.0 {
+                    return Err(invalid(format!("`{text}` is not a non-negative percentage")));
+                }
+                self.cpu_entitlement_per_share = percent;
+            }
             _ => return Err(ConfigError::UnknownKey { source_name: source_name.to_string(), key: key.to_string() }),
         }
         Ok(())
@@ -457,6 +476,8 @@ mod tests {
             ("port-pool-start = 65000\nport-pool-size = 1000", "port-pool-size"),
             ("uid-map-start = 0", "uid-map-start"),
             ("max-containers = true", "max-containers"),
+            ("cpu-quota-per-share = -1", "cpu-quota-per-share"),
+            ("cpu-entitlement-per-share = -0.5", "cpu-entitlement-per-share"),
         ] {
             let error = load(text).unwrap_err();
             match &error {

@@ -66,6 +66,8 @@ fn fixture() -> Fixture {
         tag: tag(),
         executable: PathBuf::from(env!("CARGO_BIN_EXE_trellis")),
         no_new_privileges: false,
+        cpu_quota_per_share: 0,
+        cpu_entitlement_per_share: 0.0,
     };
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     Fixture { runtime: LinuxRuntime::new(config, logger).expect("runtime"), depot }

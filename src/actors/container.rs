@@ -15,6 +15,7 @@ use actix::prelude::*;
 use bytes::BytesMut;
 use slog::{debug, info, o, warn, Logger};
 
+use super::oom::{OomKilled, OomWatcher};
 use super::process::{Process, ProcessStart};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{
@@ -90,7 +91,17 @@ pub struct Container {
     processes: HashMap<String, ProcessSlot>,
     stream_table: StreamTable,
     logger: Logger,
+    /// Notable events for Info: one `Out of memory` per OOM kill.
+    events: Vec<String>,
+    /// The kernel's OOM kill count already recorded in `events`.
+    oom_kills: u64,
+    /// Dropped with the actor, which stops the watch.
+    oom_watcher: Option<Addr<OomWatcher>>,
 }
+
+/// The event Garden records for each out-of-memory kill; clients compare
+/// Info's events with this text.
+pub const OUT_OF_MEMORY_EVENT: &str = "Out of memory";
 
 /// The on-disk record of a container, written atomically.
 #[derive(serde::Serialize)]
@@ -101,6 +112,8 @@ struct StateRecord<'a> {
     properties: &'a Properties,
     created_at_unix_ns: u128,
     spec: &'a ContainerSpec,
+    events: &'a [String],
+    oom_kills: u64,
 }
 
 impl Container {
@@ -130,7 +143,20 @@ impl Container {
             created_at: SystemTime::now(),
             processes: HashMap::new(),
             stream_table,
+            events: Vec::new(),
+            oom_kills: 0,
+            oom_watcher: None,
         }
+    }
+
+    /// Sets the out-of-memory events and the kernel's kill count that a
+    /// container restored from its state file had recorded. Its watch then
+    /// records only the kills beyond that count, including those made while
+    /// no server watched.
+    pub fn with_oom_record(mut self, events: Vec<String>, oom_kills: u64) -> Container {
+        self.events = events;
+        self.oom_kills = oom_kills;
+        self
     }
 
     /// Serialises the state record for [`write_atomically`].
@@ -146,6 +172,8 @@ impl Container {
                 .map(|age| age.as_nanos())
                 .unwrap_or(0),
             spec: &self.spec,
+            events: &self.events,
+            oom_kills: self.oom_kills,
         };
         let mut bytes = serde_json::to_vec_pretty(&record).expect("state record serialises");
         bytes.push(b'\n');
@@ -169,9 +197,8 @@ impl Container {
     fn info(&self) -> ContainerInfo {
         ContainerInfo {
             state: self.state.as_info().into(),
-            // No out-of-memory event has been recorded, and Garden reports
-            // none as null.
-            events: None,
+            // Garden reports no events as null, not as an empty list.
+            events: (!self.events.is_empty()).then(|| self.events.clone()),
             container_path: self.dir.display().to_string(),
             process_ids: None,
             properties: Some(self.properties.clone()),
@@ -191,6 +218,39 @@ impl Container {
 
 impl Actor for Container {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Opening the watch only opens cgroup files, cheap enough for the
+        // actor thread.
+        let watch = match self.runtime.watch_oom() {
+            Ok(Some(watch)) => watch,
+            Ok(None) => return,
+            Err(error) => {
+                warn!(self.logger, "out-of-memory kills will not be reported"; "error" => %error);
+                return;
+            }
+        };
+        match OomWatcher::new(watch, ctx.address().recipient(), self.oom_kills, &self.handle, &self.logger) {
+            Ok(watcher) => self.oom_watcher = Some(watcher.start()),
+            Err(error) => warn!(self.logger, "out-of-memory kills will not be reported"; "error" => %error),
+        }
+    }
+}
+
+impl Handler<OomKilled> for Container {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, message: OomKilled, _ctx: &mut Context<Self>) -> Self::Result {
+        for _ in 0..message.kills {
+            self.events.push(OUT_OF_MEMORY_EVENT.to_string());
+        }
+        self.oom_kills = message.total;
+        AtomicResponse::new(Box::pin(self.persist().into_actor(self).map(|result, container, _| {
+            if let Err(error) = result {
+                warn!(container.logger, "out-of-memory event not persisted"; "error" => %error);
+            }
+        })))
+    }
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new
@@ -747,6 +807,106 @@ fn split_stdio(started: StartedProcess) -> Result<ShimHalves, ContainerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::memory::MemoryRuntime;
+    use crate::runtime::{ContainerConfig, OomWait, OomWatch, Runtime};
+    use std::os::fd::BorrowedFd;
+
+    /// A watch that reports a kill count once, then waits to be stopped.
+    struct OneCount {
+        initial: u64,
+        then: Option<u64>,
+    }
+
+    impl OomWatch for OneCount {
+        fn initial_kills(&self) -> u64 {
+            self.initial
+        }
+
+        fn wait(&mut self, stop: BorrowedFd<'_>) -> Result<OomWait, RuntimeError> {
+            if let Some(total) = self.then.take() {
+                return Ok(OomWait::Kills(total));
+            }
+            crate::linux::syscalls::wait_readable(stop, -1).map_err(|error| RuntimeError::failed(error.to_string()))?;
+            Ok(OomWait::Stopped)
+        }
+    }
+
+    /// A container of the in-memory runtime whose OOM watch is scripted.
+    struct WithOomWatch {
+        inner: Arc<dyn ContainerRuntime>,
+        watch: std::sync::Mutex<Option<OneCount>>,
+    }
+
+    impl ContainerRuntime for WithOomWatch {
+        fn run(&self, process_id: &str, spec: &ProcessSpec) -> Result<StartedProcess, RuntimeError> {
+            self.inner.run(process_id, spec)
+        }
+        fn stop(&self, kill: bool) -> Result<(), RuntimeError> {
+            self.inner.stop(kill)
+        }
+        fn destroy(&self) -> Result<(), RuntimeError> {
+            self.inner.destroy()
+        }
+        fn stream_in(&self, destination: &str, user: &str, tar: &mut dyn std::io::Read) -> Result<(), RuntimeError> {
+            self.inner.stream_in(destination, user, tar)
+        }
+        fn stream_out(&self, source: &str, user: &str) -> Result<Box<dyn std::io::Read + Send>, RuntimeError> {
+            self.inner.stream_out(source, user)
+        }
+        fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), RuntimeError> {
+            self.inner.update_limits(current, requested)
+        }
+        fn reported_limits(&self, set: &Limits) -> Limits {
+            self.inner.reported_limits(set)
+        }
+        fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError> {
+            self.inner.metrics(age)
+        }
+        fn describe(&self) -> serde_json::Value {
+            self.inner.describe()
+        }
+        fn watch_oom(&self) -> Result<Option<Box<dyn OomWatch>>, RuntimeError> {
+            Ok(self.watch.lock().unwrap().take().map(|watch| Box::new(watch) as Box<dyn OomWatch>))
+        }
+    }
+
+    #[actix::test]
+    async fn oom_kills_become_info_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ContainerSpec { handle: "box".into(), ..ContainerSpec::default() };
+        let config = ContainerConfig { handle: "box".into(), spec: spec.clone(), container_dir: dir.path().to_path_buf(), id_mappings: None };
+        let inner = MemoryRuntime::new().create(&config).unwrap();
+        // One kill was recorded before a restart, two more happened while
+        // no server watched, and one comes after the watch starts.
+        let runtime = Arc::new(WithOomWatch { inner, watch: std::sync::Mutex::new(Some(OneCount { initial: 3, then: Some(4) })) });
+        let logger = Logger::root(slog::Discard, o!());
+        let container = Container::new("box".into(), spec, runtime, dir.path().to_path_buf(), StreamTable::default(), &logger)
+            .with_oom_record(vec![OUT_OF_MEMORY_EVENT.to_string()], 1)
+            .start();
+
+        let mut events = Vec::new();
+        for _ in 0..500 {
+            events = container.send(GetInfo).await.unwrap().unwrap().events.unwrap_or_default();
+            if events.len() == 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(events, vec![OUT_OF_MEMORY_EVENT; 4]);
+
+        // The state file keeps the events and the count for a restart.
+        let mut record = serde_json::Value::Null;
+        for _ in 0..500 {
+            let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap_or_default();
+            record = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+            if record["oom_kills"] == 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(record["oom_kills"], 4);
+        assert_eq!(record["events"].as_array().map(Vec::len), Some(4));
+    }
 
     #[test]
     fn state_predicates() {

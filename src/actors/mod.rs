@@ -8,8 +8,11 @@
 //! - [`process::Process`] fans a process's output out to every attached
 //!   client and forwards stdin, signals and resizes to its shim.
 //! - [`reaper::Reaper`] destroys containers left idle for their grace time.
+//! - [`oom::OomWatcher`] reports a container's out-of-memory kills to its
+//!   container actor.
 
 pub mod container;
+pub mod oom;
 pub mod process;
 pub mod reaper;
 pub mod registry;

@@ -87,6 +87,14 @@ pub struct ServerArgs {
     /// allow ping for gids 1 to 65535 there (default false).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub no_new_privileges: Option<String>,
+    /// Hard CPU cap per share, in microseconds per 100 ms period (default
+    /// 0: uncapped).
+    #[arg(long, value_name = "MICROSECONDS")]
+    pub cpu_quota_per_share: Option<String>,
+    /// CPU entitlement per share, in percent of one CPU (default 0:
+    /// derived from the host's CPU cores and memory).
+    #[arg(long, value_name = "PERCENT")]
+    pub cpu_entitlement_per_share: Option<String>,
     /// Container runtime: `linux`, or `memory` (processes are scripted
     /// stand-ins; only for testing the server itself).
     #[arg(long, value_name = "RUNTIME", default_value = "linux", hide = true)]
@@ -95,7 +103,7 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     fn overrides(&self) -> Vec<(&'static str, &String)> {
-        let pairs: [(&'static str, &Option<String>); 21] = [
+        let pairs: [(&'static str, &Option<String>); 23] = [
             ("bind-ip", &self.bind_ip),
             ("bind-port", &self.bind_port),
             ("bind-socket", &self.bind_socket),
@@ -117,6 +125,8 @@ impl ServerArgs {
             ("gid-map-length", &self.gid_map_length),
             ("cleanup-process-dirs-on-wait", &self.cleanup_process_dirs_on_wait),
             ("no-new-privileges", &self.no_new_privileges),
+            ("cpu-quota-per-share", &self.cpu_quota_per_share),
+            ("cpu-entitlement-per-share", &self.cpu_entitlement_per_share),
         ];
         pairs.into_iter().filter_map(|(key, value)| value.as_ref().map(|value| (key, value))).collect()
     }
@@ -181,6 +191,8 @@ pub fn build_runtime(config: &Config, logger: &Logger) -> Result<Arc<dyn Runtime
         tag: config.tag.clone(),
         executable: PathBuf::from("/proc/self/exe"),
         no_new_privileges: config.no_new_privileges,
+        cpu_quota_per_share: config.cpu_quota_per_share,
+        cpu_entitlement_per_share: config.cpu_entitlement_per_share,
     };
     let runtime = crate::linux::LinuxRuntime::new(linux_config, logger.new(o!("component" => "linux")))
         .map_err(|error| crate::linux::error_chain(&error))?;

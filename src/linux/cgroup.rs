@@ -12,6 +12,8 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -37,6 +39,8 @@ pub enum CgroupError {
     Write { path: PathBuf, value: String, #[source] source: io::Error },
     #[error("failed to remove cgroup {path}")]
     Remove { path: PathBuf, #[source] source: io::Error },
+    #[error("memory limit of {requested} bytes is below the container's current memory usage of {usage} bytes; request at least {usage} bytes")]
+    MemoryBelowUsage { requested: u64, usage: u64 },
     #[error("cgroup {path} did not freeze within {seconds} s")]
     FreezeTimeout { path: PathBuf, seconds: u64 },
 }
@@ -173,6 +177,28 @@ pub struct ContainerCgroup {
     pub dirs: Vec<PathBuf>,
     /// The `<tag>` parent in each hierarchy, removed when empty.
     pub parents: Vec<PathBuf>,
+    /// The operator's hard CPU quota per share in microseconds per
+    /// period; 0 leaves CPU uncapped.
+    pub cpu_quota_per_share: u64,
+}
+
+/// The CFS period of a CPU quota, in microseconds.
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// The smallest CPU quota written, in microseconds; the kernel rejects
+/// quotas below 1 ms.
+pub const MIN_CPU_QUOTA_US: u64 = 1_000;
+/// The largest CPU quota the kernel takes, in microseconds (its MAX_BW,
+/// 2^44 - 1, in kernel/sched/core.c of Linux 6.x).
+pub const MAX_CPU_QUOTA_US: u64 = (1 << 44) - 1;
+
+/// Returns the CPU quota in microseconds per [`CPU_PERIOD_US`] for
+/// `shares` with `per_share` microseconds each: max(S·Q, 1000), capped
+/// at what the kernel takes. `None` when either is 0.
+pub fn cpu_quota(shares: u64, per_share: u64) -> Option<u64> {
+    if shares == 0 || per_share == 0 {
+        return None;
+    }
+    Some(shares.saturating_mul(per_share).clamp(MIN_CPU_QUOTA_US, MAX_CPU_QUOTA_US))
 }
 
 impl ContainerCgroup {
@@ -185,7 +211,13 @@ impl ContainerCgroup {
         ordered.sort_by_key(|hierarchy| !hierarchy.controllers.iter().any(|c| c == "freezer"));
         let parents: Vec<PathBuf> = ordered.iter().map(|h| h.mount.join(&h.own_path).join(tag)).collect();
         let dirs = parents.iter().map(|parent| parent.join(name)).collect();
-        ContainerCgroup { version, dirs, parents }
+        ContainerCgroup { version, dirs, parents, cpu_quota_per_share: 0 }
+    }
+
+    /// Sets the operator's hard CPU quota per share (0: uncapped).
+    pub fn with_cpu_quota_per_share(mut self, microseconds: u64) -> ContainerCgroup {
+        self.cpu_quota_per_share = microseconds;
+        self
     }
 
     /// Creates the cgroups (and their parents when missing) and applies the
@@ -235,6 +267,16 @@ impl ContainerCgroup {
         let memory = requested.memory_limits.limit_in_bytes.min(i64::MAX as u64);
         let pids = requested.pid_limits.max;
         let shares = effective_shares(&requested.cpu_limits);
+        if memory > 0 && memory != old_memory {
+            // The kernel would reclaim or OOM-kill to fit a lower limit, so
+            // one below current usage is rejected before anything is
+            // written.
+            if let Some(usage) = self.memory_usage()? {
+                if memory < usage {
+                    return Err(CgroupError::MemoryBelowUsage { requested: memory, usage });
+                }
+            }
+        }
         for dir in &self.dirs {
             match self.version {
                 CgroupVersion::V1 => {
@@ -248,10 +290,19 @@ impl ContainerCgroup {
                     if shares > 0 && dir.join("cpu.shares").exists() {
                         write_control(dir, "cpu.shares", &shares.to_string())?;
                     }
+                    if let Some(quota) = cpu_quota(shares, self.cpu_quota_per_share).filter(|_| dir.join("cpu.cfs_quota_us").exists()) {
+                        write_control(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                        write_control(dir, "cpu.cfs_quota_us", &quota.to_string())?;
+                    }
                 }
                 CgroupVersion::V2 => {
                     if memory > 0 {
                         write_control(dir, "memory.max", &memory.to_string())?;
+                        // v2 limits swap on its own; none keeps the memory
+                        // limit the whole budget, as memsw does on v1.
+                        if dir.join("memory.swap.max").exists() {
+                            write_control(dir, "memory.swap.max", "0")?;
+                        }
                     }
                     if pids > 0 {
                         write_control(dir, "pids.max", &pids.to_string())?;
@@ -259,17 +310,42 @@ impl ContainerCgroup {
                     if shares > 0 && dir.join("cpu.weight").exists() {
                         write_control(dir, "cpu.weight", &v2_weight(shares).to_string())?;
                     }
+                    if let Some(quota) = cpu_quota(shares, self.cpu_quota_per_share).filter(|_| dir.join("cpu.max").exists()) {
+                        write_control(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+                    }
                 }
             }
         }
         Ok(())
     }
 
+    /// Returns the memory the container uses now, as the memory limit
+    /// counts it (v1 `memory.usage_in_bytes`, v2 `memory.current`); `None`
+    /// without a memory cgroup.
+    pub fn memory_usage(&self) -> Result<Option<u64>, CgroupError> {
+        let file = match self.version {
+            CgroupVersion::V1 => "memory.usage_in_bytes",
+            CgroupVersion::V2 => "memory.current",
+        };
+        let Some(dir) = self.dirs.iter().find(|dir| dir.join(file).exists()) else { return Ok(None) };
+        let text = read_control(dir, file)?;
+        let usage = text.trim().parse().map_err(|_| CgroupError::Read {
+            path: dir.join(file),
+            source: io::Error::new(io::ErrorKind::InvalidData, format!("not a number: {:?}", text.trim())),
+        })?;
+        Ok(Some(usage))
+    }
+
     /// Reads the usage counters of the container's cgroups. A counter the
     /// host does not have reads as zero.
     pub fn stats(&self) -> CgroupStats {
-        let mut stats = CgroupStats::default();
+        let mut stats = CgroupStats::new(self.version);
         for dir in &self.dirs {
+            if self.version == CgroupVersion::V2 {
+                if let Ok(text) = read_control(dir, "cpu.stat") {
+                    stats.cpu_stat = parse_flat_keyed(&text);
+                }
+            }
             if let Ok(text) = read_control(dir, "memory.stat") {
                 stats.memory = parse_flat_keyed(&text);
             }
@@ -397,6 +473,244 @@ impl ContainerCgroup {
     }
 }
 
+/// How long a v1 watch waits, after an out-of-memory notification, for the
+/// kernel's kill counter to rise: the kernel notifies before the OOM killer
+/// picks its victim.
+const V1_KILL_COUNT_WAIT: Duration = Duration::from_secs(1);
+
+/// A watch on the out-of-memory kills of one container's memory cgroup.
+///
+/// On cgroup v1 an eventfd is registered for `memory.oom_control` through
+/// `cgroup.event_control`, and the kernel signals it on every OOM in the
+/// cgroup and once more when the cgroup is removed. On cgroup v2 an inotify
+/// watch on `memory.events` fires whenever a counter in it changes. Either
+/// way the kill count comes from the `oom_kill` line of the same file.
+#[derive(Debug)]
+pub struct OomListener {
+    version: CgroupVersion,
+    /// The container's memory cgroup.
+    dir: PathBuf,
+    /// The eventfd (v1) or inotify instance (v2).
+    notify: OwnedFd,
+    /// The kill count last reported, or read when the watch was opened.
+    kills: u64,
+    initial_kills: u64,
+}
+
+impl OomListener {
+    /// Opens the watch on the memory cgroup among `dirs`; `None` when the
+    /// container has no memory cgroup.
+    pub fn open(version: CgroupVersion, dirs: &[PathBuf]) -> Result<Option<OomListener>, CgroupError> {
+        let file = match version {
+            CgroupVersion::V1 => "memory.oom_control",
+            CgroupVersion::V2 => "memory.events",
+        };
+        let Some(dir) = dirs.iter().find(|dir| dir.join(file).exists()) else { return Ok(None) };
+        let notify = match version {
+            CgroupVersion::V1 => register_v1_oom_eventfd(dir)?,
+            CgroupVersion::V2 => watch_v2_memory_events(dir)?,
+        };
+        let kills = read_oom_kills(version, dir)?.unwrap_or(0);
+        Ok(Some(OomListener { version, dir: dir.clone(), notify, kills, initial_kills: kills }))
+    }
+
+    /// Returns the kill count read when the watch was opened.
+    pub fn initial_kills(&self) -> u64 {
+        self.initial_kills
+    }
+
+    /// Blocks until the kill count rises, the cgroup is removed or `stop`
+    /// becomes readable.
+    pub fn wait(&mut self, stop: BorrowedFd<'_>) -> Result<OomEvent, CgroupError> {
+        loop {
+            let (notified, stopped) = poll_two(self.notify.as_fd(), stop).map_err(|source| self.read_error(source))?;
+            if stopped {
+                return Ok(OomEvent::Stopped);
+            }
+            if !notified {
+                continue;
+            }
+            let removed = self.drain().map_err(|source| self.read_error(source))?;
+            if removed {
+                return Ok(OomEvent::Gone);
+            }
+            match self.count_after_notification(stop)? {
+                Some(count) if count > self.kills => {
+                    self.kills = count;
+                    return Ok(OomEvent::Kills(count));
+                }
+                Some(_) => {}
+                None => return Ok(OomEvent::Gone),
+            }
+        }
+    }
+
+    /// Reads the notification and returns true when it reports the cgroup
+    /// gone.
+    fn drain(&self) -> io::Result<bool> {
+        let mut buffer = [0u8; 4096];
+        // SAFETY: the buffer is valid for its length, and the fd is open.
+        let read = unsafe { libc::read(self.notify.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
+        if read < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        match self.version {
+            // An eventfd counter carries no reason; a removed cgroup shows
+            // as a missing control file.
+            CgroupVersion::V1 => Ok(!self.dir.join("memory.oom_control").exists()),
+            CgroupVersion::V2 => Ok(inotify_reports_removal(&buffer[..read as usize])),
+        }
+    }
+
+    /// Reads the kill count after a notification. On v1 the kernel notifies
+    /// before it kills, so the count is read again for a short while until
+    /// it rises. `None` means the cgroup is gone.
+    fn count_after_notification(&self, stop: BorrowedFd<'_>) -> Result<Option<u64>, CgroupError> {
+        let deadline = Instant::now() + V1_KILL_COUNT_WAIT;
+        loop {
+            let count = match read_oom_kills(self.version, &self.dir) {
+                Ok(Some(count)) => count,
+                // A v1 kernel without the `oom_kill` line (before Linux
+                // 4.13): each notification counts as one kill. v2 always has
+                // the line.
+                Ok(None) if self.version == CgroupVersion::V1 => self.kills + 1,
+                Ok(None) => self.kills,
+                Err(CgroupError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(error) => return Err(error),
+            };
+            if count > self.kills || self.version == CgroupVersion::V2 || Instant::now() >= deadline {
+                return Ok(Some(count));
+            }
+            // Returns early when the server stops the watch meanwhile.
+            if super::syscalls::wait_readable(stop, 10).map_err(|source| self.read_error(source))? {
+                return Ok(Some(count));
+            }
+        }
+    }
+
+    fn read_error(&self, source: io::Error) -> CgroupError {
+        CgroupError::Read { path: self.dir.clone(), source }
+    }
+}
+
+impl crate::runtime::OomWatch for OomListener {
+    fn initial_kills(&self) -> u64 {
+        OomListener::initial_kills(self)
+    }
+
+    fn wait(&mut self, stop: BorrowedFd<'_>) -> Result<crate::runtime::OomWait, crate::runtime::RuntimeError> {
+        use crate::runtime::{OomWait, RuntimeError};
+        match OomListener::wait(self, stop) {
+            Ok(OomEvent::Kills(count)) => Ok(OomWait::Kills(count)),
+            Ok(OomEvent::Stopped) => Ok(OomWait::Stopped),
+            Ok(OomEvent::Gone) => Ok(OomWait::Gone),
+            Err(error) => Err(RuntimeError::failed(error.to_string())),
+        }
+    }
+}
+
+/// The outcome of one [`OomListener::wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OomEvent {
+    /// The new kill count.
+    Kills(u64),
+    Stopped,
+    Gone,
+}
+
+/// Returns the `oom_kill` count of `memory.oom_control` (v1) or
+/// `memory.events` (v2); `None` when the file has no such line.
+pub fn read_oom_kills(version: CgroupVersion, dir: &Path) -> Result<Option<u64>, CgroupError> {
+    let file = match version {
+        CgroupVersion::V1 => "memory.oom_control",
+        CgroupVersion::V2 => "memory.events",
+    };
+    Ok(parse_flat_keyed(&read_control(dir, file)?).get("oom_kill").copied())
+}
+
+/// Creates an eventfd and registers it for the OOM notifications of the v1
+/// memory cgroup `dir`, by writing `"<eventfd> <fd of memory.oom_control>"`
+/// to its `cgroup.event_control`.
+fn register_v1_oom_eventfd(dir: &Path) -> Result<OwnedFd, CgroupError> {
+    let control_path = dir.join("memory.oom_control");
+    // SAFETY: eventfd takes no pointers; a non-negative result is a new fd
+    // that nothing else owns.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(CgroupError::Read { path: control_path, source: io::Error::last_os_error() });
+    }
+    // SAFETY: `raw` is a fresh fd with no other owner.
+    let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // The kernel takes its own reference to the control file during the
+    // write, so the file can be closed afterwards.
+    let control = fs::File::open(&control_path).map_err(|source| CgroupError::Read { path: control_path.clone(), source })?;
+    let registration = format!("{} {}", eventfd.as_raw_fd(), control.as_raw_fd());
+    write_control(dir, "cgroup.event_control", &registration)?;
+    Ok(eventfd)
+}
+
+/// Creates an inotify instance watching the v2 `memory.events` of `dir`
+/// for changes and for its removal.
+fn watch_v2_memory_events(dir: &Path) -> Result<OwnedFd, CgroupError> {
+    let path = dir.join("memory.events");
+    let failed = |source: io::Error| CgroupError::Read { path: path.clone(), source };
+    // SAFETY: inotify_init1 takes no pointers; a non-negative result is a
+    // new fd that nothing else owns.
+    let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    if raw < 0 {
+        return Err(failed(io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh fd with no other owner.
+    let inotify = unsafe { OwnedFd::from_raw_fd(raw) };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| failed(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    // SAFETY: the path is a valid NUL-terminated string and the fd is open.
+    let watch = unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), c_path.as_ptr(), libc::IN_MODIFY | libc::IN_DELETE_SELF) };
+    if watch < 0 {
+        return Err(failed(io::Error::last_os_error()));
+    }
+    Ok(inotify)
+}
+
+/// Returns true when a buffer of inotify events reports the watched file
+/// removed (`IN_DELETE_SELF`) or the watch dropped (`IN_IGNORED`).
+fn inotify_reports_removal(events: &[u8]) -> bool {
+    // Each event is a `struct inotify_event`: wd (i32), mask (u32), cookie
+    // (u32) and len (u32), then `len` bytes of name.
+    let mut offset = 0;
+    while offset + 16 <= events.len() {
+        let field = |at: usize| u32::from_ne_bytes(events[offset + at..offset + at + 4].try_into().expect("four bytes"));
+        let mask = field(4);
+        let name_len = field(12) as usize;
+        if mask & (libc::IN_DELETE_SELF | libc::IN_IGNORED) != 0 {
+            return true;
+        }
+        offset += 16 + name_len;
+    }
+    false
+}
+
+/// Polls two fds for input; returns which of them are readable (or hung
+/// up). EINTR restarts the poll.
+fn poll_two(first: BorrowedFd<'_>, second: BorrowedFd<'_>) -> io::Result<(bool, bool)> {
+    let mut fds = [
+        libc::pollfd { fd: first.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: second.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        // SAFETY: two valid pollfds are passed with their count.
+        let result = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if result < 0 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(error);
+        }
+        let ready = |fd: &libc::pollfd| fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+        return Ok((ready(&fds[0]), ready(&fds[1])));
+    }
+}
+
 /// Writes a v1 memory limit together with the memory+swap limit, when the
 /// host accounts swap. The kernel refuses (EINVAL) a
 /// `memory.memsw.limit_in_bytes` below `memory.limit_in_bytes`, so a raise
@@ -441,9 +755,11 @@ pub fn v2_weight(shares: u64) -> u64 {
     ((weight - 1e-9).ceil() as u64).clamp(1, 10_000)
 }
 
-/// Usage counters of one container's cgroups (v1 file names).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Usage counters of one container's cgroups.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupStats {
+    /// The version the counters come from, which decides their keys.
+    pub version: CgroupVersion,
     /// The keys and values of `memory.stat`.
     pub memory: std::collections::BTreeMap<String, u64>,
     /// `memory.memsw.limit_in_bytes`, when the host accounts swap.
@@ -453,7 +769,26 @@ pub struct CgroupStats {
     /// `user` and `system` of `cpuacct.stat`, in USER_HZ ticks.
     pub cpu_user_ticks: u64,
     pub cpu_system_ticks: u64,
+    /// The keys of the v2 `cpu.stat` (`usage_usec`, `user_usec`,
+    /// `system_usec`…), in microseconds; empty on v1.
+    pub cpu_stat: std::collections::BTreeMap<String, u64>,
     pub pids_current: u64,
+}
+
+impl CgroupStats {
+    /// Returns all-zero counters of `version`.
+    pub fn new(version: CgroupVersion) -> CgroupStats {
+        CgroupStats {
+            version,
+            memory: Default::default(),
+            memsw_limit: None,
+            cpu_usage_ns: 0,
+            cpu_user_ticks: 0,
+            cpu_system_ticks: 0,
+            cpu_stat: Default::default(),
+            pids_current: 0,
+        }
+    }
 }
 
 /// Parses a flat keyed file such as `memory.stat`: one `key value` per
@@ -625,8 +960,150 @@ mod tests {
 
     #[test]
     fn v1_kill_all_is_not_available() {
-        let cgroup = ContainerCgroup { version: CgroupVersion::V1, dirs: vec![PathBuf::from("/nonexistent")], parents: Vec::new() };
+        let cgroup = ContainerCgroup { version: CgroupVersion::V1, dirs: vec![PathBuf::from("/nonexistent")], parents: Vec::new(), cpu_quota_per_share: 0 };
         assert!(!cgroup.kill_all().unwrap());
         assert_eq!(cgroup.pids().unwrap(), Vec::<i32>::new());
+    }
+
+    /// Returns an eventfd used as the stop fd of an OOM wait.
+    fn stop_fd() -> OwnedFd {
+        // SAFETY: a fresh eventfd with no other owner.
+        unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) }
+    }
+
+    #[test]
+    fn v2_oom_kills_come_from_memory_events() {
+        let (root, cgroup) = v2_fixture();
+        let dir = root.path().join("srv/trellis/box");
+        seed_v2(&dir, "memory");
+        fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n").unwrap();
+        assert_eq!(read_oom_kills(CgroupVersion::V2, &dir).unwrap(), Some(0));
+
+        let mut listener = OomListener::open(CgroupVersion::V2, &cgroup.dirs).unwrap().expect("a memory cgroup");
+        assert_eq!(listener.initial_kills(), 0);
+        let stop = stop_fd();
+        let events = dir.join("memory.events");
+        let writer = thread::spawn(move || {
+            // A rise of another counter alone is not a kill.
+            fs::write(&events, "low 0\nhigh 0\nmax 4\noom 0\noom_kill 0\n").unwrap();
+            thread::sleep(Duration::from_millis(50));
+            fs::write(&events, "low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\n").unwrap();
+        });
+        assert_eq!(listener.wait(stop.as_fd()).unwrap(), OomEvent::Kills(2));
+        writer.join().unwrap();
+
+        fs::remove_file(dir.join("memory.events")).unwrap();
+        assert_eq!(listener.wait(stop.as_fd()).unwrap(), OomEvent::Gone);
+    }
+
+    #[test]
+    fn oom_wait_ends_on_stop() {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("memory.events"), "oom_kill 3\n").unwrap();
+        let mut listener = OomListener::open(CgroupVersion::V2, &[root.path().to_path_buf()]).unwrap().unwrap();
+        assert_eq!(listener.initial_kills(), 3);
+        let stop = stop_fd();
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: eight valid bytes to an open eventfd.
+        assert_eq!(unsafe { libc::write(stop.as_raw_fd(), one.as_ptr().cast(), 8) }, 8);
+        assert_eq!(listener.wait(stop.as_fd()).unwrap(), OomEvent::Stopped);
+    }
+
+    #[test]
+    fn no_memory_cgroup_means_no_oom_watch() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(OomListener::open(CgroupVersion::V2, &[root.path().to_path_buf()]).unwrap().is_none());
+        assert!(OomListener::open(CgroupVersion::V1, &[root.path().to_path_buf()]).unwrap().is_none());
+    }
+
+    #[test]
+    fn v1_oom_control_without_kill_line_reads_none() {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\n").unwrap();
+        assert_eq!(read_oom_kills(CgroupVersion::V1, root.path()).unwrap(), None);
+        fs::write(root.path().join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 7\n").unwrap();
+        assert_eq!(read_oom_kills(CgroupVersion::V1, root.path()).unwrap(), Some(7));
+    }
+
+    #[test]
+    fn v2_memory_below_usage_is_rejected_before_writing() {
+        let (root, cgroup) = v2_fixture();
+        let dir = root.path().join("srv/trellis/box");
+        seed_v2(&dir, "memory");
+        fs::write(dir.join("memory.current"), "41943040\n").unwrap();
+        let mut current = Limits::default();
+        current.memory_limits.limit_in_bytes = 128 << 20;
+        let mut requested = current.clone();
+        requested.memory_limits.limit_in_bytes = 16 << 20;
+        requested.pid_limits.max = 10;
+        let error = cgroup.update_limits(&current, &requested).unwrap_err();
+        assert!(matches!(error, CgroupError::MemoryBelowUsage { requested: 16777216, usage: 41943040 }), "{error}");
+        assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), "", "nothing written");
+        assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "", "nothing written");
+
+        requested.memory_limits.limit_in_bytes = u64::MAX;
+        cgroup.update_limits(&current, &requested).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), i64::MAX.to_string());
+        assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "10");
+    }
+
+    #[test]
+    fn v2_stats_read_v2_files() {
+        let (root, cgroup) = v2_fixture();
+        let dir = root.path().join("srv/trellis/box");
+        seed_v2(&dir, "memory cpu pids");
+        fs::write(dir.join("memory.stat"), "anon 4096\nfile 8192\ninactive_file 1024\n").unwrap();
+        fs::write(dir.join("cpu.stat"), "usage_usec 30\nuser_usec 20\nsystem_usec 10\n").unwrap();
+        fs::write(dir.join("pids.current"), "3\n").unwrap();
+        fs::write(dir.join("memory.current"), "12288\n").unwrap();
+
+        let stats = cgroup.stats();
+        assert_eq!(stats.version, CgroupVersion::V2);
+        assert_eq!(stats.memory.get("anon"), Some(&4096));
+        assert_eq!(stats.memory.get("inactive_file"), Some(&1024));
+        assert_eq!(stats.cpu_stat.get("usage_usec"), Some(&30));
+        assert_eq!(stats.cpu_stat.get("system_usec"), Some(&10));
+        assert_eq!(stats.pids_current, 3);
+        assert_eq!(cgroup.memory_usage().unwrap(), Some(12288));
+    }
+
+    #[test]
+    fn v2_memory_limit_disables_swap() {
+        let (root, cgroup) = v2_fixture();
+        let dir = root.path().join("srv/trellis/box");
+        seed_v2(&dir, "memory");
+        // Empty, because writes to a fixture file do not truncate it.
+        fs::write(dir.join("memory.swap.max"), "").unwrap();
+        let mut limits = Limits::default();
+        cgroup.create(false, &limits).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("memory.swap.max")).unwrap(), "", "no memory limit, swap untouched");
+        limits.memory_limits.limit_in_bytes = 32 << 20;
+        cgroup.update_limits(&Limits::default(), &limits).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), "33554432");
+        assert_eq!(fs::read_to_string(dir.join("memory.swap.max")).unwrap(), "0");
+    }
+
+    #[test]
+    fn cpu_quota_follows_shares() {
+        assert_eq!(cpu_quota(0, 100), None);
+        assert_eq!(cpu_quota(512, 0), None);
+        assert_eq!(cpu_quota(512, 100), Some(51_200));
+        assert_eq!(cpu_quota(2, 100), Some(1_000), "at least 1 ms");
+        assert_eq!(cpu_quota(u64::MAX, 100), Some(MAX_CPU_QUOTA_US));
+    }
+
+    #[test]
+    fn v2_cpu_quota_is_written_to_cpu_max() {
+        let (root, cgroup) = v2_fixture();
+        let cgroup = cgroup.with_cpu_quota_per_share(100);
+        let dir = root.path().join("srv/trellis/box");
+        seed_v2(&dir, "cpu");
+        fs::write(dir.join("cpu.weight"), "").unwrap();
+        fs::write(dir.join("cpu.max"), "").unwrap();
+        let mut limits = Limits::default();
+        limits.cpu_limits.limit_in_shares = 1024;
+        cgroup.create(false, &limits).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("cpu.max")).unwrap(), "102400 100000");
+        assert_eq!(fs::read_to_string(dir.join("cpu.weight")).unwrap(), "100");
     }
 }

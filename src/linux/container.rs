@@ -8,12 +8,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::cgroup::{effective_shares, v2_weight, CgroupError, CgroupVersion, ContainerCgroup};
-use super::metrics::{metrics_v1, HostShape};
+use super::cgroup::{effective_shares, v2_weight, CgroupError, CgroupVersion, ContainerCgroup, OomListener};
+use super::disk::{self, DiskError, DiskImage, Usage};
+use super::metrics::{self, build_metrics, HostShape};
 use super::files::{self, Direction, FilesConfig};
 use super::init::InitConfig;
 use super::rootfs::{self, ContainerRootfs, RootfsError};
@@ -21,7 +22,7 @@ use super::shim::{self, ShimConfig};
 use super::{syscalls, users, LinuxRuntime};
 use crate::api::{CpuLimits, Limits, Metrics, ProcessSpec};
 use crate::runtime::stdio::{ShimFrame, StartFailure};
-use crate::runtime::{ContainerConfig, ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
+use crate::runtime::{ContainerConfig, ContainerRuntime, OomWatch, RuntimeError, StartedProcess, StdioConnection};
 
 /// How long create waits for garden-init and run for a shim's first frame.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,6 +38,17 @@ const PING_GROUP_RANGE: &str = "1 65535";
 
 impl From<RootfsError> for RuntimeError {
     fn from(error: RootfsError) -> Self {
+        let message = error_chain(&error);
+        if error.is_invalid_request() {
+            RuntimeError::InvalidRequest { message }
+        } else {
+            RuntimeError::Failed { message }
+        }
+    }
+}
+
+impl From<DiskError> for RuntimeError {
+    fn from(error: DiskError) -> Self {
         let message = error_chain(&error);
         if error.is_invalid_request() {
             RuntimeError::InvalidRequest { message }
@@ -96,6 +108,15 @@ pub struct LinuxContainer {
     lifecycle: Mutex<()>,
     /// The limits in force: from the spec, then from `update_limits`.
     limits: Mutex<Limits>,
+    /// The image directory under the overlay; `None` for `raw://` roots.
+    image: Option<PathBuf>,
+    /// The image's usage, measured once because the image is read-only.
+    image_usage: OnceLock<Usage>,
+    /// The size-limited filesystem of a container with a disk limit.
+    disk: Option<DiskImage>,
+    /// The operator's CPU entitlement per share in percent; 0 derives it
+    /// from the host.
+    cpu_entitlement_per_share: f64,
 }
 
 /// Returns the cgroup name of a handle. Handles are validated by the
@@ -118,7 +139,8 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
     let container_dir = fs::canonicalize(&config.container_dir)
         .map_err(|error| RuntimeError::failed(format!("state directory {} is not usable: {error}", config.container_dir.display())))?;
 
-    let cgroup = ContainerCgroup::plan(runtime.cgroup_version, &runtime.hierarchies, &runtime.config.tag, &cgroup_name(&config.handle));
+    let cgroup = ContainerCgroup::plan(runtime.cgroup_version, &runtime.hierarchies, &runtime.config.tag, &cgroup_name(&config.handle))
+        .with_cpu_quota_per_share(runtime.config.cpu_quota_per_share);
     let mut container = LinuxContainer {
         handle: config.handle.clone(),
         container_dir,
@@ -133,6 +155,13 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         next_process: AtomicU64::new(0),
         lifecycle: Mutex::new(()),
         limits: Mutex::new(config.spec.limits.clone()),
+        image: match &source {
+            rootfs::RootfsSource::Directory(path) => Some(path.clone()),
+            rootfs::RootfsSource::Raw(_) => None,
+        },
+        image_usage: OnceLock::new(),
+        disk: None,
+        cpu_entitlement_per_share: runtime.config.cpu_entitlement_per_share,
     };
     match build(runtime, config, &mut container, &source) {
         Ok(()) => {
@@ -155,10 +184,11 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
         (Some(mappings), false) => Some((runtime.userns.get(&runtime.config.executable, mappings)?, mappings)),
         _ => None,
     };
-    let prepared = rootfs::prepare(&container.container_dir, source, userns.as_ref().map(|(fd, mappings)| (fd, *mappings)));
+    let writable = create_disk(container, &config.spec.limits.disk_limits)?;
+    let prepared = rootfs::prepare(&container.container_dir, source, userns.as_ref().map(|(fd, mappings)| (fd, *mappings)), writable.as_deref());
     // Recorded before checking the result: a failed prepare may have left
     // directories that teardown removes.
-    container.rootfs = Some(ContainerRootfs { root: PathBuf::new(), overlay: Some(container.container_dir.join("rootfs")) });
+    container.rootfs = Some(ContainerRootfs { root: PathBuf::new(), overlay: Some(container.container_dir.join("rootfs")), upper: None });
     let prepared = prepared?;
     container.rootfs = Some(prepared.clone());
 
@@ -174,6 +204,25 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
         ping_group_range: container.no_new_privileges.then(|| PING_GROUP_RANGE.to_string()),
     };
     start_init(container, &init_config, config.id_mappings.as_ref())
+}
+
+/// Creates the size-limited filesystem of a container with a hard disk
+/// limit and returns where its writable layer goes; `None` without one.
+fn create_disk(container: &mut LinuxContainer, limits: &crate::api::DiskLimits) -> Result<Option<PathBuf>, RuntimeError> {
+    if limits.byte_hard == 0 && limits.inode_hard == 0 {
+        return Ok(None);
+    }
+    if container.image.is_none() {
+        return Err(DiskError::RawRootfs.into());
+    }
+    let size = disk::plan(limits, container.image_usage()?, container.free_bytes()?)?;
+    let Some(size) = size else { return Ok(None) };
+    let image = DiskImage::at(&container.container_dir);
+    // Recorded first, so a rollback removes a half-made filesystem.
+    container.disk = Some(image.clone());
+    image.create(size)?;
+    slog::debug!(container.logger, "disk limit filesystem created"; "bytes" => size.bytes, "inodes" => size.inodes);
+    Ok(Some(image.mount))
 }
 
 /// Starts garden-init and walks it through the start-up protocol of
@@ -255,6 +304,49 @@ fn talk_to_init(container: &LinuxContainer, socket: &UnixStream, first_pid: u32,
 }
 
 impl LinuxContainer {
+    /// Returns what the image uses, measuring it the first time.
+    fn image_usage(&self) -> Result<Usage, RuntimeError> {
+        if let Some(usage) = self.image_usage.get() {
+            return Ok(*usage);
+        }
+        let usage = match &self.image {
+            Some(image) => disk::measure(image).map_err(|error| RuntimeError::failed(format!("failed to measure the image {}: {error}", image.display())))?,
+            None => Usage::default(),
+        };
+        Ok(*self.image_usage.get_or_init(|| usage))
+    }
+
+    /// Returns the bytes free on the filesystem of the state directory,
+    /// the size given to a filesystem limited in inodes only.
+    fn free_bytes(&self) -> Result<u64, RuntimeError> {
+        let stats = nix::sys::statvfs::statvfs(&self.container_dir)
+            .map_err(|error| RuntimeError::failed(format!("failed to stat the filesystem of {}: {error}", self.container_dir.display())))?;
+        Ok(stats.blocks_available() as u64 * stats.fragment_size() as u64)
+    }
+
+    /// Returns what the container's writable layer uses.
+    fn writable_usage(&self) -> Result<Usage, RuntimeError> {
+        let Some(upper) = self.rootfs.as_ref().and_then(|rootfs| rootfs.upper.as_ref()) else { return Ok(Usage::default()) };
+        disk::measure(upper).map_err(|error| RuntimeError::failed(format!("failed to measure the writable layer {}: {error}", upper.display())))
+    }
+
+    /// Applies a changed disk limit: the filesystem grows online, and
+    /// anything else is rejected before a change is made.
+    fn update_disk(&self, current: &crate::api::DiskLimits, requested: &crate::api::DiskLimits) -> Result<(), RuntimeError> {
+        let free = self.free_bytes()?;
+        let Some(size) = disk::plan(requested, self.image_usage()?, free)? else { return Ok(()) };
+        let Some(image) = &self.disk else { return Err(DiskError::NotLimited.into()) };
+        if requested.inode_hard != current.inode_hard || requested.scope != current.scope {
+            return Err(RuntimeError::invalid(
+                "the inode limit and the scope of a disk limit cannot change while the container runs; only byte_hard can",
+            ));
+        }
+        let current_size = disk::plan(current, self.image_usage()?, free)?.map_or(0, |size| size.bytes);
+        image.resize(current_size, size.bytes, self.writable_usage()?.bytes)?;
+        slog::info!(self.logger, "disk limit filesystem resized"; "bytes" => size.bytes);
+        Ok(())
+    }
+
     fn init_pid(&self) -> i32 {
         self.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref().map_or(0, |init| init.pid)
     }
@@ -286,6 +378,12 @@ impl LinuxContainer {
         }
         if self.rootfs.is_some() {
             if let Err(error) = rootfs::remove(&self.container_dir) {
+                errors.push(error_chain(&error));
+            }
+        }
+        // After the overlay, which keeps the filesystem busy while mounted.
+        if let Some(disk) = &self.disk {
+            if let Err(error) = disk.remove() {
                 errors.push(error_chain(&error));
             }
         }
@@ -538,10 +636,13 @@ impl ContainerRuntime for LinuxContainer {
 
     fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), RuntimeError> {
         let mut limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if requested.disk_limits != current.disk_limits {
+            self.update_disk(&current.disk_limits, &requested.disk_limits)?;
+        }
         self.cgroup.update_limits(current, requested)?;
-        // NOTE: bandwidth (tc on the host end of the link) and disk limits
-        // are stored and reported by the server but not yet applied to a
-        // running container.
+        // NOTE: bandwidth limits (tc on the host end of the link) are stored
+        // and reported by the server but not yet applied to a running
+        // container.
         *limits = requested.clone();
         Ok(())
     }
@@ -560,8 +661,24 @@ impl ContainerRuntime for LinuxContainer {
     fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError> {
         let limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         let stats = self.cgroup.stats();
-        let host = HostShape::read();
-        Ok(metrics_v1(&stats, effective_shares(&limits.cpu_limits), limits.pid_limits.max, &host, age))
+        let mut host = HostShape::read();
+        host.entitlement_percent = (self.cpu_entitlement_per_share > 0.0).then_some(self.cpu_entitlement_per_share);
+        let mut metrics = build_metrics(&stats, effective_shares(&limits.cpu_limits), limits.pid_limits.max, &host, age);
+        metrics.disk_stat = metrics::disk_stat(self.image_usage()?, self.writable_usage()?);
+        // /proc/<pid>/net/dev lists the interfaces of that process's
+        // network namespace, so garden-init's shows the container's.
+        let init_pid = self.init_pid();
+        if init_pid > 0 {
+            if let Ok(text) = fs::read_to_string(format!("/proc/{init_pid}/net/dev")) {
+                metrics.network_stat = Some(metrics::network_stat(&text));
+            }
+        }
+        Ok(metrics)
+    }
+
+    fn watch_oom(&self) -> Result<Option<Box<dyn OomWatch>>, RuntimeError> {
+        let listener = OomListener::open(self.cgroup.version, &self.cgroup.dirs)?;
+        Ok(listener.map(|listener| Box::new(listener) as Box<dyn OomWatch>))
     }
 
     fn describe(&self) -> serde_json::Value {
@@ -574,6 +691,7 @@ impl ContainerRuntime for LinuxContainer {
             "cgroups": self.cgroup.dirs,
             "rootfs": self.rootfs.as_ref().map(|rootfs| &rootfs.root),
             "overlay": self.rootfs.as_ref().and_then(|rootfs| rootfs.overlay.as_ref()),
+            "disk": self.disk,
         })
     }
 }

@@ -9,12 +9,15 @@
 //! - [`files`]: the tar helper of stream in and stream out.
 //! - [`rootfs`]: image choice, idmapped lower layer, overlay.
 //! - [`security`]: capability sets and the seccomp filter.
-//! - [`cgroup`]: per-container cgroups on v1 and v2.
+//! - [`cgroup`]: per-container cgroups on v1 and v2, and OOM notifications.
+//! - [`disk`]: disk limits on a size-limited filesystem, and layer usage.
+//! - [`metrics`]: metrics from cgroup counters, layers and interfaces.
 //! - [`users`]: user resolution and process environment.
 //! - [`syscalls`]: system calls nix does not wrap.
 
 pub mod cgroup;
 pub mod container;
+pub mod disk;
 pub mod exec;
 pub mod files;
 pub mod init;
@@ -60,6 +63,11 @@ pub struct LinuxConfig {
     /// Operator hardening of unprivileged containers: no_new_privs on their
     /// processes and `net.ipv4.ping_group_range` = `1 65535`.
     pub no_new_privileges: bool,
+    /// Hard CPU quota per share in microseconds per 100 ms period; 0 is
+    /// uncapped.
+    pub cpu_quota_per_share: u64,
+    /// CPU entitlement per share in percent; 0 derives it from the host.
+    pub cpu_entitlement_per_share: f64,
 }
 
 /// Errors of setting up the runtime itself.

@@ -196,6 +196,9 @@ pub struct ContainerRootfs {
     pub root: PathBuf,
     /// The overlay mount point, `None` for `raw://` roots.
     pub overlay: Option<PathBuf>,
+    /// The overlay's upper directory, where the container's writes go;
+    /// `None` for `raw://` roots.
+    pub upper: Option<PathBuf>,
 }
 
 /// Subdirectories of the state directory used for the overlay.
@@ -206,20 +209,24 @@ const ROOTFS_DIR: &str = "rootfs";
 
 /// Prepares the root of a container in `container_dir`. A directory image
 /// becomes the lower layer of an overlay with a fresh upper layer, idmapped
-/// through `userns` for an unprivileged container. On error the caller
-/// undoes what was made with [`remove`].
+/// through `userns` for an unprivileged container. The upper and work
+/// directories go in `writable` when given (a size-limited filesystem),
+/// else in `container_dir`. On error the caller undoes what was made with
+/// [`remove`].
 pub fn prepare(
     container_dir: &Path,
     source: &RootfsSource,
     userns: Option<(&OwnedFd, &IdMappings)>,
+    writable: Option<&Path>,
 ) -> Result<ContainerRootfs, RootfsError> {
     let image = match source {
-        RootfsSource::Raw(path) => return Ok(ContainerRootfs { root: path.clone(), overlay: None }),
+        RootfsSource::Raw(path) => return Ok(ContainerRootfs { root: path.clone(), overlay: None, upper: None }),
         RootfsSource::Directory(path) => path,
     };
+    let layers = writable.unwrap_or(container_dir);
     let lower = container_dir.join(LOWER_DIR);
-    let upper = container_dir.join(UPPER_DIR);
-    let work = container_dir.join(WORK_DIR);
+    let upper = layers.join(UPPER_DIR);
+    let work = layers.join(WORK_DIR);
     let root = container_dir.join(ROOTFS_DIR);
     for path in [&lower, &upper, &work, &root] {
         check_overlay_path(path)?;
@@ -264,7 +271,7 @@ pub fn prepare(
         let _ = umount2(&lower, MntFlags::MNT_DETACH);
     }
     mounted.map_err(|source| RootfsError::Mount { what: "overlay", path: root.clone(), source })?;
-    Ok(ContainerRootfs { root, overlay: Some(container_dir.join(ROOTFS_DIR)) })
+    Ok(ContainerRootfs { root, overlay: Some(container_dir.join(ROOTFS_DIR)), upper: Some(upper) })
 }
 
 /// Returns the host id that container id `id` maps to, or the overflow id

@@ -12,6 +12,7 @@
 pub mod memory;
 pub mod stdio;
 
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -182,9 +183,39 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// introspection endpoint (init pid, cgroup paths and the like).
     fn describe(&self) -> serde_json::Value;
 
+    /// Opens a watch on the kernel's out-of-memory kills in the container,
+    /// or returns `None` when the runtime has nothing to watch (the default).
+    fn watch_oom(&self) -> Result<Option<Box<dyn OomWatch>>, RuntimeError> {
+        Ok(None)
+    }
+
     /// Removes what the runtime keeps on disk for a finished process. The
     /// default keeps nothing to remove.
     fn forget_process(&self, _process_id: &str) -> Result<(), RuntimeError> {
         Ok(())
     }
+}
+
+/// The result of one [`OomWatch::wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OomWait {
+    /// The kernel's count of out-of-memory kills in the container since its
+    /// cgroup was made, read after a notification. The count has risen
+    /// since the previous `Kills` or since the watch was opened.
+    Kills(u64),
+    /// The stop descriptor became readable.
+    Stopped,
+    /// The container's cgroup is gone, so no more kills can come.
+    Gone,
+}
+
+/// A blocking watch on one container's out-of-memory kills, driven by
+/// kernel notifications rather than a polling loop.
+pub trait OomWatch: Send + 'static {
+    /// Returns the kill count at the time the watch was opened.
+    fn initial_kills(&self) -> u64;
+
+    /// Blocks until the kill count rises, the cgroup goes away, or `stop`
+    /// becomes readable.
+    fn wait(&mut self, stop: BorrowedFd<'_>) -> Result<OomWait, RuntimeError>;
 }
