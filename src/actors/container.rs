@@ -16,6 +16,7 @@ use bytes::BytesMut;
 use slog::{debug, info, o, warn, Logger};
 
 use super::process::{Process, ProcessStart};
+use super::stats::{measure_mailbox, MailboxStats};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{
     BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, ProcessSpec,
@@ -90,6 +91,7 @@ pub struct Container {
     processes: HashMap<String, ProcessSlot>,
     stream_table: StreamTable,
     logger: Logger,
+    mailbox: MailboxStats,
 }
 
 /// The on-disk record of a container, written atomically.
@@ -130,6 +132,7 @@ impl Container {
             created_at: SystemTime::now(),
             processes: HashMap::new(),
             stream_table,
+            mailbox: MailboxStats::default(),
         }
     }
 
@@ -218,6 +221,7 @@ impl Handler<GetInfo> for Container {
     type Result = Result<ContainerInfo, ContainerError>;
 
     fn handle(&mut self, _message: GetInfo, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         Ok(self.info())
     }
 }
@@ -231,6 +235,7 @@ impl Handler<GetProperties> for Container {
     type Result = Result<Properties, ContainerError>;
 
     fn handle(&mut self, _message: GetProperties, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         Ok(self.properties.clone())
     }
 }
@@ -246,6 +251,7 @@ impl Handler<GetProperty> for Container {
     type Result = Result<String, ContainerError>;
 
     fn handle(&mut self, message: GetProperty, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         self.properties
             .get(&message.key)
             .cloned()
@@ -265,6 +271,7 @@ impl Handler<SetProperty> for Container {
     type Result = AtomicResponse<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: SetProperty, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if let Err(error) = self.check_not_destroying() {
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
@@ -294,6 +301,7 @@ impl Handler<RemoveProperty> for Container {
     type Result = AtomicResponse<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: RemoveProperty, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if let Err(error) = self.check_not_destroying() {
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
@@ -322,6 +330,7 @@ impl Handler<SetGraceTime> for Container {
     type Result = AtomicResponse<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: SetGraceTime, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if let Err(error) = self.check_not_destroying() {
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
@@ -358,6 +367,7 @@ impl Handler<StopContainer> for Container {
     type Result = ResponseActFuture<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: StopContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if !self.state.can_stop() {
             return Box::pin(fut::ready(Err(ContainerError::AlreadyDestroying { handle: self.handle.clone() })));
         }
@@ -394,6 +404,7 @@ impl Handler<DestroyContainer> for Container {
     type Result = ResponseActFuture<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, _message: DestroyContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if !self.state.can_destroy() {
             return Box::pin(fut::ready(Err(ContainerError::AlreadyDestroying { handle: self.handle.clone() })));
         }
@@ -430,6 +441,7 @@ impl Handler<GetRuntime> for Container {
     type Result = Result<Arc<dyn ContainerRuntime>, ContainerError>;
 
     fn handle(&mut self, _message: GetRuntime, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         self.check_not_destroying()?;
         Ok(self.runtime.clone())
     }
@@ -446,6 +458,7 @@ impl Handler<RunProcess> for Container {
     type Result = ResponseActFuture<Self, Result<Addr<Process>, ContainerError>>;
 
     fn handle(&mut self, message: RunProcess, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         match self.state {
             ContainerState::Active => {}
             ContainerState::Stopped => {
@@ -505,6 +518,7 @@ impl Handler<FindProcess> for Container {
     type Result = Result<Addr<Process>, ContainerError>;
 
     fn handle(&mut self, message: FindProcess, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         match self.processes.get(&message.process_id) {
             Some(ProcessSlot::Running(addr)) => Ok(addr.clone()),
             _ => Err(ContainerError::ProcessNotFound { process_id: message.process_id }),
@@ -526,6 +540,7 @@ impl Handler<ForgetProcess> for Container {
     type Result = ();
 
     fn handle(&mut self, message: ForgetProcess, ctx: &mut Context<Self>) {
+        self.mailbox.count();
         if !matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(_))) {
             return;
         }
@@ -555,6 +570,7 @@ impl Handler<PersistState> for Container {
     type Result = AtomicResponse<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, _message: PersistState, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         AtomicResponse::new(Box::pin(self.persist().into_actor(self)))
     }
 }
@@ -562,7 +578,9 @@ impl Handler<PersistState> for Container {
 impl Handler<Introspect> for Container {
     type Result = ResponseFuture<serde_json::Value>;
 
-    fn handle(&mut self, _message: Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _message: Introspect, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        let mailbox = measure_mailbox(self, ctx);
         let processes: Vec<(String, Option<Addr<Process>>)> = self
             .processes
             .iter()
@@ -576,6 +594,9 @@ impl Handler<Introspect> for Container {
             "state": self.state,
             "grace_time_ns": self.grace_time,
             "properties": self.properties,
+            "properties_count": self.properties.len(),
+            "limits": self.spec.limits,
+            "network": self.spec.network,
             "container_path": self.dir,
             "runtime": self.runtime.describe(),
         });
@@ -589,10 +610,13 @@ impl Handler<Introspect> for Container {
                 list.push(value);
             }
             snapshot["processes"] = serde_json::Value::Array(list);
+            snapshot["mailbox"] = mailbox.await;
             snapshot
         })
     }
 }
+
+crate::impl_mailbox_probe!(Container, mailbox);
 
 /// One limit kind, as the 2015 `PUT .../limits/<kind>` routes carry it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -650,6 +674,7 @@ impl Handler<GetLimits> for Container {
     type Result = Result<Limits, ContainerError>;
 
     fn handle(&mut self, _message: GetLimits, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         Ok(self.runtime.reported_limits(&self.spec.limits))
     }
 }
@@ -666,6 +691,7 @@ impl Handler<UpdateLimits> for Container {
     type Result = AtomicResponse<Self, Result<Limits, ContainerError>>;
 
     fn handle(&mut self, message: UpdateLimits, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if let Err(error) = self.check_not_destroying() {
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
@@ -699,6 +725,7 @@ impl Handler<GetMetrics> for Container {
     type Result = ResponseFuture<Result<Metrics, ContainerError>>;
 
     fn handle(&mut self, _message: GetMetrics, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let runtime = self.runtime.clone();
         let age = self.created_at.elapsed().unwrap_or_default();
         Box::pin(async move { blocking(move || runtime.metrics(age)).await })

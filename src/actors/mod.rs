@@ -13,6 +13,7 @@ pub mod container;
 pub mod process;
 pub mod reaper;
 pub mod registry;
+pub mod stats;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

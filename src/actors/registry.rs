@@ -16,6 +16,7 @@ use slog::{info, warn, Logger};
 
 use super::container::{self, blocking, Container, DestroyContainer, GetProperties, PersistState};
 use super::reaper::{Defuse, Reaper, Strap};
+use super::stats::{measure_mailbox, MailboxStats};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::ContainerSpec;
 use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
@@ -49,6 +50,7 @@ pub struct Registry {
     settings: RegistrySettings,
     stream_table: StreamTable,
     logger: Logger,
+    mailbox: MailboxStats,
 }
 
 impl Registry {
@@ -60,7 +62,16 @@ impl Registry {
         stream_table: StreamTable,
         logger: Logger,
     ) -> Registry {
-        Registry { entries: BTreeMap::new(), runtime, uid_pool, reaper, settings, stream_table, logger }
+        Registry {
+            entries: BTreeMap::new(),
+            runtime,
+            uid_pool,
+            reaper,
+            settings,
+            stream_table,
+            logger,
+            mailbox: MailboxStats::default(),
+        }
     }
 }
 
@@ -96,6 +107,7 @@ impl Handler<CreateContainer> for Registry {
     type Result = ResponseActFuture<Self, Result<String, ContainerError>>;
 
     fn handle(&mut self, message: CreateContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let mut spec = message.spec;
         if spec.grace_time == 0 {
             spec.grace_time = i64::try_from(self.settings.default_grace_time.as_nanos()).unwrap_or(i64::MAX);
@@ -218,6 +230,7 @@ impl Handler<LookupContainer> for Registry {
     type Result = Result<Addr<Container>, ContainerError>;
 
     fn handle(&mut self, message: LookupContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         match self.entries.get(&message.handle) {
             Some(Entry::Ready { addr, .. } | Entry::Destroying { addr, .. }) => Ok(addr.clone()),
             Some(Entry::Creating) | None => Err(ContainerError::NotFound { handle: message.handle }),
@@ -236,6 +249,7 @@ impl Handler<ListContainers> for Registry {
     type Result = ResponseFuture<Vec<String>>;
 
     fn handle(&mut self, message: ListContainers, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         // `garden.state=all` asks to include containers still being created;
         // those have no properties here yet, so the pair only stops filtering.
         let filters: Vec<(String, String)> = message
@@ -281,6 +295,7 @@ impl Handler<DestroyByHandle> for Registry {
     type Result = ResponseActFuture<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: DestroyByHandle, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let handle = message.handle;
         let (addr, privileged) = match self.entries.remove(&handle) {
             None => return Box::pin(fut::ready(Err(ContainerError::NotFound { handle }))),
@@ -331,6 +346,7 @@ impl Handler<CountContainers> for Registry {
     type Result = usize;
 
     fn handle(&mut self, _message: CountContainers, _ctx: &mut Context<Self>) -> usize {
+        self.mailbox.count();
         self.entries.len()
     }
 }
@@ -338,7 +354,9 @@ impl Handler<CountContainers> for Registry {
 impl Handler<Introspect> for Registry {
     type Result = ResponseFuture<serde_json::Value>;
 
-    fn handle(&mut self, _message: Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _message: Introspect, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        let mailbox = measure_mailbox(self, ctx);
         let entries: Vec<(String, &'static str, Option<Addr<Container>>)> = self
             .entries
             .iter()
@@ -357,10 +375,12 @@ impl Handler<Introspect> for Registry {
                 };
                 containers.push(serde_json::json!({ "handle": handle, "entry": entry_state, "container": detail }));
             }
-            serde_json::json!({ "containers": containers })
+            serde_json::json!({ "count": containers.len(), "containers": containers, "mailbox": mailbox.await })
         })
     }
 }
+
+crate::impl_mailbox_probe!(Registry, mailbox);
 
 #[cfg(test)]
 mod tests {
