@@ -183,9 +183,15 @@ async fn log_level(state: web::Data<DebugState>, body: web::Bytes) -> HttpRespon
     match crate::logging::parse_level(&text) {
         Ok(level) => {
             let previous = state.level.level();
-            state.level.set(level);
-            // Logged at warn so the change shows even when it raises the level.
-            warn!(state.logger, "log level changed"; "from" => previous.as_str(), "to" => level.as_str());
+            // Logged at warn under whichever of the two levels lets more
+            // through, so the change shows in both directions.
+            if previous.is_at_least(level) {
+                state.level.set(level);
+                warn!(state.logger, "log level changed"; "from" => previous.as_str(), "to" => level.as_str());
+            } else {
+                warn!(state.logger, "log level changed"; "from" => previous.as_str(), "to" => level.as_str());
+                state.level.set(level);
+            }
             HttpResponse::NoContent().finish()
         }
         Err(message) => {
