@@ -1,6 +1,9 @@
 //! The `trellis` command line: `trellis server` and the client commands.
 
 pub mod client;
+pub mod commands;
+pub mod files;
+pub mod output;
 pub mod server;
 
 use std::process::ExitCode;
