@@ -1,6 +1,6 @@
 //! The server's log level, changeable while it runs.
 //!
-//! A [`LevelSwitch`] holds the minimum level. The root logger filters
+//! A [`LevelSwitch`] contains the minimum level. The root logger filters
 //! through a [`SwitchFilter`] drain that reads it for every record, and the
 //! debug listener's `POST /log-level` sets it.
 
@@ -73,7 +73,7 @@ pub fn parse_level(text: &str) -> Result<slog::Level, String> {
     Ok(level)
 }
 
-/// The `log` crate filter that matches an slog level.
+/// Returns the `log` crate filter that matches an slog level.
 pub fn log_filter_of(level: slog::Level) -> log::LevelFilter {
     match level {
         slog::Level::Critical | slog::Level::Error => log::LevelFilter::Error,

@@ -49,9 +49,12 @@ fn tables_and_json_output() {
     let list = success(&server, &["list"]);
     let mut lines = list.lines();
     let header = lines.next().unwrap();
-    assert!(header.starts_with("HANDLE") && header.contains("STATE") && header.contains("PROCESSES"), "{list}");
+    assert!(header.starts_with("HANDLE"), "{list}");
+    assert!(header.contains("STATE"), "{list}");
+    assert!(header.contains("PROCESSES"), "{list}");
     let row = lines.next().expect("a row for the container");
-    assert!(row.starts_with(&handle) && row.contains("active"), "{list}");
+    assert!(row.starts_with(&handle), "{list}");
+    assert!(row.contains("active"), "{list}");
     assert_eq!(lines.next(), None, "{list}");
 
     let listed = json(&success(&server, &["list", "--json"]));
@@ -72,7 +75,8 @@ fn tables_and_json_output() {
     assert_eq!(limits["memory"]["limit_in_bytes"], 64 << 20, "{limits}");
 
     let metrics = success(&server, &["metrics", &handle]);
-    assert!(metrics.starts_with("HANDLE") && metrics.contains(&handle), "{metrics}");
+    assert!(metrics.starts_with("HANDLE"), "{metrics}");
+    assert!(metrics.contains(&handle), "{metrics}");
 
     let bulk = success(&server, &["bulk-info", &handle, "no-such-container"]);
     assert!(bulk.lines().any(|line| line.starts_with("no-such-container") && line.contains("error: unknown handle")), "{bulk}");
@@ -149,7 +153,7 @@ fn unreachable_server_is_clear() {
     assert!(stderr.starts_with(&format!("trellis: cannot connect to unix:{}: ", absent.display())), "{stderr}");
     assert!(stderr.contains("No such file or directory"), "{stderr}");
 
-    // A socket file nobody listens on any more refuses connections.
+    // Connecting to a socket file without a listener fails with ECONNREFUSED.
     let stale = directory.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let output = trellis_at(&stale, &["capacity"]);

@@ -189,7 +189,8 @@ fn check_go_type(field: &str, value: &serde_json::Value, kind: &str) {
                 let keys: BTreeSet<&str> = object.keys().map(String::as_str).collect();
                 assert_eq!(keys, BTreeSet::from(["Frees", "Mallocs", "Size"]), "{field}");
                 assert!(unsigned(&item["Size"], u64::from(u32::MAX)), "{field}.Size");
-                assert!(item["Mallocs"].is_u64() && item["Frees"].is_u64(), "{field}: {item}");
+                assert!(item["Mallocs"].is_u64(), "{field}: {item}");
+                assert!(item["Frees"].is_u64(), "{field}: {item}");
             }
         }
         other => panic!("unknown Go type {other}"),
@@ -219,7 +220,7 @@ fn debug_vars_match_go_expvar_types() {
     assert!(memstats["Alloc"].as_u64().unwrap() > 0, "Alloc is zero");
     assert!(memstats["Sys"].as_u64().unwrap() >= memstats["HeapSys"].as_u64().unwrap());
 
-    let cmdline: Vec<&str> = vars["cmdline"].as_array().expect("cmdline is an array").iter().map(|arg| arg.as_str().expect("cmdline holds strings")).collect();
+    let cmdline: Vec<&str> = vars["cmdline"].as_array().expect("cmdline is an array").iter().map(|arg| arg.as_str().expect("cmdline contains strings")).collect();
     assert_eq!(cmdline.get(1), Some(&"server"), "{cmdline:?}");
     assert!(vars["numCPUS"].as_u64().is_some_and(|count| count >= 1));
     assert!(vars["numGoRoutines"].as_u64().is_some_and(|count| count >= 2));
@@ -504,7 +505,7 @@ fn ping_log_lines(server: &TestServer) -> usize {
     server.log_text().lines().filter(|line| line.contains("\"route\":\"Ping\"")).count()
 }
 
-/// Polls until the log holds at least `count` ping lines; the logger
+/// Polls until the log contains at least `count` ping lines; the logger
 /// writes from a background thread.
 fn wait_for_ping_lines(server: &TestServer, count: usize) -> usize {
     let deadline = Instant::now() + Duration::from_secs(20);

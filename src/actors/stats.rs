@@ -35,7 +35,7 @@ impl MailboxStats {
 #[rtype(result = "u64")]
 pub struct MailboxProbe;
 
-/// An actor that keeps [`MailboxStats`] and answers [`MailboxProbe`]
+/// An actor that keeps [`MailboxStats`] and handles [`MailboxProbe`]
 /// (implement the handler with [`impl_mailbox_probe!`](crate::impl_mailbox_probe)).
 pub trait Observed: Actor<Context = Context<Self>> + Handler<MailboxProbe> {
     fn mailbox_stats(&self) -> MailboxStats;
@@ -87,7 +87,7 @@ macro_rules! impl_mailbox_probe {
 mod tests {
     use super::*;
 
-    /// Counts its messages and can be told to block its thread, so a test
+    /// Counts its messages. `Work` blocks its thread for a while, so a test
     /// can fill its mailbox.
     #[derive(Default)]
     struct Counter {
@@ -135,7 +135,7 @@ mod tests {
         assert_eq!(idle["mailbox_depth"], 0);
 
         // The first message blocks the actor's thread while the rest queue
-        // up behind it, so the measure handler sees three queued.
+        // up behind it, so the measure handler finds three queued.
         counter.do_send(Work(std::time::Duration::from_millis(200)));
         let measured = counter.send(Measure);
         for _ in 0..3 {

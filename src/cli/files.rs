@@ -60,7 +60,7 @@ pub struct StreamInArgs {
 pub struct StreamOutArgs {
     /// Handle of the container.
     pub handle: String,
-    /// Path in the container. With a trailing `/` the archive holds the
+    /// Path in the container. With a trailing `/` the archive contains the
     /// directory's contents, otherwise the directory or file itself.
     pub source: String,
     /// Local directory to extract into (created when missing), or `-` to

@@ -1,5 +1,5 @@
-//! How client commands print results: aligned tables for people by
-//! default, JSON with `--json`.
+//! Output of the client commands: aligned tables for people by default,
+//! JSON with `--json`.
 
 use std::fmt::Write as _;
 

@@ -10,8 +10,8 @@
 //! - `GET /metrics`: OpenMetrics text, see [`super::metrics`].
 //! - `POST /log-level` (or `PUT`): sets the log level from the body.
 //!
-//! Any other path answers 404 with the list of routes, so Go's
-//! `/debug/pprof/` profiling routes answer 404 too.
+//! Any other path returns 404 with the list of routes, so Go's
+//! `/debug/pprof/` profiling routes return 404 too.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -31,23 +31,23 @@ use crate::actors::registry::Registry;
 use crate::actors::Introspect;
 use crate::logging::LevelSwitch;
 
-/// Longest wait for the actors' snapshots. An actor busy for longer (one
-/// blocked in a long operation) makes the endpoint answer 503.
+/// Maximum wait for the actors' snapshots. An actor busy for longer (one
+/// blocked in a long operation) makes the endpoint return 503.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Largest `/log-level` body read.
+/// Maximum `/log-level` body size, in bytes.
 const MAX_LEVEL_BODY_BYTES: usize = 64;
 
-/// The routes listed in the 404 answer.
+/// The routes listed in the 404 response.
 const ROUTES: &str = "GET /debug/, GET /debug/actors, GET /debug/actors/<handle>, GET /debug/vars, GET /metrics, POST or PUT /log-level";
 
-/// What the debug handlers read: the actors, the counters and the log level.
+/// Shared state of the debug handlers: the actors, the counters and the log level.
 #[derive(Clone)]
 pub struct DebugState {
     pub registry: Addr<Registry>,
     pub reaper: Addr<Reaper>,
     /// Resource pools by name (`uid`, `subnet`, `port`). Any actor that
-    /// answers [`Introspect`] can be added; its snapshot is shown under
+    /// handles [`Introspect`] can be added; its snapshot is shown under
     /// `pools`, and `/metrics` reads its usage with [`PoolUsage::from_snapshot`].
     pub pools: BTreeMap<String, Recipient<Introspect>>,
     pub metrics: Arc<Metrics>,
@@ -154,6 +154,7 @@ async fn debug_vars(state: web::Data<DebugState>) -> HttpResponse {
         "clientErrors": totals.client_errors,
         "serverErrors": totals.server_errors,
         "oomEvents": state.metrics.oom_events().load(std::sync::atomic::Ordering::Relaxed),
+        "pageFaults": memory.page_faults,
     });
     json_response(StatusCode::OK, &body)
 }

@@ -111,8 +111,8 @@ impl Metrics {
         operations.entry(operation).or_default().observe(duration);
     }
 
-    /// The out-of-memory event counter. A watcher of container cgroups
-    /// keeps a clone and adds one per kernel OOM event.
+    /// Returns the out-of-memory event counter. A watcher of container
+    /// cgroups keeps a clone and adds one per kernel OOM event.
     pub fn oom_events(&self) -> Arc<AtomicU64> {
         self.oom_events.clone()
     }
@@ -232,7 +232,7 @@ pub struct ActorGauges {
 
 impl ActorGauges {
     /// Counts containers by state and processes in a registry snapshot
-    /// (the registry's answer to `Introspect`).
+    /// (the registry's reply to `Introspect`).
     pub fn count_registry(&mut self, registry: &serde_json::Value) {
         for state in ["creating", "active", "stopped", "destroying"] {
             self.containers_by_state.entry(state.to_string()).or_default();
