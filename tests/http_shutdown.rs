@@ -49,7 +49,7 @@ fn exchange(socket: &Path, request: &[u8]) -> String {
     String::from_utf8_lossy(&reply).into_owned()
 }
 
-/// A tar archive with one 64 KiB file.
+/// Builds a tar archive with one 64 KiB file.
 fn small_archive() -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     let data = vec![b'x'; 64 * 1024];

@@ -21,8 +21,8 @@ pub struct LimitsArgs {
     /// Set the memory limit, in bytes (suffixes K, M, G for KiB, MiB, GiB).
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub memory: Option<u64>,
-    /// Set the CPU weight, in cgroup shares (2 to 262144, 1024 is one CPU's
-    /// default share).
+    /// Set the CPU weight, in cgroup shares (2 to 262144; the kernel's
+    /// default is 1024).
     #[arg(long, value_name = "SHARES")]
     pub cpu_shares: Option<u64>,
     /// Set the hard disk limit, in bytes (suffixes K, M, G).
