@@ -146,6 +146,28 @@ fn actors_show_new_container_and_process() {
     assert_eq!(missing.json()["error"], "container not found: no-such-container");
 }
 
+#[test]
+fn actor_shows_grace_deadline() {
+    let Some(server) = TestServer::start("actor_shows_grace_deadline") else { return };
+    let spec = trellis::api::ContainerSpec {
+        handle: server.unique_handle("grace"),
+        grace_time: 3_600_000_000_000,
+        ..Default::default()
+    };
+    let handle = server.block_on(server.client.create(&spec)).unwrap();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+
+    let reply = get(&server, &format!("/debug/actors/{handle}"));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let record = &reply.json()["reaper_record"];
+    assert_eq!(record["grace_time_ns"], 3_600_000_000_000u64, "{record}");
+    assert_eq!(record["timer_running"], true, "{record}");
+    let deadline = record["deadline_unix_ms"].as_u64().unwrap_or_else(|| panic!("no deadline: {record}"));
+    // The timer restarted when the create request ended, an hour ahead.
+    assert!(deadline > now_ms + 3_500_000, "{deadline} is not about an hour after {now_ms}");
+    assert!(deadline < now_ms + 3_700_000, "{deadline} is not about an hour after {now_ms}");
+}
+
 /// Go's JSON type of each `runtime.MemStats` field, as `encoding/json`
 /// writes it (Go 1.22 `runtime/mstats.go`).
 fn go_memstats_types() -> BTreeMap<&'static str, &'static str> {

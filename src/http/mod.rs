@@ -116,6 +116,7 @@ pub struct Server {
     shutdown: CancellationToken,
     addr: ListenAddr,
     registry: Addr<Registry>,
+    metrics: Arc<metrics::Metrics>,
     logger: Logger,
 }
 
@@ -214,7 +215,7 @@ impl Server {
         let handle = server.handle();
         actix_rt::spawn(server);
         info!(logger, "server listening"; "address" => %addr, "debug_address" => %debug_addr);
-        Ok(Server { handle, debug, debug_addr, shutdown, addr, registry, logger })
+        Ok(Server { handle, debug, debug_addr, shutdown, addr, registry, metrics: state.metrics.clone(), logger })
     }
 
     /// Returns the address the API listens on (with the real port when the
@@ -226,6 +227,13 @@ impl Server {
     /// Returns the address of the debug listener.
     pub fn debug_addr(&self) -> SocketAddr {
         self.debug_addr
+    }
+
+    /// Returns the server's counters, for components started next to it,
+    /// such as an out-of-memory watcher that adds to
+    /// [`metrics::Metrics::oom_events`].
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.metrics.clone()
     }
 
     pub fn registry(&self) -> &Addr<Registry> {
