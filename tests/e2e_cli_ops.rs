@@ -130,6 +130,17 @@ fn stream_directory_in_and_out() {
     let bytes = std::fs::read(&archive).unwrap();
     assert_eq!(&bytes[257..262], b"ustar", "not a tar archive");
 
+    // The archive goes back in through stdin, as it is.
+    let piped = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["stream-in", &handle, "-", "/piped"])
+        .env("TRELLIS_TARGET", &server.socket)
+        .stdin(std::fs::File::open(&archive).unwrap())
+        .output()
+        .unwrap();
+    assert!(piped.status.success(), "{}", text(&piped.stderr));
+    let cat = success(&server, &["run", "--handle", &handle, "--", "cat", "/piped/note.txt"]);
+    assert_eq!(cat, "hello from the host\n");
+
     let quiet = trellis(&server, &["stream-in", &handle, source.to_str().unwrap(), "/quiet", "--progress", "never"]);
     assert!(quiet.status.success());
     assert_eq!(text(&quiet.stderr), "");
