@@ -566,6 +566,9 @@ fn log_level_changes_live() {
     let invalid = request(&server, "POST", "/log-level", "loud");
     assert_eq!(invalid.status, 400);
     assert!(invalid.json()["error"].as_str().unwrap().contains("invalid log level \"loud\""), "{}", invalid.body);
+    let long = request(&server, "POST", "/log-level", &"a".repeat(100));
+    assert_eq!(long.status, 400);
+    assert_eq!(long.json()["error"], "invalid log level: the body is longer than 64 bytes");
     let wrong_method = get(&server, "/log-level");
     assert_eq!(wrong_method.status, 405);
     assert_eq!(wrong_method.header("allow"), Some("POST, PUT"));

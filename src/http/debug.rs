@@ -226,7 +226,6 @@ pub fn start(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
-            .app_data(web::PayloadConfig::new(MAX_LEVEL_BODY_BYTES + 1))
             .route("/debug/", web::get().to(page))
             .route("/debug/actors", web::get().to(actors))
             .route("/debug/introspect", web::get().to(actors))
