@@ -135,3 +135,35 @@ fn sigterm_lets_request_finish() {
 fn sigint_lets_request_finish() {
     request_in_flight_finishes(Signal::SIGINT);
 }
+
+#[test]
+fn stalled_request_does_not_block_stop() {
+    support::enter_private_network();
+    let directory = tempfile::Builder::new().prefix("trellis-test-shutdown").tempdir().unwrap();
+    let (mut child, socket) = start_server(directory.path());
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+
+    let created = exchange(
+        &socket,
+        b"POST /containers HTTP/1.1\r\nHost: api\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{\"handle\":\"stall-1\"}",
+    );
+    assert!(created.starts_with("HTTP/1.1 200 OK\r\n"), "{created}");
+
+    // A body that never arrives: the server waits for it only until its
+    // stop timeout, then closes the connection and exits.
+    let mut stalled = UnixStream::connect(&socket).unwrap();
+    stalled
+        .write_all(b"PUT /containers/stall-1/files?destination=/data HTTP/1.1\r\nHost: api\r\nContent-Length: 1048576\r\n\r\npartial")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
+
+    let status = wait_for_exit(&mut child);
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(status.success(), "exit {status:?}, log {log}");
+    stalled.set_read_timeout(Some(support::READ_TIMEOUT)).unwrap();
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest);
+    assert!(!String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"), "the stalled request was served");
+}
