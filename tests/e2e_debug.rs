@@ -510,6 +510,11 @@ fn metrics_parse_and_counters_move() {
     server.run_command(&handle, "true", &[]);
     let missing = server.block_on(server.client.info("no-such-container"));
     assert!(missing.is_err());
+    let mut unmatched = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    unmatched.write_all(b"GET /nowhere HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    unmatched.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
 
     let after = scrape(&server);
     assert_eq!(pings(&after) - pings(&before), 3.0);
@@ -519,6 +524,7 @@ fn metrics_parse_and_counters_move() {
     assert_eq!(sample_value(&after, "trellis_processes", &[]), Some(1.0));
     assert_eq!(sample_value(&after, "trellis_http_requests_total", &[("route", "Info"), ("code", "404")]), Some(1.0));
     assert_eq!(sample_value(&after, "trellis_http_request_duration_seconds_count", &[("route", "Create")]), Some(1.0));
+    assert_eq!(sample_value(&after, "trellis_http_requests_total", &[("route", "unmatched"), ("code", "404")]), Some(1.0));
     assert!(sample_value(&after, "trellis_pool_in_use", &[("pool", "uid")]).is_some_and(|count| count >= 1.0));
 }
 

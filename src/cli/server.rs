@@ -33,13 +33,16 @@ pub struct ServerArgs {
     /// TCP port of the Garden API (default 7777; 0 picks a free port).
     #[arg(long, value_name = "PORT")]
     pub bind_port: Option<String>,
-    /// Unix socket to listen on instead of TCP; a stale socket file is replaced.
+    /// Unix socket to listen on instead of TCP; a stale socket file is
+    /// replaced (default: unset, TCP).
     #[arg(long, value_name = "PATH")]
     pub bind_socket: Option<String>,
-    /// Directory holding one state directory per container.
+    /// Directory with one state directory per container (default
+    /// /var/lib/trellis/depot).
     #[arg(long, value_name = "DIR")]
     pub depot: Option<String>,
-    /// Root filesystem of containers created without an image.
+    /// Root filesystem of containers created without an image (default
+    /// /var/lib/trellis/rootfs/busybox).
     #[arg(long, value_name = "DIR")]
     pub default_rootfs: Option<String>,
     /// Idle time after which a container created without a grace time is
@@ -47,7 +50,8 @@ pub struct ServerArgs {
     /// seconds (default 0, never).
     #[arg(long, value_name = "DURATION")]
     pub default_grace_time: Option<String>,
-    /// Maximum number of containers (0 means only the network pool limits it).
+    /// Maximum number of containers, a count (default 0: only the network
+    /// pool limits it, one /30 block per container).
     #[arg(long, value_name = "COUNT")]
     pub max_containers: Option<String>,
     /// IP address of the debug listener (default 127.0.0.1).
@@ -63,7 +67,8 @@ pub struct ServerArgs {
     /// Log format on stderr: json (one object per line, default) or human.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// Short tag carried by every host object the server creates.
+    /// Short tag carried by every host object the server creates: 1 to 16
+    /// lowercase letters or digits (default trellis).
     #[arg(long, value_name = "TAG")]
     pub tag: Option<String>,
     /// IPv4 pool of container subnets, in CIDR form (default 10.254.0.0/22).

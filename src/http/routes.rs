@@ -50,8 +50,12 @@ pub fn error_response(error: &ApiError) -> HttpResponse {
 pub async fn dispatch(request: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
     let found = match match_route(request.method().as_str(), request.path()) {
         Ok(found) => found,
-        Err(RouteError::NotFound) => return plain_text(StatusCode::NOT_FOUND, "404 page not found\n"),
+        Err(RouteError::NotFound) => {
+            state.metrics.record_request(UNMATCHED_ROUTE, 404, std::time::Duration::ZERO);
+            return plain_text(StatusCode::NOT_FOUND, "404 page not found\n");
+        }
         Err(RouteError::MethodNotAllowed { allow }) => {
+            state.metrics.record_request(UNMATCHED_ROUTE, 405, std::time::Duration::ZERO);
             return HttpResponse::build(StatusCode::METHOD_NOT_ALLOWED)
                 .content_type("text/plain; charset=utf-8")
                 .insert_header(("Allow", allow.join(", ")))
@@ -81,6 +85,9 @@ pub async fn dispatch(request: HttpRequest, payload: web::Payload, state: web::D
         }
     }
 }
+
+/// Route label of requests that match no Garden route, in the metrics.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// Counts the request, and the operation latency of a successful create
 /// or destroy.
