@@ -17,9 +17,9 @@ use bytes::{Buf, BytesMut};
 use slog::{debug, info, o, warn, Logger};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::metrics::Operation;
 use super::demux::{RequestHead, HEAD_TIMEOUT};
 use super::error::ApiError;
+use super::metrics::Operation;
 use super::router::{Route, RouteMatch};
 use super::routes::lookup;
 use super::{AppState, PauseGuard};
@@ -145,8 +145,8 @@ where
         }
     };
     let logger = logger.new(o!("process_id" => stream.process_id.clone(), "stream_id" => stream.stream_id.clone()));
-    let status_line = if found.route == Route::Run { "201 Created" } else { "200 OK" };
-    state.metrics.record_request(found.route.name(), if found.route == Route::Run { 201 } else { 200 }, started.elapsed());
+    let (status_line, status) = if found.route == Route::Run { ("201 Created", 201) } else { ("200 OK", 200) };
+    state.metrics.record_request(found.route.name(), status, started.elapsed());
     if found.route == Route::Run {
         state.metrics.record_operation(Operation::Run, started.elapsed());
     }
@@ -360,7 +360,8 @@ where
         Some(process) => process.send(AttachOutput { stream_id: stream_id.clone(), kind }).await.ok().flatten(),
         None => None,
     };
-    state.metrics.record_request(Route::name(if kind == OutputKind::Stdout { Route::Stdout } else { Route::Stderr }), 200, started.elapsed());
+    let route = if kind == OutputKind::Stdout { Route::Stdout } else { Route::Stderr };
+    state.metrics.record_request(route.name(), 200, started.elapsed());
     if io.write_all(output_head().as_bytes()).await.is_err() {
         return;
     }
