@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::actors::reaper::{Reaper, SetDestroyer};
 use crate::actors::registry::{Registry, RegistrySettings};
 use crate::actors::{Introspect, StreamIds, StreamTable};
-use crate::logging::LevelSwitch;
 use crate::config::{Config, MAX_JSON_BODY_BYTES};
+use crate::logging::LevelSwitch;
 use crate::pools::uid::{IdRange, UidPool};
 use crate::runtime::Runtime;
 
