@@ -26,10 +26,39 @@ pub enum ConfigError {
     Read { path: PathBuf, reason: String },
     #[error("configuration file {path} is not valid TOML: {reason}")]
     Syntax { path: PathBuf, reason: String },
-    #[error("{source_name}: unknown key `{key}`")]
-    UnknownKey { source_name: String, key: String },
+    #[error("{source_name}: unknown key `{key}`; did you mean `{nearest}`?")]
+    UnknownKey { source_name: String, key: String, nearest: &'static str },
     #[error("{source_name}: invalid value for `{key}`: {reason}")]
     InvalidValue { source_name: String, key: String, reason: String },
+}
+
+impl ConfigError {
+    /// Builds the error for a key that is not in [`KEYS`], naming the
+    /// closest valid key.
+    pub fn unknown_key(source_name: &str, key: &str) -> ConfigError {
+        ConfigError::UnknownKey { source_name: source_name.to_string(), key: key.to_string(), nearest: nearest_key(key) }
+    }
+}
+
+/// Returns the key of [`KEYS`] with the smallest edit distance to `key`.
+pub fn nearest_key(key: &str) -> &'static str {
+    KEYS.iter().copied().min_by_key(|candidate| edit_distance(key, candidate)).unwrap_or(KEYS[0])
+}
+
+/// Levenshtein distance: the number of single-character insertions,
+/// deletions and substitutions that turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, a_char) in a.chars().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, b_char) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(a_char != *b_char);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 /// Output format of the server log.
@@ -171,7 +200,7 @@ impl Config {
                 toml::Value::Boolean(flag) => flag.to_string(),
                 other => {
                     if !KEYS.contains(&key.as_str()) {
-                        return Err(ConfigError::UnknownKey { source_name, key: key.clone() });
+                        return Err(ConfigError::unknown_key(&source_name, key));
                     }
                     return Err(ConfigError::InvalidValue {
                         source_name,
@@ -230,7 +259,7 @@ impl Config {
                 }
                 self.cpu_entitlement_per_share = percent;
             }
-            _ => return Err(ConfigError::UnknownKey { source_name: source_name.to_string(), key: key.to_string() }),
+            _ => return Err(ConfigError::unknown_key(source_name, key)),
         }
         Ok(())
     }
@@ -265,6 +294,46 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Renders the configuration as TOML that [`Config::from_toml`] reads
+    /// back to the same values, one line per key of [`KEYS`]. Unset
+    /// optional keys are written as comments.
+    pub fn to_toml(&self) -> String {
+        let quoted = |text: &str| toml::Value::String(text.to_string()).to_string();
+        let optional = |key: &str, value: Option<String>| match value {
+            Some(value) => format!("{key} = {value}"),
+            None => format!("# {key} is not set"),
+        };
+        let lines = [
+            format!("bind-ip = {}", quoted(&self.bind_ip.to_string())),
+            format!("bind-port = {}", self.bind_port),
+            optional("bind-socket", self.bind_socket.as_ref().map(|path| quoted(&path.display().to_string()))),
+            format!("depot = {}", quoted(&self.depot.display().to_string())),
+            format!("default-rootfs = {}", quoted(&self.default_rootfs.display().to_string())),
+            format!("default-grace-time = {}", quoted(&format_duration(self.default_grace_time))),
+            format!("max-containers = {}", self.max_containers),
+            format!("debug-bind-ip = {}", quoted(&self.debug_bind_ip.to_string())),
+            format!("debug-bind-port = {}", self.debug_bind_port),
+            format!("log-level = {}", quoted(level_name(self.log_level))),
+            format!("log-format = {}", quoted(match self.log_format {
+                LogFormat::Json => "json",
+                LogFormat::Human => "human",
+            })),
+            format!("tag = {}", quoted(&self.tag)),
+            format!("network-pool = {}", quoted(&self.network_pool.to_string())),
+            format!("port-pool-start = {}", self.port_pool_start),
+            format!("port-pool-size = {}", self.port_pool_size),
+            format!("uid-map-start = {}", self.uid_map_start),
+            optional("uid-map-length", self.uid_map_length.map(|length| length.to_string())),
+            format!("gid-map-start = {}", self.gid_map_start),
+            optional("gid-map-length", self.gid_map_length.map(|length| length.to_string())),
+            format!("cleanup-process-dirs-on-wait = {}", self.cleanup_process_dirs_on_wait),
+            format!("no-new-privileges = {}", self.no_new_privileges),
+        ];
+        let mut text = lines.join("\n");
+        text.push('\n');
+        text
     }
 
     /// Returns the maximum number of containers: the number of /30 blocks
@@ -318,6 +387,33 @@ fn parse_level(text: &str) -> Result<slog::Level, String> {
         "critical" | "fatal" => Ok(slog::Level::Critical),
         _ => Err(format!("`{text}` is not one of trace, debug, info, warn, error, critical")),
     }
+}
+
+/// Returns the name of `level` that [`parse_level`] reads back.
+fn level_name(level: slog::Level) -> &'static str {
+    match level {
+        slog::Level::Trace => "trace",
+        slog::Level::Debug => "debug",
+        slog::Level::Info => "info",
+        slog::Level::Warning => "warn",
+        slog::Level::Error => "error",
+        slog::Level::Critical => "critical",
+    }
+}
+
+/// Formats a duration in the largest unit that keeps it exact, in the form
+/// [`parse_duration`] reads ("0", "30s", "250ms", "1500ns").
+pub fn format_duration(duration: Duration) -> String {
+    let nanos = duration.as_nanos();
+    if nanos == 0 {
+        return "0".to_string();
+    }
+    for (unit, size) in [("h", 3_600_000_000_000u128), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000), ("us", 1_000)] {
+        if nanos % size == 0 {
+            return format!("{}{unit}", nanos / size);
+        }
+    }
+    format!("{nanos}ns")
 }
 
 /// Returns the parser's message prefixed with the line and column where it
@@ -457,8 +553,34 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let error = load("bind-adress = \"1.2.3.4\"").unwrap_err();
-        assert_eq!(error, ConfigError::UnknownKey { source_name: "/etc/trellis.toml".into(), key: "bind-adress".into() });
+        assert_eq!(
+            error,
+            ConfigError::UnknownKey { source_name: "/etc/trellis.toml".into(), key: "bind-adress".into(), nearest: "bind-port" }
+        );
         assert!(error.to_string().contains("/etc/trellis.toml"));
+        assert!(error.to_string().contains("did you mean `bind-port`?"), "{error}");
+    }
+
+    #[test]
+    fn nearest_key_fixes_typos() {
+        assert_eq!(nearest_key("bind-prot"), "bind-port");
+        assert_eq!(nearest_key("default_grace_time"), "default-grace-time");
+        assert_eq!(nearest_key("loglevel"), "log-level");
+        assert_eq!(nearest_key("max-container"), "max-containers");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn printed_config_reads_back() {
+        let defaults = Config::default();
+        assert_eq!(load(&defaults.to_toml()).unwrap(), defaults);
+        let mut changed = Config::default();
+        for (key, value) in [("bind-socket", "/run/t.sock"), ("default-grace-time", "1h30m250ms"), ("log-level", "warn"), ("log-format", "human"), ("uid-map-length", "5000"), ("no-new-privileges", "true"), ("tag", "t1")] {
+            changed.set("test", key, value).unwrap();
+        }
+        let text = changed.to_toml();
+        assert_eq!(load(&text).unwrap(), changed, "{text}");
+        assert!(text.contains("default-grace-time = \"5400250ms\""), "{text}");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!   cgroups, users.
 //! - [`cli`]: the `trellis` subcommands.
 //! - [`config`]: the server configuration file and flags.
+//! - [`logging`]: the log level that the debug listener can change.
 //!
 //! `api` and `client` depend on neither actix nor `linux`.
 
@@ -27,5 +28,6 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod linux;
+pub mod logging;
 pub mod pools;
 pub mod runtime;

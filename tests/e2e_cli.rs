@@ -34,7 +34,7 @@ fn readme_session() {
     assert_eq!(run.status.code(), Some(0), "trellis run stderr: {}", text(&run.stderr));
     assert_eq!(text(&run.stdout), "hello from the container\n");
 
-    let list = trellis(&server, &["list"]);
+    let list = trellis(&server, &["list", "-q"]);
     assert!(list.status.success(), "trellis list: {}", text(&list.stderr));
     let handles: Vec<String> = text(&list.stdout).lines().map(str::to_string).collect();
     assert_eq!(handles.len(), 1, "expected the container created by run, got {handles:?}");
@@ -45,7 +45,7 @@ fn readme_session() {
 
     let destroy = trellis(&server, &["destroy", handle]);
     assert!(destroy.status.success(), "trellis destroy: {}", text(&destroy.stderr));
-    let list = trellis(&server, &["list"]);
+    let list = trellis(&server, &["list", "-q"]);
     assert_eq!(text(&list.stdout), "", "containers left after destroy");
 }
 
@@ -61,7 +61,7 @@ fn run_that_cannot_start_keeps_nothing() {
         text(&run.stderr)
     );
 
-    let list = trellis(&server, &["list"]);
+    let list = trellis(&server, &["list", "-q"]);
     assert!(list.status.success(), "trellis list: {}", text(&list.stderr));
     assert_eq!(text(&list.stdout), "", "the container made for the run was kept");
 }
@@ -80,9 +80,9 @@ fn cli_exit_codes_and_errors() {
     assert_eq!(text(&run.stdout), "out\n");
     assert_eq!(text(&run.stderr), "err\n");
 
-    let filtered = trellis(&server, &["list", "--property", "team=red"]);
+    let filtered = trellis(&server, &["list", "-q", "--property", "team=red"]);
     assert_eq!(text(&filtered.stdout), format!("{handle}\n"));
-    let filtered = trellis(&server, &["list", "--property", "team=blue"]);
+    let filtered = trellis(&server, &["list", "-q", "--property", "team=blue"]);
     assert_eq!(text(&filtered.stdout), "");
 
     let missing = server.unique_handle("missing");
@@ -99,7 +99,7 @@ fn cli_exit_codes_and_errors() {
 
     let with_rm = trellis(&server, &["run", "--rm", "--", "true"]);
     assert_eq!(with_rm.status.code(), Some(0), "stderr: {}", text(&with_rm.stderr));
-    let list = trellis(&server, &["list"]);
+    let list = trellis(&server, &["list", "-q"]);
     assert_eq!(text(&list.stdout), format!("{handle}\n"), "run --rm left its container");
 
     let destroy = trellis(&server, &["destroy", &handle]);

@@ -79,6 +79,20 @@ fn oom_kill_is_reported_in_info() {
     let events = wait_for_events(&server, &handle, &["Out of memory", "Out of memory"], Duration::from_secs(1));
     assert_eq!(events, Some(vec!["Out of memory".to_string(), "Out of memory".to_string()]));
     assert_eq!(server.block_on(server.client.info(&handle)).unwrap().state, "active");
+    let (status, metrics) = server.debug_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.lines().any(|line| line == "trellis_oom_events_total 2"),
+        "the operator's counter has both kills:\n{metrics}"
+    );
+    let (status, actors) = server.debug_get("/debug/actors");
+    assert_eq!(status, 200);
+    let actors: serde_json::Value = serde_json::from_str(&actors).expect("the actor snapshot is JSON");
+    let watcher = actors["oom_watchers"]
+        .as_array()
+        .and_then(|watchers| watchers.iter().find(|watcher| watcher["handle"] == handle.as_str()))
+        .unwrap_or_else(|| panic!("no watcher for {handle} in {actors}"));
+    assert_eq!(watcher["kills_recorded"], 2, "{watcher}");
 
     let log = server.log_text();
     let logged = log.lines().find(|line| line.contains("out of memory") && line.contains(&handle));

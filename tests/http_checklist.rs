@@ -383,7 +383,7 @@ fn unprivileged_create_gets_id_mapping() {
     assert!(calls.iter().any(|call| call == "create unpriv grace_time=0 privileged=false mapped_root=Some(4294967294)"), "{calls:?}");
     assert!(calls.iter().any(|call| call == "create priv grace_time=0 privileged=true mapped_root=None"), "{calls:?}");
     let snapshot = harness.introspect();
-    assert_eq!(snapshot["uid_pool"]["holders"], 1, "{snapshot}");
+    assert_eq!(snapshot["pools"]["uid"]["holders"], 1, "{snapshot}");
     harness.request("DELETE", "/containers/unpriv", None);
-    assert_eq!(harness.introspect()["uid_pool"]["holders"], 0);
+    assert_eq!(harness.introspect()["pools"]["uid"]["holders"], 0);
 }

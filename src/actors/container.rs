@@ -17,6 +17,7 @@ use slog::{debug, info, o, warn, Logger};
 
 use super::oom::{OomKilled, OomWatcher};
 use super::process::{Process, ProcessStart};
+use super::stats::{measure_mailbox, MailboxStats};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{
     BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, ProcessSpec,
@@ -97,6 +98,9 @@ pub struct Container {
     oom_kills: u64,
     /// Dropped with the actor, which stops the watch.
     oom_watcher: Option<Addr<OomWatcher>>,
+    /// The server-wide count of OOM kills, shown in the operator's metrics.
+    oom_counter: Option<Arc<std::sync::atomic::AtomicU64>>,
+    mailbox: MailboxStats,
 }
 
 /// The event Garden records for each out-of-memory kill; clients compare
@@ -146,6 +150,8 @@ impl Container {
             events: Vec::new(),
             oom_kills: 0,
             oom_watcher: None,
+            oom_counter: None,
+            mailbox: MailboxStats::default(),
         }
     }
 
@@ -153,6 +159,12 @@ impl Container {
     /// container restored from its state file had recorded. Its watch then
     /// records only the kills beyond that count, including those made while
     /// no server watched.
+    /// Adds this container's out-of-memory kills to `counter` as well.
+    pub fn with_oom_counter(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Container {
+        self.oom_counter = Some(counter);
+        self
+    }
+
     pub fn with_oom_record(mut self, events: Vec<String>, oom_kills: u64) -> Container {
         self.events = events;
         self.oom_kills = oom_kills;
@@ -244,6 +256,9 @@ impl Handler<OomKilled> for Container {
         for _ in 0..message.kills {
             self.events.push(OUT_OF_MEMORY_EVENT.to_string());
         }
+        if let Some(counter) = &self.oom_counter {
+            counter.fetch_add(message.kills, std::sync::atomic::Ordering::Relaxed);
+        }
         self.oom_kills = message.total;
         AtomicResponse::new(Box::pin(self.persist().into_actor(self).map(|result, container, _| {
             if let Err(error) = result {
@@ -278,6 +293,7 @@ impl Handler<GetInfo> for Container {
     type Result = Result<ContainerInfo, ContainerError>;
 
     fn handle(&mut self, _message: GetInfo, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         Ok(self.info())
     }
 }
@@ -291,6 +307,7 @@ impl Handler<GetProperties> for Container {
     type Result = Result<Properties, ContainerError>;
 
     fn handle(&mut self, _message: GetProperties, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         Ok(self.properties.clone())
     }
 }
@@ -306,6 +323,7 @@ impl Handler<GetProperty> for Container {
     type Result = Result<String, ContainerError>;
 
     fn handle(&mut self, message: GetProperty, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         self.properties
             .get(&message.key)
             .cloned()
@@ -325,6 +343,7 @@ impl Handler<SetProperty> for Container {
     type Result = AtomicResponse<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: SetProperty, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if let Err(error) = self.check_not_destroying() {
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
@@ -354,6 +373,7 @@ impl Handler<RemoveProperty> for Container {
     type Result = AtomicResponse<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: RemoveProperty, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if let Err(error) = self.check_not_destroying() {
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
@@ -382,6 +402,7 @@ impl Handler<SetGraceTime> for Container {
     type Result = AtomicResponse<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: SetGraceTime, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if let Err(error) = self.check_not_destroying() {
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
@@ -418,6 +439,7 @@ impl Handler<StopContainer> for Container {
     type Result = ResponseActFuture<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: StopContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if !self.state.can_stop() {
             return Box::pin(fut::ready(Err(ContainerError::AlreadyDestroying { handle: self.handle.clone() })));
         }
@@ -454,6 +476,7 @@ impl Handler<DestroyContainer> for Container {
     type Result = ResponseActFuture<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, _message: DestroyContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if !self.state.can_destroy() {
             return Box::pin(fut::ready(Err(ContainerError::AlreadyDestroying { handle: self.handle.clone() })));
         }
@@ -490,6 +513,7 @@ impl Handler<GetRuntime> for Container {
     type Result = Result<Arc<dyn ContainerRuntime>, ContainerError>;
 
     fn handle(&mut self, _message: GetRuntime, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         self.check_not_destroying()?;
         Ok(self.runtime.clone())
     }
@@ -506,6 +530,7 @@ impl Handler<RunProcess> for Container {
     type Result = ResponseActFuture<Self, Result<Addr<Process>, ContainerError>>;
 
     fn handle(&mut self, message: RunProcess, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         match self.state {
             ContainerState::Active => {}
             ContainerState::Stopped => {
@@ -565,6 +590,7 @@ impl Handler<FindProcess> for Container {
     type Result = Result<Addr<Process>, ContainerError>;
 
     fn handle(&mut self, message: FindProcess, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         match self.processes.get(&message.process_id) {
             Some(ProcessSlot::Running(addr)) => Ok(addr.clone()),
             _ => Err(ContainerError::ProcessNotFound { process_id: message.process_id }),
@@ -586,6 +612,7 @@ impl Handler<ForgetProcess> for Container {
     type Result = ();
 
     fn handle(&mut self, message: ForgetProcess, ctx: &mut Context<Self>) {
+        self.mailbox.count();
         if !matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(_))) {
             return;
         }
@@ -615,6 +642,7 @@ impl Handler<PersistState> for Container {
     type Result = AtomicResponse<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, _message: PersistState, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         AtomicResponse::new(Box::pin(self.persist().into_actor(self)))
     }
 }
@@ -622,7 +650,9 @@ impl Handler<PersistState> for Container {
 impl Handler<Introspect> for Container {
     type Result = ResponseFuture<serde_json::Value>;
 
-    fn handle(&mut self, _message: Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _message: Introspect, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        let mailbox = measure_mailbox(self, ctx);
         let processes: Vec<(String, Option<Addr<Process>>)> = self
             .processes
             .iter()
@@ -636,10 +666,19 @@ impl Handler<Introspect> for Container {
             "state": self.state,
             "grace_time_ns": self.grace_time,
             "properties": self.properties,
+            "properties_count": self.properties.len(),
+            "limits": self.spec.limits,
+            "network": self.spec.network,
             "container_path": self.dir,
             "runtime": self.runtime.describe(),
+            "oom_kills": self.oom_kills,
         });
+        let oom_watcher = self.oom_watcher.clone();
         Box::pin(async move {
+            snapshot["oom_watcher"] = match oom_watcher {
+                Some(watcher) => watcher.send(Introspect).await.unwrap_or(serde_json::Value::Null),
+                None => serde_json::Value::Null,
+            };
             let mut list = Vec::new();
             for (id, addr) in processes {
                 let value = match addr {
@@ -649,10 +688,13 @@ impl Handler<Introspect> for Container {
                 list.push(value);
             }
             snapshot["processes"] = serde_json::Value::Array(list);
+            snapshot["mailbox"] = mailbox.await;
             snapshot
         })
     }
 }
+
+crate::impl_mailbox_probe!(Container, mailbox);
 
 /// One limit kind, as the 2015 `PUT .../limits/<kind>` routes carry it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -710,6 +752,7 @@ impl Handler<GetLimits> for Container {
     type Result = Result<Limits, ContainerError>;
 
     fn handle(&mut self, _message: GetLimits, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         Ok(self.runtime.reported_limits(&self.spec.limits))
     }
 }
@@ -726,6 +769,7 @@ impl Handler<UpdateLimits> for Container {
     type Result = AtomicResponse<Self, Result<Limits, ContainerError>>;
 
     fn handle(&mut self, message: UpdateLimits, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if let Err(error) = self.check_not_destroying() {
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
@@ -759,6 +803,7 @@ impl Handler<GetMetrics> for Container {
     type Result = ResponseFuture<Result<Metrics, ContainerError>>;
 
     fn handle(&mut self, _message: GetMetrics, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let runtime = self.runtime.clone();
         let age = self.created_at.elapsed().unwrap_or_default();
         Box::pin(async move { blocking(move || runtime.metrics(age)).await })

@@ -16,6 +16,7 @@ pub mod oom;
 pub mod process;
 pub mod reaper;
 pub mod registry;
+pub mod stats;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -16,6 +16,8 @@ use std::thread;
 use actix::prelude::*;
 use slog::{debug, o, warn, Logger};
 
+use super::stats::{measure_mailbox, MailboxStats};
+use super::Introspect;
 use crate::runtime::{OomWait, OomWatch};
 
 /// Sent to the container's actor for every rise of the kill count.
@@ -39,7 +41,9 @@ pub enum OomWatcherError {
 
 /// Watches one container's out-of-memory kills.
 pub struct OomWatcher {
+    handle: String,
     logger: Logger,
+    mailbox: MailboxStats,
     /// Receives every kill; the container's actor.
     recipient: Recipient<OomKilled>,
     /// The kill count already recorded, so a count read again after a
@@ -67,7 +71,15 @@ impl OomWatcher {
         }
         // SAFETY: `raw` is a fresh fd with no other owner.
         let stop = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-        Ok(OomWatcher { logger: logger.new(o!("handle" => handle.to_string())), recipient, recorded, stop, watch: Some(watch) })
+        Ok(OomWatcher {
+            handle: handle.to_string(),
+            logger: logger.new(o!("handle" => handle.to_string())),
+            mailbox: MailboxStats::default(),
+            recipient,
+            recorded,
+            stop,
+            watch: Some(watch),
+        })
     }
 
     fn record(&mut self, total: u64) {
@@ -130,9 +142,26 @@ impl Handler<CountRose> for OomWatcher {
     type Result = ();
 
     fn handle(&mut self, message: CountRose, _ctx: &mut Context<Self>) {
+        self.mailbox.count();
         self.record(message.0);
     }
 }
+
+impl Handler<Introspect> for OomWatcher {
+    type Result = ResponseFuture<serde_json::Value>;
+
+    fn handle(&mut self, _message: Introspect, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        let mailbox = measure_mailbox(self, ctx);
+        let mut snapshot = serde_json::json!({ "handle": self.handle, "kills_recorded": self.recorded });
+        Box::pin(async move {
+            snapshot["mailbox"] = mailbox.await;
+            snapshot
+        })
+    }
+}
+
+crate::impl_mailbox_probe!(OomWatcher, mailbox);
 
 #[cfg(test)]
 mod tests {

@@ -35,6 +35,7 @@ use slog::{debug, info, o, warn, Logger};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::stats::{measure_mailbox, MailboxStats};
 use super::{Introspect, StreamTable};
 use crate::runtime::stdio::{ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD};
 
@@ -214,6 +215,7 @@ pub struct Process {
     /// Lets the shim reader start. Reading waits for the first stream, the
     /// Run's own, so that its reserved readers exist before any output.
     start_reading: Option<oneshot::Sender<()>>,
+    mailbox: MailboxStats,
 }
 
 /// Everything the process actor needs at start.
@@ -248,6 +250,7 @@ impl Process {
             streams: HashMap::new(),
             stream_table: start.stream_table,
             start_reading: Some(start_reading),
+            mailbox: MailboxStats::default(),
         };
         let addr = process.start();
         actix_rt::spawn(write_shim_frames(start.writer, shim_receiver, logger.clone()));
@@ -371,6 +374,7 @@ impl Handler<OpenStream> for Process {
     type Result = MessageResult<OpenStream>;
 
     fn handle(&mut self, message: OpenStream, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let (liveness_sender, liveness) = mpsc::channel(1);
         let finished = self.exit.borrow().is_some();
         let expected = [OutputKind::Stdout, OutputKind::Stderr].map(|kind| self.reserve_reader(&message.stream_id, kind));
@@ -413,6 +417,7 @@ impl Handler<CloseStream> for Process {
     type Result = ();
 
     fn handle(&mut self, message: CloseStream, ctx: &mut Context<Self>) {
+        self.mailbox.count();
         self.finish_stream(&message.stream_id, true, ctx);
     }
 }
@@ -437,6 +442,7 @@ impl Handler<AttachOutput> for Process {
     type Result = MessageResult<AttachOutput>;
 
     fn handle(&mut self, message: AttachOutput, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let Some(record) = self.streams.get_mut(&message.stream_id) else {
             return MessageResult(None);
         };
@@ -479,6 +485,7 @@ impl Handler<ShimOutput> for Process {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, message: ShimOutput, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let kind = message.kind;
         let output = &mut self.outputs[kind.index()];
         output.readers.retain(|reader| !reader.sender.is_closed());
@@ -522,6 +529,7 @@ impl Handler<ShimExited> for Process {
     type Result = ();
 
     fn handle(&mut self, message: ShimExited, ctx: &mut Context<Self>) {
+        self.mailbox.count();
         match &message.outcome {
             ExitOutcome::Status(status) => info!(self.logger, "process exited"; "exit_status" => status),
             ExitOutcome::Error(error) => warn!(self.logger, "process wait failed"; "error" => error),
@@ -554,14 +562,17 @@ impl Handler<GetExit> for Process {
     type Result = MessageResult<GetExit>;
 
     fn handle(&mut self, _message: GetExit, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         MessageResult(self.exit.borrow().clone())
     }
 }
 
 impl Handler<Introspect> for Process {
-    type Result = MessageResult<Introspect>;
+    type Result = ResponseFuture<serde_json::Value>;
 
-    fn handle(&mut self, _message: Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _message: Introspect, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        let mailbox = measure_mailbox(self, ctx);
         let exit = match &*self.exit.borrow() {
             None => serde_json::Value::Null,
             Some(ExitOutcome::Status(status)) => serde_json::json!({ "exit_status": status }),
@@ -584,16 +595,22 @@ impl Handler<Introspect> for Process {
             .iter()
             .map(|(id, record)| serde_json::json!({ "stream_id": id, "finished": record.finished }))
             .collect();
-        MessageResult(serde_json::json!({
+        let mut snapshot = serde_json::json!({
             "process_id": self.process_id,
             "pid": self.pid,
             "tty": self.tty,
             "exit": exit,
             "outputs": outputs,
             "streams": streams,
-        }))
+        });
+        Box::pin(async move {
+            snapshot["mailbox"] = mailbox.await;
+            snapshot
+        })
     }
 }
+
+crate::impl_mailbox_probe!(Process, mailbox);
 
 /// Reads frames from the shim and hands them to the actor one at a time.
 async fn read_shim_frames(

@@ -8,18 +8,21 @@
 //! destroy would be. An API destroy defuses the record.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 use slog::{info, warn, Logger};
 
 use super::registry::DestroyByHandle;
+use super::stats::{measure_mailbox, MailboxStats};
 use super::{ContainerError, Introspect};
 
 struct Record {
     grace_time: i64,
     in_flight: u64,
     timer: Option<SpawnHandle>,
+    /// When the running timer fires; meaningful only while `timer` is set.
+    deadline: Option<SystemTime>,
 }
 
 /// The reaper actor.
@@ -27,11 +30,12 @@ pub struct Reaper {
     records: HashMap<String, Record>,
     destroyer: Option<Recipient<DestroyByHandle>>,
     logger: Logger,
+    mailbox: MailboxStats,
 }
 
 impl Reaper {
     pub fn new(logger: Logger) -> Reaper {
-        Reaper { records: HashMap::new(), destroyer: None, logger }
+        Reaper { records: HashMap::new(), destroyer: None, logger, mailbox: MailboxStats::default() }
     }
 
     fn arm(&mut self, handle: &str, ctx: &mut Context<Self>) {
@@ -48,6 +52,7 @@ impl Reaper {
         let delay = Duration::from_nanos(u64::try_from(record.grace_time).unwrap_or(0));
         let key = handle.to_string();
         record.timer = Some(ctx.run_later(delay, move |reaper, ctx| reaper.expire(key, ctx)));
+        record.deadline = Some(SystemTime::now() + delay);
     }
 
     fn expire(&mut self, handle: String, ctx: &mut Context<Self>) {
@@ -92,6 +97,7 @@ impl Handler<SetDestroyer> for Reaper {
     type Result = ();
 
     fn handle(&mut self, message: SetDestroyer, _ctx: &mut Context<Self>) {
+        self.mailbox.count();
         self.destroyer = Some(message.0);
     }
 }
@@ -108,7 +114,8 @@ impl Handler<Strap> for Reaper {
     type Result = ();
 
     fn handle(&mut self, message: Strap, ctx: &mut Context<Self>) {
-        let record = Record { grace_time: message.grace_time, in_flight: 0, timer: None };
+        self.mailbox.count();
+        let record = Record { grace_time: message.grace_time, in_flight: 0, timer: None, deadline: None };
         // A timer left from an earlier record of the handle must not reap
         // the new container.
         if let Some(Record { timer: Some(timer), .. }) = self.records.insert(message.handle.clone(), record) {
@@ -129,6 +136,7 @@ impl Handler<Pause> for Reaper {
     type Result = ();
 
     fn handle(&mut self, message: Pause, ctx: &mut Context<Self>) {
+        self.mailbox.count();
         if let Some(record) = self.records.get_mut(&message.handle) {
             record.in_flight += 1;
             if let Some(timer) = record.timer.take() {
@@ -150,6 +158,7 @@ impl Handler<Unpause> for Reaper {
     type Result = ();
 
     fn handle(&mut self, message: Unpause, ctx: &mut Context<Self>) {
+        self.mailbox.count();
         let Some(record) = self.records.get_mut(&message.handle) else {
             return;
         };
@@ -173,6 +182,7 @@ impl Handler<Reset> for Reaper {
     type Result = ();
 
     fn handle(&mut self, message: Reset, ctx: &mut Context<Self>) {
+        self.mailbox.count();
         let Some(record) = self.records.get_mut(&message.handle) else {
             return;
         };
@@ -189,6 +199,8 @@ impl Handler<Reset> for Reaper {
             let delay = Duration::from_nanos(u64::try_from(message.grace_time).unwrap_or(0));
             let key = message.handle.clone();
             record.timer = Some(ctx.run_later(delay, move |reaper, ctx| reaper.expire(key, ctx)));
+            record.deadline = Some(SystemTime::now() + delay);
+        record.deadline = Some(SystemTime::now() + delay);
         }
     }
 }
@@ -204,6 +216,7 @@ impl Handler<Defuse> for Reaper {
     type Result = ();
 
     fn handle(&mut self, message: Defuse, ctx: &mut Context<Self>) {
+        self.mailbox.count();
         if let Some(record) = self.records.remove(&message.handle) {
             if let Some(timer) = record.timer {
                 ctx.cancel_future(timer);
@@ -213,9 +226,11 @@ impl Handler<Defuse> for Reaper {
 }
 
 impl Handler<Introspect> for Reaper {
-    type Result = MessageResult<Introspect>;
+    type Result = ResponseFuture<serde_json::Value>;
 
-    fn handle(&mut self, _message: Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _message: Introspect, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        let mailbox = measure_mailbox(self, ctx);
         let records: Vec<_> = self
             .records
             .iter()
@@ -225,12 +240,20 @@ impl Handler<Introspect> for Reaper {
                     "grace_time_ns": record.grace_time,
                     "in_flight": record.in_flight,
                     "timer_running": record.timer.is_some(),
+                    "deadline_unix_ms": record.timer.and(record.deadline).map(unix_millis),
                 })
             })
             .collect();
-        MessageResult(serde_json::json!({ "records": records }))
+        Box::pin(async move { serde_json::json!({ "records": records, "mailbox": mailbox.await }) })
     }
 }
+
+/// Milliseconds since the Unix epoch, for the introspection snapshot.
+fn unix_millis(time: SystemTime) -> u128 {
+    time.duration_since(SystemTime::UNIX_EPOCH).map(|elapsed| elapsed.as_millis()).unwrap_or(0)
+}
+
+crate::impl_mailbox_probe!(Reaper, mailbox);
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,7 @@ use slog::{info, warn, Logger};
 
 use super::container::{self, blocking, Container, DestroyContainer, GetProperties, PersistState};
 use super::reaper::{Defuse, Reaper, Strap};
+use super::stats::{measure_mailbox, MailboxStats};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::ContainerSpec;
 use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
@@ -32,6 +33,9 @@ pub struct RegistrySettings {
     /// Maximum number of containers, creates in progress included; zero
     /// means no limit.
     pub max_containers: u64,
+    /// Counts out-of-memory kills across all containers, for the
+    /// operator's metrics.
+    pub oom_events: Arc<std::sync::atomic::AtomicU64>,
 }
 
 enum Entry {
@@ -49,6 +53,7 @@ pub struct Registry {
     settings: RegistrySettings,
     stream_table: StreamTable,
     logger: Logger,
+    mailbox: MailboxStats,
 }
 
 impl Registry {
@@ -60,7 +65,16 @@ impl Registry {
         stream_table: StreamTable,
         logger: Logger,
     ) -> Registry {
-        Registry { entries: BTreeMap::new(), runtime, uid_pool, reaper, settings, stream_table, logger }
+        Registry {
+            entries: BTreeMap::new(),
+            runtime,
+            uid_pool,
+            reaper,
+            settings,
+            stream_table,
+            logger,
+            mailbox: MailboxStats::default(),
+        }
     }
 }
 
@@ -96,6 +110,7 @@ impl Handler<CreateContainer> for Registry {
     type Result = ResponseActFuture<Self, Result<String, ContainerError>>;
 
     fn handle(&mut self, message: CreateContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let mut spec = message.spec;
         if spec.grace_time == 0 {
             spec.grace_time = i64::try_from(self.settings.default_grace_time.as_nanos()).unwrap_or(i64::MAX);
@@ -126,6 +141,7 @@ impl Handler<CreateContainer> for Registry {
         let uid_pool = self.uid_pool.clone();
         let container_dir = self.settings.depot.join(&handle);
         let stream_table = self.stream_table.clone();
+        let oom_events = self.settings.oom_events.clone();
         let logger = self.logger.clone();
         let privileged = spec.privileged;
         let grace_time = spec.grace_time;
@@ -151,7 +167,8 @@ impl Handler<CreateContainer> for Registry {
                     return Err(error);
                 }
             };
-            let container = Container::new(spec.handle.clone(), spec, container_runtime.clone(), container_dir, stream_table, &logger);
+            let container = Container::new(spec.handle.clone(), spec, container_runtime.clone(), container_dir, stream_table, &logger)
+                .with_oom_counter(oom_events);
             let addr = container.start();
             let persisted = addr
                 .send(PersistState)
@@ -218,6 +235,7 @@ impl Handler<LookupContainer> for Registry {
     type Result = Result<Addr<Container>, ContainerError>;
 
     fn handle(&mut self, message: LookupContainer, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         match self.entries.get(&message.handle) {
             Some(Entry::Ready { addr, .. } | Entry::Destroying { addr, .. }) => Ok(addr.clone()),
             Some(Entry::Creating) | None => Err(ContainerError::NotFound { handle: message.handle }),
@@ -236,6 +254,7 @@ impl Handler<ListContainers> for Registry {
     type Result = ResponseFuture<Vec<String>>;
 
     fn handle(&mut self, message: ListContainers, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         // `garden.state=all` asks to include containers still being created;
         // those have no properties here yet, so the pair only stops filtering.
         let filters: Vec<(String, String)> = message
@@ -281,6 +300,7 @@ impl Handler<DestroyByHandle> for Registry {
     type Result = ResponseActFuture<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: DestroyByHandle, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let handle = message.handle;
         let (addr, privileged) = match self.entries.remove(&handle) {
             None => return Box::pin(fut::ready(Err(ContainerError::NotFound { handle }))),
@@ -331,6 +351,7 @@ impl Handler<CountContainers> for Registry {
     type Result = usize;
 
     fn handle(&mut self, _message: CountContainers, _ctx: &mut Context<Self>) -> usize {
+        self.mailbox.count();
         self.entries.len()
     }
 }
@@ -338,7 +359,9 @@ impl Handler<CountContainers> for Registry {
 impl Handler<Introspect> for Registry {
     type Result = ResponseFuture<serde_json::Value>;
 
-    fn handle(&mut self, _message: Introspect, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _message: Introspect, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        let mailbox = measure_mailbox(self, ctx);
         let entries: Vec<(String, &'static str, Option<Addr<Container>>)> = self
             .entries
             .iter()
@@ -357,10 +380,12 @@ impl Handler<Introspect> for Registry {
                 };
                 containers.push(serde_json::json!({ "handle": handle, "entry": entry_state, "container": detail }));
             }
-            serde_json::json!({ "containers": containers })
+            serde_json::json!({ "count": containers.len(), "containers": containers, "mailbox": mailbox.await })
         })
     }
 }
+
+crate::impl_mailbox_probe!(Registry, mailbox);
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::api::{ContainerSpec, ImageRef, ProcessSpec, Properties, TtySpec, WindowSize};
+use crate::api::{ContainerSpec, ImageRef, ProcessSpec, TtySpec, WindowSize};
+use super::output::OutputArgs;
+use super::{commands, files};
 use crate::client::{Client, ClientError, ProcessController, ProcessIo, Signal, Target};
 
 /// Exit code of `run` and `attach` when the request itself fails, as
@@ -34,21 +36,86 @@ pub enum ClientCommand {
     },
     /// Create a container and print its handle.
     Create(Box<CreateArgs>),
-    /// List container handles, one per line.
+    /// Print the server's memory, disk and container capacity.
+    Capacity {
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// List containers with their state, address and process count.
     List {
         /// Only list containers with this property, as KEY=VALUE; repeat to
         /// require several (all must match).
         #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         properties: Vec<(String, String)>,
+        /// Print only the handles, one per line (for scripts).
+        #[arg(long, short = 'q', conflicts_with = "json")]
+        quiet: bool,
+        #[command(flatten)]
+        output: OutputArgs,
         #[command(flatten)]
         target: TargetArgs,
     },
-    /// Print a container's info as JSON.
+    /// Print a container's state, addresses, processes and properties.
     Info {
         handle: String,
         #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
         target: TargetArgs,
     },
+    /// Print the info of several containers in one request.
+    BulkInfo {
+        #[arg(required = true)]
+        handles: Vec<String>,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Print memory, CPU time and disk usage of one or more containers.
+    Metrics {
+        #[arg(required = true)]
+        handles: Vec<String>,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Print a container's limits, after setting those given as options.
+    Limits(Box<commands::LimitsArgs>),
+    /// Set a container's grace time: the idle time after which the server
+    /// destroys it.
+    GraceTime {
+        handle: String,
+        /// A duration such as 30s, 5m or 1h30m (units ns, us, ms, s, m, h);
+        /// 0 means never.
+        #[arg(value_parser = parse_duration)]
+        grace_time: Duration,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Forward a host port to a port of the container.
+    NetIn {
+        handle: String,
+        /// Host port; 0 lets the server pick one from its pool.
+        #[arg(long, default_value_t = 0)]
+        host_port: u32,
+        /// Container port; 0 means the same as the host port.
+        #[arg(long, default_value_t = 0)]
+        container_port: u32,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Allow outbound traffic from the container.
+    NetOut(Box<commands::NetOutArgs>),
+    /// Copy a local file or directory (or a tar archive) into a container.
+    StreamIn(Box<files::StreamInArgs>),
+    /// Copy a file or directory out of a container.
+    StreamOut(Box<files::StreamOutArgs>),
     /// Run a command in a container, streaming stdin, stdout and stderr,
     /// and exit with the command's exit code.
     ///
@@ -236,12 +303,28 @@ async fn dispatch(command: ClientCommand) -> ExitCode {
         } => return attach_command(&target, &handle, &process_id, stdin).await,
         ClientCommand::Ping { target } => ping(&target).await,
         ClientCommand::Create(args) => create_command(*args).await,
-        ClientCommand::List { properties, target } => list(&target, properties).await,
-        ClientCommand::Info { handle, target } => info(&target, &handle).await,
+        ClientCommand::Capacity { output, target } => commands::capacity(&target, output).await,
+        ClientCommand::List { properties, quiet, output, target } => commands::list(&target, properties, quiet, output).await,
+        ClientCommand::Info { handle, output, target } => commands::info(&target, &handle, output).await,
+        ClientCommand::BulkInfo { handles, output, target } => commands::bulk_info(&target, &handles, output).await,
+        ClientCommand::Metrics { handles, output, target } => commands::metrics(&target, &handles, output).await,
+        ClientCommand::Limits(args) => commands::limits(*args).await,
+        ClientCommand::GraceTime { handle, grace_time, target } => commands::grace_time(&target, &handle, grace_time).await,
+        ClientCommand::NetIn { handle, host_port, container_port, output, target } => {
+            commands::net_in(&target, &handle, host_port, container_port, output).await
+        }
+        ClientCommand::NetOut(args) => commands::net_out(*args).await,
+        ClientCommand::StreamIn(args) => return exit_code(files::stream_in(*args).await),
+        ClientCommand::StreamOut(args) => return exit_code(files::stream_out(*args).await),
         ClientCommand::Stop { handle, kill, target } => stop(&target, &handle, kill).await,
         ClientCommand::Destroy { handles, target } => destroy(&target, &handles).await,
         ClientCommand::Properties { command, target } => properties(&target, command).await,
     };
+    exit_code(result)
+}
+
+/// Prints the error, if any, and returns the exit code: 0 or 1.
+fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -251,7 +334,7 @@ async fn dispatch(command: ClientCommand) -> ExitCode {
     }
 }
 
-fn connect(args: &TargetArgs) -> Result<Client, ClientError> {
+pub(super) fn connect(args: &TargetArgs) -> Result<Client, ClientError> {
     Ok(Client::new(args.target.parse::<Target>()?))
 }
 
@@ -284,20 +367,6 @@ fn container_spec(args: &ContainerArgs) -> ContainerSpec {
             .map_or(0, |duration| i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)),
         ..ContainerSpec::default()
     }
-}
-
-async fn list(target: &TargetArgs, filter: Vec<(String, String)>) -> Result<(), ClientError> {
-    let filter: Properties = filter.into_iter().collect();
-    for handle in connect(target)?.list(&filter).await? {
-        println!("{handle}");
-    }
-    Ok(())
-}
-
-async fn info(target: &TargetArgs, handle: &str) -> Result<(), ClientError> {
-    let info = connect(target)?.info(handle).await?;
-    println!("{}", serde_json::to_string_pretty(&info).expect("container info serialises"));
-    Ok(())
 }
 
 async fn stop(target: &TargetArgs, handle: &str, kill: bool) -> Result<(), ClientError> {

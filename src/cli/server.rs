@@ -13,6 +13,7 @@ use slog::{error, info, o, Drain, Logger};
 
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::http::Server;
+use crate::logging::{LevelSwitch, SwitchFilter};
 use crate::runtime::Runtime;
 
 /// Options of `trellis server`. Each flag overrides the key of the same
@@ -22,40 +23,52 @@ pub struct ServerArgs {
     /// Configuration file (TOML); without it the defaults apply.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Print the effective configuration (file, then flags, over the
+    /// defaults) as TOML and exit without starting the server.
+    #[arg(long)]
+    pub print_config: bool,
     /// IP address of the TCP listener (default 127.0.0.1).
     #[arg(long, value_name = "IP")]
     pub bind_ip: Option<String>,
-    /// Port of the TCP listener (default 7777).
+    /// TCP port of the Garden API (default 7777; 0 picks a free port).
     #[arg(long, value_name = "PORT")]
     pub bind_port: Option<String>,
-    /// Unix socket to listen on instead of TCP; a stale socket file is replaced.
+    /// Unix socket to listen on instead of TCP; a stale socket file is
+    /// replaced (default: unset, TCP).
     #[arg(long, value_name = "PATH")]
     pub bind_socket: Option<String>,
-    /// Directory holding one state directory per container.
+    /// Directory with one state directory per container (default
+    /// /var/lib/trellis/depot).
     #[arg(long, value_name = "DIR")]
     pub depot: Option<String>,
-    /// Root filesystem of containers created without an image.
+    /// Root filesystem of containers created without an image (default
+    /// /var/lib/trellis/rootfs/busybox).
     #[arg(long, value_name = "DIR")]
     pub default_rootfs: Option<String>,
-    /// Grace time of containers created without one, such as 0, 30s or 5m (0 means never).
+    /// Idle time after which a container created without a grace time is
+    /// destroyed: a duration such as 0, 30s, 5m or 1h30m; a bare number is
+    /// seconds (default 0, never).
     #[arg(long, value_name = "DURATION")]
     pub default_grace_time: Option<String>,
-    /// Maximum number of containers (0 means only the network pool limits it).
+    /// Maximum number of containers, a count (default 0: only the network
+    /// pool limits it, one /30 block per container).
     #[arg(long, value_name = "COUNT")]
     pub max_containers: Option<String>,
     /// IP address of the debug listener (default 127.0.0.1).
     #[arg(long, value_name = "IP")]
     pub debug_bind_ip: Option<String>,
-    /// Port of the debug listener (default 17013).
+    /// TCP port of the debug listener (default 17013; 0 picks a free port).
     #[arg(long, value_name = "PORT")]
     pub debug_bind_port: Option<String>,
-    /// Minimum log level: trace, debug, info, warn, error or critical.
+    /// Minimum log level: trace, debug, info, warn, error or critical
+    /// (default info). `POST /log-level` on the debug listener changes it live.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
-    /// Log format: json (default) or human.
+    /// Log format on stderr: json (one object per line, default) or human.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// Short tag carried by every host object the server creates.
+    /// Short tag carried by every host object the server creates: 1 to 16
+    /// lowercase letters or digits (default trellis).
     #[arg(long, value_name = "TAG")]
     pub tag: Option<String>,
     /// IPv4 pool of container subnets, in CIDR form (default 10.254.0.0/22).
@@ -145,10 +158,10 @@ pub fn load_config(args: &ServerArgs) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-/// Builds the root logger. Records of the `log` crate (actix and other
-/// libraries) are routed into it through slog-stdlog; the returned guard
-/// keeps that routing installed.
-pub fn build_logger(config: &Config) -> (Logger, slog_scope::GlobalLoggerGuard) {
+/// Builds the root logger, filtered by the returned level switch. Records
+/// of the `log` crate (actix and other libraries) are routed into it
+/// through slog-stdlog; the returned guard keeps that routing installed.
+pub fn build_logger(config: &Config) -> (Logger, LevelSwitch, slog_scope::GlobalLoggerGuard) {
     let drain = match config.log_format {
         LogFormat::Json => {
             let json = slog_json::Json::new(std::io::stderr()).add_default_keys().build().fuse();
@@ -160,21 +173,15 @@ pub fn build_logger(config: &Config) -> (Logger, slog_scope::GlobalLoggerGuard) 
             slog_async::Async::new(term).build().fuse()
         }
     };
-    let drain = slog::LevelFilter::new(drain, config.log_level).fuse();
+    let switch = LevelSwitch::new(config.log_level);
+    let drain = SwitchFilter::new(drain, switch.clone()).fuse();
     let logger = Logger::root(drain, o!("service" => "trellis"));
     let guard = slog_scope::set_global_logger(logger.new(o!("source" => "log")));
-    let _ = slog_stdlog::init_with_level(log_level_of(config.log_level));
-    (logger, guard)
-}
-
-fn log_level_of(level: slog::Level) -> log::Level {
-    match level {
-        slog::Level::Critical | slog::Level::Error => log::Level::Error,
-        slog::Level::Warning => log::Level::Warn,
-        slog::Level::Info => log::Level::Info,
-        slog::Level::Debug => log::Level::Debug,
-        slog::Level::Trace => log::Level::Trace,
-    }
+    // Trace lets every record through to slog, and the switch sets the
+    // `log` crate's own maximum level.
+    let _ = slog_stdlog::init_with_level(log::Level::Trace);
+    switch.set(config.log_level);
+    (logger, switch, guard)
 }
 
 /// Constructs the runtime the server uses in production.
@@ -208,7 +215,11 @@ pub fn main(args: ServerArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (logger, _guard) = build_logger(&config);
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let (logger, level, _guard) = build_logger(&config);
     let runtime = match args.runtime.as_str() {
         "memory" => {
             slog::warn!(logger, "using the in-memory runtime; containers are not real");
@@ -224,14 +235,14 @@ pub fn main(args: ServerArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    run(config, runtime, logger)
+    run(config, runtime, logger, level)
 }
 
 /// Runs the server with `runtime` until SIGTERM or SIGINT.
-pub fn run(config: Config, runtime: Arc<dyn Runtime>, logger: Logger) -> ExitCode {
+pub fn run(config: Config, runtime: Arc<dyn Runtime>, logger: Logger, level: LevelSwitch) -> ExitCode {
     let system = actix_rt::System::new();
     system.block_on(async move {
-        let server = match Server::start(&config, runtime, logger.clone()) {
+        let server = match Server::start_with_level(&config, runtime, logger.clone(), level) {
             Ok(server) => server,
             Err(error) => {
                 error!(logger, "cannot start the API listener"; "error" => %error);

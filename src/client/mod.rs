@@ -225,6 +225,31 @@ impl Client {
             .await
     }
 
+    /// Sets a container's memory limit (the 2015 `PUT .../limits/memory`
+    /// route) and returns the limit in effect.
+    pub async fn set_memory_limits(&self, handle: &str, limits: &MemoryLimits) -> ClientResult<MemoryLimits> {
+        let body = Body::Json(api::encode(limits));
+        self.call("PUT", &container_path(handle, "/limits/memory"), body, "memory limits").await
+    }
+
+    /// Sets a container's CPU limits and returns the limits in effect.
+    pub async fn set_cpu_limits(&self, handle: &str, limits: &CpuLimits) -> ClientResult<CpuLimits> {
+        let body = Body::Json(api::encode(limits));
+        self.call("PUT", &container_path(handle, "/limits/cpu"), body, "CPU limits").await
+    }
+
+    /// Sets a container's disk limits and returns the limits in effect.
+    pub async fn set_disk_limits(&self, handle: &str, limits: &DiskLimits) -> ClientResult<DiskLimits> {
+        let body = Body::Json(api::encode(limits));
+        self.call("PUT", &container_path(handle, "/limits/disk"), body, "disk limits").await
+    }
+
+    /// Sets a container's bandwidth limits and returns the limits in effect.
+    pub async fn set_bandwidth_limits(&self, handle: &str, limits: &BandwidthLimits) -> ClientResult<BandwidthLimits> {
+        let body = Body::Json(api::encode(limits));
+        self.call("PUT", &container_path(handle, "/limits/bandwidth"), body, "bandwidth limits").await
+    }
+
     /// Returns a container's bandwidth limits.
     pub async fn bandwidth_limits(&self, handle: &str) -> ClientResult<BandwidthLimits> {
         self.call("GET", &container_path(handle, "/limits/bandwidth"), Body::None, "bandwidth limits")

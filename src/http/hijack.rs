@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::demux::{RequestHead, HEAD_TIMEOUT};
 use super::error::ApiError;
+use super::metrics::Operation;
 use super::router::{Route, RouteMatch};
 use super::routes::lookup;
 use super::{AppState, PauseGuard};
@@ -132,6 +133,7 @@ where
         Ok(opened) => opened,
         Err(error) => {
             let status = error.to_envelope().0;
+            state.metrics.record_request(found.route.name(), status, started.elapsed());
             let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
             if error.is_client_error() {
                 info!(logger, "failed"; "status" => status, "duration_ms" => duration_ms, "error" => %error);
@@ -143,7 +145,11 @@ where
         }
     };
     let logger = logger.new(o!("process_id" => stream.process_id.clone(), "stream_id" => stream.stream_id.clone()));
-    let status_line = if found.route == Route::Run { "201 Created" } else { "200 OK" };
+    let (status_line, status) = if found.route == Route::Run { ("201 Created", 201) } else { ("200 OK", 200) };
+    state.metrics.record_request(found.route.name(), status, started.elapsed());
+    if found.route == Route::Run {
+        state.metrics.record_operation(Operation::Run, started.elapsed());
+    }
     let process_id = stream.process_id.clone();
     let end = run_process_connection(io, buffer, process, stream, status_line, &state, &logger).await;
     if end == EXIT_SENT && state.cleanup_process_dirs_on_wait {
@@ -354,6 +360,8 @@ where
         Some(process) => process.send(AttachOutput { stream_id: stream_id.clone(), kind }).await.ok().flatten(),
         None => None,
     };
+    let route = if kind == OutputKind::Stdout { Route::Stdout } else { Route::Stderr };
+    state.metrics.record_request(route.name(), 200, started.elapsed());
     if io.write_all(output_head().as_bytes()).await.is_err() {
         return;
     }

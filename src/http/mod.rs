@@ -14,9 +14,12 @@ pub mod demux;
 pub mod error;
 pub mod files;
 pub mod hijack;
+pub mod metrics;
 pub mod router;
 pub mod routes;
+pub mod vars;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,13 +27,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{info, Logger};
+use slog::{info, o, Logger};
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::reaper::{Reaper, SetDestroyer};
 use crate::actors::registry::{Registry, RegistrySettings};
-use crate::actors::{StreamIds, StreamTable};
+use crate::actors::{Introspect, StreamIds, StreamTable};
 use crate::config::{Config, MAX_JSON_BODY_BYTES};
+use crate::logging::LevelSwitch;
 use crate::pools::uid::{IdRange, UidPool};
 use crate::runtime::Runtime;
 
@@ -52,6 +56,8 @@ pub struct AppState {
     pub logger: Logger,
     /// Cancelled when the server stops, which ends every hijacked connection.
     pub shutdown: CancellationToken,
+    /// Request counters and latencies, shown on the debug listener.
+    pub metrics: Arc<metrics::Metrics>,
     request_ids: AtomicU64,
 }
 
@@ -110,21 +116,37 @@ pub struct Server {
     shutdown: CancellationToken,
     addr: ListenAddr,
     registry: Addr<Registry>,
+    metrics: Arc<metrics::Metrics>,
     logger: Logger,
 }
 
 impl Server {
     /// Starts the actors and the API listener of `config` with `runtime`.
-    /// Must be called inside an actix system.
+    /// Must be called inside an actix system. The debug listener's
+    /// `/log-level` changes a switch that `logger` does not read; use
+    /// [`Server::start_with_level`] to connect them.
     pub fn start(config: &Config, runtime: Arc<dyn Runtime>, logger: Logger) -> std::io::Result<Server> {
+        Server::start_with_level(config, runtime, logger, LevelSwitch::new(config.log_level))
+    }
+
+    /// Starts the server like [`Server::start`], with `level` as the switch
+    /// that `/log-level` sets (the one `logger` filters with).
+    pub fn start_with_level(
+        config: &Config,
+        runtime: Arc<dyn Runtime>,
+        logger: Logger,
+        level: LevelSwitch,
+    ) -> std::io::Result<Server> {
         let uid_pool = UidPool::from_proc(
             IdRange { start: config.uid_map_start, length: config.uid_map_length },
             IdRange { start: config.gid_map_start, length: config.gid_map_length },
         )
         .start();
-        let debug_uid_pool = uid_pool.clone();
+        let mut debug_pools: BTreeMap<String, Recipient<Introspect>> = BTreeMap::new();
+        debug_pools.insert("uid".into(), uid_pool.clone().recipient());
         let stream_table = StreamTable::default();
         let reaper = Reaper::new(logger.clone()).start();
+        let metrics = metrics::Metrics::new();
         let registry = Registry::new(
             runtime.clone(),
             uid_pool,
@@ -135,6 +157,7 @@ impl Server {
                 // The smaller of the subnet pool's /30 blocks and the
                 // operator's limit: every container needs a subnet.
                 max_containers: config.effective_max_containers(),
+                oom_events: metrics.oom_events(),
             },
             stream_table.clone(),
             logger.clone(),
@@ -144,7 +167,15 @@ impl Server {
         let debug_listener = std::net::TcpListener::bind((config.debug_bind_ip, config.debug_bind_port))?;
         let (debug, debug_addr) = debug::start(
             debug_listener,
-            debug::DebugState { registry: registry.clone(), reaper: reaper.clone(), uid_pool: debug_uid_pool },
+            debug::DebugState {
+                registry: registry.clone(),
+                reaper: reaper.clone(),
+                pools: debug_pools,
+                metrics: metrics.clone(),
+                level,
+                depot: config.depot.clone(),
+                logger: logger.new(o!("listener" => "debug")),
+            },
         )?;
         let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {
@@ -158,6 +189,7 @@ impl Server {
             cleanup_process_dirs_on_wait: config.cleanup_process_dirs_on_wait,
             logger: logger.clone(),
             shutdown: shutdown.clone(),
+            metrics,
             request_ids: AtomicU64::new(0),
         });
 
@@ -184,7 +216,7 @@ impl Server {
         let handle = server.handle();
         actix_rt::spawn(server);
         info!(logger, "server listening"; "address" => %addr, "debug_address" => %debug_addr);
-        Ok(Server { handle, debug, debug_addr, shutdown, addr, registry, logger })
+        Ok(Server { handle, debug, debug_addr, shutdown, addr, registry, metrics: state.metrics.clone(), logger })
     }
 
     /// Returns the address the API listens on (with the real port when the
@@ -196,6 +228,13 @@ impl Server {
     /// Returns the address of the debug listener.
     pub fn debug_addr(&self) -> SocketAddr {
         self.debug_addr
+    }
+
+    /// Returns the server's counters, for components started next to it,
+    /// such as an out-of-memory watcher that adds to
+    /// [`metrics::Metrics::oom_events`].
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.metrics.clone()
     }
 
     pub fn registry(&self) -> &Addr<Registry> {

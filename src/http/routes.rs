@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use slog::{info, o, warn, Logger};
 
 use super::error::ApiError;
+use super::metrics::Operation;
 use super::router::{match_route, Route, RouteError, RouteMatch};
 use super::{AppState, PauseGuard};
 use crate::actors::container::{
@@ -49,8 +50,12 @@ pub fn error_response(error: &ApiError) -> HttpResponse {
 pub async fn dispatch(request: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
     let found = match match_route(request.method().as_str(), request.path()) {
         Ok(found) => found,
-        Err(RouteError::NotFound) => return plain_text(StatusCode::NOT_FOUND, "404 page not found\n"),
+        Err(RouteError::NotFound) => {
+            state.metrics.record_request(UNMATCHED_ROUTE, 404, std::time::Duration::ZERO);
+            return plain_text(StatusCode::NOT_FOUND, "404 page not found\n");
+        }
         Err(RouteError::MethodNotAllowed { allow }) => {
+            state.metrics.record_request(UNMATCHED_ROUTE, 405, std::time::Duration::ZERO);
             return HttpResponse::build(StatusCode::METHOD_NOT_ALLOWED)
                 .content_type("text/plain; charset=utf-8")
                 .insert_header(("Allow", allow.join(", ")))
@@ -62,6 +67,7 @@ pub async fn dispatch(request: HttpRequest, payload: web::Payload, state: web::D
     let started = Instant::now();
     info!(logger, "started");
     let result = serve(&request, payload, &state, &found, &logger).await;
+    record_metrics(&state, found.route, &result, started.elapsed());
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     match result {
         Ok(response) => {
@@ -77,6 +83,27 @@ pub async fn dispatch(request: HttpRequest, payload: web::Payload, state: web::D
             }
             response
         }
+    }
+}
+
+/// Route label of requests that match no Garden route, in the metrics.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// Counts the request, and the operation latency of a successful create
+/// or destroy.
+fn record_metrics(state: &AppState, route: Route, result: &Result<HttpResponse, ApiError>, duration: std::time::Duration) {
+    let status = match result {
+        Ok(response) => response.status().as_u16(),
+        Err(error) => error.to_envelope().0,
+    };
+    state.metrics.record_request(route.name(), status, duration);
+    let operation = match route {
+        Route::Create => Operation::Create,
+        Route::Destroy => Operation::Destroy,
+        _ => return,
+    };
+    if result.is_ok() {
+        state.metrics.record_operation(operation, duration);
     }
 }
 

@@ -77,6 +77,7 @@ pub fn compute_mappings(uid_map: &str, gid_map: &str, uids: IdRange, gids: IdRan
 pub struct UidPool {
     mappings: Result<IdMappings, String>,
     holders: u64,
+    mailbox: crate::actors::stats::MailboxStats,
 }
 
 impl UidPool {
@@ -86,11 +87,11 @@ impl UidPool {
         let mappings = read("/proc/self/uid_map")
             .and_then(|uid_map| Ok((uid_map, read("/proc/self/gid_map")?)))
             .and_then(|(uid_map, gid_map)| compute_mappings(&uid_map, &gid_map, uids, gids));
-        UidPool { mappings, holders: 0 }
+        UidPool { mappings, holders: 0, mailbox: Default::default() }
     }
 
     pub fn with_mappings(mappings: Result<IdMappings, String>) -> UidPool {
-        UidPool { mappings, holders: 0 }
+        UidPool { mappings, holders: 0, mailbox: Default::default() }
     }
 }
 
@@ -107,6 +108,7 @@ impl Handler<AcquireIdMappings> for UidPool {
     type Result = Result<IdMappings, String>;
 
     fn handle(&mut self, _message: AcquireIdMappings, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let mappings = self.mappings.clone()?;
         self.holders += 1;
         Ok(mappings)
@@ -122,20 +124,29 @@ impl Handler<ReleaseIdMappings> for UidPool {
     type Result = ();
 
     fn handle(&mut self, _message: ReleaseIdMappings, _ctx: &mut Context<Self>) {
+        self.mailbox.count();
         self.holders = self.holders.saturating_sub(1);
     }
 }
 
 impl Handler<crate::actors::Introspect> for UidPool {
-    type Result = MessageResult<crate::actors::Introspect>;
+    type Result = ResponseFuture<serde_json::Value>;
 
-    fn handle(&mut self, _message: crate::actors::Introspect, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(match &self.mappings {
+    fn handle(&mut self, _message: crate::actors::Introspect, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        let mailbox = crate::actors::stats::measure_mailbox(self, ctx);
+        let mut snapshot = match &self.mappings {
             Ok(mappings) => serde_json::json!({ "mappings": mappings, "holders": self.holders }),
             Err(error) => serde_json::json!({ "error": error, "holders": self.holders }),
+        };
+        Box::pin(async move {
+            snapshot["mailbox"] = mailbox.await;
+            snapshot
         })
     }
 }
+
+crate::impl_mailbox_probe!(UidPool, mailbox);
 
 #[cfg(test)]
 mod tests {

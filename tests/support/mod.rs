@@ -414,6 +414,35 @@ impl TestServer {
             .unwrap_or_else(|error| panic!("{}: running {path} {args:?} failed: {error}", self.test))
     }
 
+    /// Sends `GET path` to the server's debug listener (its default
+    /// address, inside the server's network namespace) and returns the
+    /// status and body.
+    pub fn debug_get(&self, path: &str) -> (u16, String) {
+        use std::io::Read;
+        let namespace_path = format!("/run/netns/{}", self.name);
+        let raw = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let namespace = fs::File::open(&namespace_path).expect("opening the server's network namespace");
+                    nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .expect("entering the server's network namespace");
+                    let mut stream =
+                        std::net::TcpStream::connect("127.0.0.1:17013").expect("connecting to the debug listener");
+                    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+                    let mut raw = Vec::new();
+                    stream.read_to_end(&mut raw).expect("reading the debug reply");
+                    raw
+                })
+                .join()
+                .expect("the debug request thread panicked")
+        });
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").expect("the debug reply has a head");
+        let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).expect("a status code");
+        (status, body.to_string())
+    }
+
     /// Returns the server's log so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_else(|error| format!("(cannot read {}: {error})", self.log.display()))

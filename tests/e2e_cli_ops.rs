@@ -1,0 +1,223 @@
+//! The `trellis` client commands for operators, through the real binary:
+//! tables and `--json`, limits, stream in and out of a directory with
+//! progress, help texts, `--print-config`, and clear errors for an
+//! unreachable server or a typo in the configuration.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use support::TestServer;
+
+/// Runs the `trellis` binary with `args`, aimed at `server`'s socket.
+fn trellis(server: &TestServer, args: &[&str]) -> Output {
+    trellis_at(&server.socket, args)
+}
+
+fn trellis_at(target: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .env("TRELLIS_TARGET", target)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|error| panic!("starting trellis {args:?} failed: {error}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `args` and returns stdout, failing the test with stderr when the
+/// command fails.
+fn success(server: &TestServer, args: &[&str]) -> String {
+    let output = trellis(server, args);
+    assert!(output.status.success(), "trellis {args:?} failed: {}", text(&output.stderr));
+    text(&output.stdout)
+}
+
+fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|error| panic!("not JSON ({error}): {stdout}"))
+}
+
+#[test]
+fn tables_and_json_output() {
+    let Some(server) = TestServer::start("tables_and_json_output") else { return };
+    let handle = server.unique_handle("table");
+    success(&server, &["create", &handle, "--property", "team=red"]);
+
+    let list = success(&server, &["list"]);
+    let mut lines = list.lines();
+    let header = lines.next().unwrap();
+    assert!(header.starts_with("HANDLE"), "{list}");
+    assert!(header.contains("STATE"), "{list}");
+    assert!(header.contains("PROCESSES"), "{list}");
+    let row = lines.next().expect("a row for the container");
+    assert!(row.starts_with(&handle), "{list}");
+    assert!(row.contains("active"), "{list}");
+    assert_eq!(lines.next(), None, "{list}");
+
+    let listed = json(&success(&server, &["list", "--json"]));
+    assert_eq!(listed[&handle]["Info"]["State"], "active", "{listed}");
+
+    let info = success(&server, &["info", &handle]);
+    assert!(info.lines().any(|line| line.starts_with("state") && line.ends_with("active")), "{info}");
+    assert!(info.lines().any(|line| line.starts_with("property") && line.ends_with("team=red")), "{info}");
+    assert_eq!(json(&success(&server, &["info", &handle, "--json"]))["Properties"]["team"], "red");
+
+    let capacity = success(&server, &["capacity"]);
+    assert!(capacity.lines().any(|line| line.starts_with("max containers")), "{capacity}");
+    assert!(json(&success(&server, &["capacity", "--json"]))["max_containers"].as_u64().is_some_and(|count| count > 0));
+
+    let limits = success(&server, &["limits", &handle, "--memory", "64M"]);
+    assert!(limits.lines().any(|line| line.starts_with("memory") && line.ends_with("64.0 MiB")), "{limits}");
+    let limits = json(&success(&server, &["limits", &handle, "--json"]));
+    assert_eq!(limits["memory"]["limit_in_bytes"], 64 << 20, "{limits}");
+
+    let metrics = success(&server, &["metrics", &handle]);
+    assert!(metrics.starts_with("HANDLE"), "{metrics}");
+    assert!(metrics.contains(&handle), "{metrics}");
+
+    let bulk = success(&server, &["bulk-info", &handle, "no-such-container"]);
+    assert!(bulk.lines().any(|line| line.starts_with("no-such-container") && line.contains("error: unknown handle")), "{bulk}");
+
+    success(&server, &["grace-time", &handle, "1h"]);
+    let bad_duration = trellis(&server, &["grace-time", &handle, "soon"]);
+    assert_eq!(bad_duration.status.code(), Some(2));
+    assert!(text(&bad_duration.stderr).contains("invalid duration \"soon\""), "{}", text(&bad_duration.stderr));
+
+    let missing = trellis(&server, &["info", "no-such-container"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(text(&missing.stderr), "trellis: unknown handle: no-such-container\n");
+}
+
+/// Writes a directory tree with a nested file, a 3 MiB file and a link.
+fn make_tree(root: &Path) {
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    std::fs::write(root.join("sub/deeper/note.txt"), "hello from the host\n").unwrap();
+    let big: Vec<u8> = (0..3 << 20).map(|index: u32| (index % 251) as u8).collect();
+    std::fs::write(root.join("big.bin"), big).unwrap();
+    std::os::unix::fs::symlink("sub/deeper/note.txt", root.join("link")).unwrap();
+}
+
+#[test]
+fn stream_directory_in_and_out() {
+    let Some(server) = TestServer::start("stream_directory_in_and_out") else { return };
+    let handle = server.unique_handle("files");
+    success(&server, &["create", &handle]);
+    let local = tempfile::Builder::new().prefix("trellis-test-cli-files").tempdir().unwrap();
+    let source = local.path().join("source");
+    make_tree(&source);
+
+    let sent = trellis(&server, &["stream-in", &handle, source.to_str().unwrap(), "/data", "--progress", "always"]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    let progress = text(&sent.stderr);
+    assert!(progress.lines().last().is_some_and(|line| line.starts_with("sent ") && line.contains(" bytes) in ")), "{progress}");
+
+    let cat = success(&server, &["run", "--handle", &handle, "--", "cat", "/data/sub/deeper/note.txt"]);
+    assert_eq!(cat, "hello from the host\n");
+
+    let copy = local.path().join("copy");
+    let received = trellis(&server, &["stream-out", &handle, "/data/", copy.to_str().unwrap(), "--progress", "always"]);
+    assert!(received.status.success(), "{}", text(&received.stderr));
+    assert!(text(&received.stderr).lines().last().is_some_and(|line| line.starts_with("received ")), "{}", text(&received.stderr));
+    assert_eq!(std::fs::read(copy.join("big.bin")).unwrap(), std::fs::read(source.join("big.bin")).unwrap());
+    assert_eq!(std::fs::read_to_string(copy.join("sub/deeper/note.txt")).unwrap(), "hello from the host\n");
+    assert_eq!(std::fs::read_link(copy.join("link")).unwrap(), Path::new("sub/deeper/note.txt"));
+
+    let archive = local.path().join("note.tar");
+    success(&server, &["stream-out", &handle, "/data/sub/deeper/note.txt", archive.to_str().unwrap(), "--tar", "--progress", "never"]);
+    let bytes = std::fs::read(&archive).unwrap();
+    assert_eq!(&bytes[257..262], b"ustar", "not a tar archive");
+
+    // The archive goes back in through stdin, as it is.
+    let piped = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["stream-in", &handle, "-", "/piped"])
+        .env("TRELLIS_TARGET", &server.socket)
+        .stdin(std::fs::File::open(&archive).unwrap())
+        .output()
+        .unwrap();
+    assert!(piped.status.success(), "{}", text(&piped.stderr));
+    let cat = success(&server, &["run", "--handle", &handle, "--", "cat", "/piped/note.txt"]);
+    assert_eq!(cat, "hello from the host\n");
+
+    let quiet = trellis(&server, &["stream-in", &handle, source.to_str().unwrap(), "/quiet", "--progress", "never"]);
+    assert!(quiet.status.success());
+    assert_eq!(text(&quiet.stderr), "");
+
+    let missing_source = trellis(&server, &["stream-in", &handle, "/no/such/path", "/data"]);
+    assert_eq!(missing_source.status.code(), Some(1));
+    assert!(text(&missing_source.stderr).starts_with("trellis: cannot read /no/such/path: "), "{}", text(&missing_source.stderr));
+
+    let missing_container = trellis(&server, &["stream-out", "no-such-container", "/data/", copy.to_str().unwrap()]);
+    assert_eq!(missing_container.status.code(), Some(1));
+    assert_eq!(text(&missing_container.stderr), "trellis: unknown handle: no-such-container\n");
+}
+
+#[test]
+fn unreachable_server_is_clear() {
+    let directory = tempfile::tempdir().unwrap();
+    let absent = directory.path().join("absent.sock");
+    let output = trellis_at(&absent, &["list"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.starts_with(&format!("trellis: cannot connect to unix:{}: ", absent.display())), "{stderr}");
+    assert!(stderr.contains("No such file or directory"), "{stderr}");
+
+    // Connecting to a socket file without a listener fails with ECONNREFUSED.
+    let stale = directory.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let output = trellis_at(&stale, &["capacity"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("Connection refused"), "{}", text(&output.stderr));
+
+    let run = trellis_at(&stale, &["run", "--", "true"]);
+    assert_eq!(run.status.code(), Some(125), "run uses its own code for failed requests");
+}
+
+#[test]
+fn help_names_units() {
+    let help = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_trellis")).args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}");
+        text(&output.stdout)
+    };
+    let top = help(&["--help"]);
+    for command in ["capacity", "list", "info", "bulk-info", "metrics", "limits", "grace-time", "net-in", "net-out", "stream-in", "stream-out", "run", "attach", "stop", "destroy", "properties", "server"] {
+        assert!(top.contains(&format!("  {command}")), "--help lacks {command}:\n{top}");
+    }
+    let limits = help(&["limits", "--help"]);
+    assert!(limits.contains("in bytes"), "{limits}");
+    assert!(limits.contains("cgroup shares"), "{limits}");
+    assert!(help(&["stream-in", "--help"]).contains("--progress"));
+    let server = help(&["server", "--help"]);
+    assert!(server.contains("--print-config"), "{server}");
+    assert!(server.contains("0 picks a free port"), "{server}");
+}
+
+#[test]
+fn print_config_shows_effective_values() {
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("trellis.toml");
+    std::fs::write(&file, "bind-port = 7001\nlog-format = \"human\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["server", "--print-config", "--config"])
+        .arg(&file)
+        .args(["--bind-port", "7002", "--max-containers", "9"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let printed: toml::Table = text(&output.stdout).parse().expect("--print-config prints TOML");
+    assert_eq!(printed["bind-port"].as_integer(), Some(7002), "the flag overrides the file");
+    assert_eq!(printed["log-format"].as_str(), Some("human"));
+    assert_eq!(printed["max-containers"].as_integer(), Some(9));
+    assert_eq!(printed["depot"].as_str(), Some("/var/lib/trellis/depot"));
+
+    std::fs::write(&file, "debug-bind-prot = 17014\n").unwrap();
+    let typo = Command::new(env!("CARGO_BIN_EXE_trellis")).args(["server", "--print-config", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(typo.status.code(), Some(1));
+    assert_eq!(
+        text(&typo.stderr),
+        format!("trellis server: {}: unknown key `debug-bind-prot`; did you mean `debug-bind-port`?\n", file.display())
+    );
+}
