@@ -309,14 +309,14 @@ impl Bench {
             self.exec_first_output(&container.id, &["/bin/echo", "hello"])?;
             self.destroy(container)?;
         }
-        for _ in 0..plan.iterations {
+        for _ in 0..plan.count(&["G1"], plan.iterations) {
             let started = Instant::now();
             let container = self.create()?;
             let first = self.exec_first_output(&container.id, &["/bin/echo", "hello"])?;
             results.g1.push(millis(first - started));
             self.destroy(container)?;
         }
-        for _ in 0..plan.iterations {
+        for _ in 0..plan.count(&["G2", "G4"], plan.iterations) {
             let started = Instant::now();
             let container = self.create()?;
             results.g2.push(millis(started.elapsed()));
@@ -325,14 +325,14 @@ impl Bench {
             results.g4.push(millis(started.elapsed()));
         }
         let container = self.create()?;
-        for _ in 0..plan.iterations {
+        for _ in 0..plan.count(&["G3"], plan.iterations) {
             let started = Instant::now();
             let first = self.exec_first_output(&container.id, &["/bin/echo", "hello"])?;
             results.g3.push(millis(first - started));
         }
         self.destroy(container)?;
 
-        for _ in 0..plan.cycle_rounds {
+        for _ in 0..plan.count(&["G5"], plan.cycle_rounds) {
             let started = Instant::now();
             std::thread::scope(|scope| {
                 let workers: Vec<_> = (0..2)
@@ -352,7 +352,7 @@ impl Bench {
 
         let created = std::sync::Mutex::new(Vec::new());
         let latencies = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..5)
+            let workers: Vec<_> = (0..plan.count(&["G6"], 5))
                 .map(|_| {
                     let created = &created;
                     scope.spawn(move || {
@@ -382,7 +382,7 @@ impl Bench {
         let usage = || -> Result<u64, String> {
             fs::read_to_string(&cgroup).map_err(|e| e.to_string())?.trim().parse().map_err(|e: std::num::ParseIntError| e.to_string())
         };
-        for _ in 0..plan.iterations {
+        for _ in 0..plan.count(&["G7"], plan.iterations) {
             let before = usage()?;
             let container = self.create()?;
             self.destroy(container)?;

@@ -253,6 +253,17 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Proportional memory of `pid` in KiB (Pss from smaps_rollup): pages
+/// shared with other processes, such as the text of a binary every
+/// garden-init maps, count in proportion to their sharers.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Pss:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// The short name of `pid`, from /proc/<pid>/comm.
 pub fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm"))

@@ -9,7 +9,8 @@
 //!   run on the release build. `-- --json FILE` also writes the results as
 //!   JSON (default `target/bench/garden.json`); `-- --iterations N` changes
 //!   the number of samples per latency figure; `-- --no-crun` measures
-//!   Trellis alone.
+//!   Trellis alone; `-- --only G3,G8` measures only the figures named
+//!   (`memory` names the memory figure).
 //! - `cargo test --bench garden` (part of `scripts/test`): the short mode,
 //!   a few iterations of every figure, so the harness can't rot. Nothing is
 //!   asserted about speed; the run fails only when an operation fails.
@@ -45,9 +46,25 @@ pub struct Plan {
     pub throughput_rounds: usize,
     /// Idle containers for the memory figure.
     pub idle_containers: usize,
+    /// Figures to measure (`G1` ... `G9`, `memory`); empty means all.
+    pub only: Vec<String>,
 }
 
 impl Plan {
+    /// Whether any of `ids` is to be measured.
+    pub fn wants(&self, ids: &[&str]) -> bool {
+        self.only.is_empty() || ids.iter().any(|id| self.only.iter().any(|only| only.eq_ignore_ascii_case(id)))
+    }
+
+    /// `count` when any of `ids` is to be measured, else 0.
+    pub fn count(&self, ids: &[&str], count: usize) -> usize {
+        if self.wants(ids) {
+            count
+        } else {
+            0
+        }
+    }
+
     fn full(iterations: usize) -> Plan {
         Plan {
             mode: "full".into(),
@@ -60,6 +77,7 @@ impl Plan {
             archive_bytes: 17 << 20,
             throughput_rounds: 5,
             idle_containers: 100,
+            only: Vec::new(),
         }
     }
 
@@ -75,6 +93,7 @@ impl Plan {
             archive_bytes: 17 << 20,
             throughput_rounds: 1,
             idle_containers: 3,
+            only: Vec::new(),
         }
     }
 }
@@ -94,6 +113,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     let mut json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../bench/garden.json");
     let mut crun = true;
     let mut rootfs = None;
+    let mut only = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().cloned().ok_or_else(|| format!("{name} needs a value"));
@@ -109,6 +129,13 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             }
             "--json" => json = PathBuf::from(value("--json")?),
             "--no-crun" => crun = false,
+            "--only" => {
+                only = value("--only")?.split(',').map(|id| id.trim().to_string()).collect();
+                let known = ["G1", "G2", "G3", "G4", "G5", "G6", "G7", "G8", "G9", "memory"];
+                if let Some(unknown) = only.iter().find(|id| !known.iter().any(|k| k.eq_ignore_ascii_case(id))) {
+                    return Err(format!("--only: unknown figure {unknown:?}; known: {}", known.join(", ")));
+                }
+            }
             "--rootfs" => rootfs = Some(PathBuf::from(value("--rootfs")?)),
             // Filters and flags that `cargo test` passes to every target.
             other if !full && !other.starts_with("--") => {}
@@ -116,7 +143,8 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             other => return Err(format!("unknown option {other:?}")),
         }
     }
-    let plan = if full { Plan::full(iterations) } else { Plan::short() };
+    let mut plan = if full { Plan::full(iterations) } else { Plan::short() };
+    plan.only = only;
     Ok(Options { plan, json, crun, rootfs })
 }
 
@@ -162,8 +190,8 @@ fn run(args: &[String]) -> Result<(), String> {
         None
     };
     eprintln!("bench: baselines");
-    let pipe = pipe_baseline(plan, &rootfs)?;
-    let tar = tar_baseline(plan, &rootfs)?;
+    let pipe = if plan.wants(&["G8"]) { pipe_baseline(plan, &rootfs)? } else { Vec::new() };
+    let tar = if plan.wants(&["G9"]) { tar_baseline(plan, &rootfs)? } else { Vec::new() };
 
     let crun_or_empty = |pick: fn(&crun_side::Results) -> &Vec<f64>| crun.as_ref().map(pick).cloned().unwrap_or_default();
     let mut figures = vec![
@@ -197,6 +225,7 @@ fn run(args: &[String]) -> Result<(), String> {
         figure.finish();
     }
 
+    figures.retain(|figure| plan.wants(&[figure.id]));
     println!("{}", stats::table(&figures));
     println!("memory (KiB): {}", trellis.memory);
     let report = serde_json::json!({

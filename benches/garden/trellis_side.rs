@@ -115,15 +115,16 @@ impl Server {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Resident memory of the server alone, and of every process in its
-    /// cgroup tree (the server, its shims and each container's
-    /// garden-init, which are Trellis's overhead per container), in KiB.
+    /// Proportional memory (PSS) of the server alone, and of every Trellis
+    /// process in its cgroup tree (the server, its shims and each
+    /// container's garden-init, which are Trellis's overhead per
+    /// container), in KiB.
     pub fn memory_kib(&self) -> (u64, u64) {
-        let own = host::rss_kib(self.pid()).unwrap_or(0);
+        let own = host::pss_kib(self.pid()).unwrap_or(0);
         let total = host::cgroup_pids(&self.cgroup.path)
             .into_iter()
             .filter(|pid| host::comm(*pid).is_some_and(|name| name.starts_with("trellis") || name == "garden-init"))
-            .filter_map(host::rss_kib)
+            .filter_map(host::pss_kib)
             .sum();
         (own, total)
     }
@@ -309,7 +310,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
     };
 
     // G1: create, then run echo, until the first output byte.
-    for _ in 0..plan.iterations {
+    for _ in 0..plan.count(&["G1"], plan.iterations) {
         let h = handle("g1");
         let started = Instant::now();
         let outcome = runtime.block_on(async {
@@ -322,7 +323,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
     }
 
     // G2 and G4: create alone, destroy alone.
-    for _ in 0..plan.iterations {
+    for _ in 0..plan.count(&["G2", "G4"], plan.iterations) {
         let h = handle("g2");
         let started = Instant::now();
         runtime.block_on(create(client, &h))?;
@@ -335,7 +336,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
     // G3: run in an existing container until the first output byte.
     let h = handle("g3");
     runtime.block_on(create(client, &h))?;
-    for _ in 0..plan.iterations {
+    for _ in 0..plan.count(&["G3"], plan.iterations) {
         let started = Instant::now();
         let outcome = runtime.block_on(run(client, &h, &["/bin/echo", "hello"]))?;
         let first = outcome.first_output.ok_or("echo printed nothing")?;
@@ -345,7 +346,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
     // G8: stdout throughput of one process writing plan.stdout_mib MiB.
     let count = plan.stdout_mib.to_string();
     let count_arg = format!("count={count}");
-    for _ in 0..plan.throughput_rounds {
+    for _ in 0..plan.count(&["G8"], plan.throughput_rounds) {
         let started = Instant::now();
         let outcome = runtime.block_on(run(client, &h, &["/bin/dd", "if=/dev/zero", "bs=1048576", &count_arg]))?;
         let elapsed = started.elapsed().as_secs_f64();
@@ -358,7 +359,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
 
     // G9: stream in of the archive.
     let archive = host::build_archive(plan.archive_bytes);
-    for round in 0..plan.throughput_rounds {
+    for round in 0..plan.count(&["G9"], plan.throughput_rounds) {
         let destination = format!("/tmp/stream-{round}");
         let started = Instant::now();
         runtime.block_on(async {
@@ -373,7 +374,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
     runtime.block_on(destroy(client, &h))?;
 
     // G5: create, run true, destroy, with 2 clients.
-    for _ in 0..plan.cycle_rounds {
+    for _ in 0..plan.count(&["G5"], plan.cycle_rounds) {
         let started = Instant::now();
         let mut names = Vec::new();
         for worker in 0..2 {
@@ -401,7 +402,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
 
     // G6: 5 clients creating at once; each create's latency.
     let mut batches = Vec::new();
-    for worker in 0..5 {
+    for worker in 0..plan.count(&["G6"], 5) {
         batches.push((0..plan.concurrent_creates).map(|i| format!("{}-{worker}-{i}", handle("g6"))).collect::<Vec<_>>());
     }
     let all: Vec<String> = batches.iter().flatten().cloned().collect();
@@ -433,7 +434,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
     }
 
     // G7: CPU time of the server's whole tree per create and destroy.
-    for _ in 0..plan.iterations {
+    for _ in 0..plan.count(&["G7"], plan.iterations) {
         let h = handle("g7");
         let before = server.cgroup.usage_ns()?;
         runtime.block_on(async {
@@ -446,7 +447,9 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
         results.g7.push((server.cgroup.usage_ns()? - before) as f64 / 1e6);
     }
 
-    results.memory = memory(plan, server, runtime, name)?;
+    if plan.wants(&["memory"]) {
+        results.memory = memory(plan, server, runtime, name)?;
+    }
     Ok(results)
 }
 
@@ -491,6 +494,6 @@ fn memory(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime, name:
         "with_containers_total_kib": loaded_total,
         "per_container_server_kib": (loaded_server as f64 - idle_server as f64) / containers,
         "per_container_total_kib": (loaded_total as f64 - idle_total as f64) / containers,
-        "streaming_peak_server_kib": peak.load(Ordering::Relaxed),
+        "streaming_peak_server_rss_kib": peak.load(Ordering::Relaxed),
     }))
 }
