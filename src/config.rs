@@ -82,6 +82,10 @@ pub struct Config {
     /// Set no_new_privs on the processes of unprivileged containers and
     /// give their network namespace `net.ipv4.ping_group_range` = `1 65535`.
     pub no_new_privileges: bool,
+    /// Destroy every container the depot and the host hold for this
+    /// server's tag at start-up, as gdn's `--destroy-containers-on-startup`
+    /// does. Off: containers are restored.
+    pub destroy_containers_on_startup: bool,
 }
 
 impl Default for Config {
@@ -108,6 +112,7 @@ impl Default for Config {
             gid_map_length: None,
             cleanup_process_dirs_on_wait: false,
             no_new_privileges: false,
+            destroy_containers_on_startup: false,
         }
     }
 }
@@ -135,6 +140,7 @@ pub const KEYS: &[&str] = &[
     "gid-map-length",
     "cleanup-process-dirs-on-wait",
     "no-new-privileges",
+    "destroy-containers-on-startup",
 ];
 
 impl Config {
@@ -211,6 +217,7 @@ impl Config {
             "gid-map-length" => self.gid_map_length = Some(parse_number(text).map_err(invalid)?),
             "cleanup-process-dirs-on-wait" => self.cleanup_process_dirs_on_wait = parse_bool(text).map_err(invalid)?,
             "no-new-privileges" => self.no_new_privileges = parse_bool(text).map_err(invalid)?,
+            "destroy-containers-on-startup" => self.destroy_containers_on_startup = parse_bool(text).map_err(invalid)?,
             _ => return Err(ConfigError::UnknownKey { source_name: source_name.to_string(), key: key.to_string() }),
         }
         Ok(())

@@ -17,6 +17,8 @@
 //!   cgroups, users.
 //! - [`cli`]: the `trellis` subcommands.
 //! - [`config`]: the server configuration file and flags.
+//! - [`state`]: the per-container state file in the depot, which a
+//!   restarted server rebuilds its containers from.
 //!
 //! `api` and `client` depend on neither actix nor `linux`.
 
@@ -29,3 +31,4 @@ pub mod http;
 pub mod linux;
 pub mod pools;
 pub mod runtime;
+pub mod state;

@@ -35,6 +35,7 @@ use slog::{debug, info, o, warn, Logger};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::container::ProcessExited;
 use super::{Introspect, StreamTable};
 use crate::runtime::stdio::{ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD};
 
@@ -214,6 +215,7 @@ pub struct Process {
     /// Lets the shim reader start. Reading waits for the first stream, the
     /// Run's own, so that its reserved readers exist before any output.
     start_reading: Option<oneshot::Sender<()>>,
+    on_exit: Option<Recipient<ProcessExited>>,
 }
 
 /// Everything the process actor needs at start.
@@ -227,6 +229,8 @@ pub struct ProcessStart {
     pub leftover: BytesMut,
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
     pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Told the exit status, so the container records it in its state file.
+    pub on_exit: Option<Recipient<ProcessExited>>,
 }
 
 impl Process {
@@ -248,6 +252,7 @@ impl Process {
             streams: HashMap::new(),
             stream_table: start.stream_table,
             start_reading: Some(start_reading),
+            on_exit: start.on_exit,
         };
         let addr = process.start();
         actix_rt::spawn(write_shim_frames(start.writer, shim_receiver, logger.clone()));
@@ -523,7 +528,12 @@ impl Handler<ShimExited> for Process {
 
     fn handle(&mut self, message: ShimExited, ctx: &mut Context<Self>) {
         match &message.outcome {
-            ExitOutcome::Status(status) => info!(self.logger, "process exited"; "exit_status" => status),
+            ExitOutcome::Status(status) => {
+                info!(self.logger, "process exited"; "exit_status" => status);
+                if let Some(on_exit) = &self.on_exit {
+                    on_exit.do_send(ProcessExited { process_id: self.process_id.clone(), exit_status: *status });
+                }
+            }
             ExitOutcome::Error(error) => warn!(self.logger, "process wait failed"; "error" => error),
         }
         // `send_replace` stores the outcome even while no stream is open.

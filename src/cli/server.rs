@@ -87,6 +87,10 @@ pub struct ServerArgs {
     /// allow ping for gids 1 to 65535 there (default false).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub no_new_privileges: Option<String>,
+    /// Destroy every container of the previous run at start-up instead of
+    /// restoring them (default false).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub destroy_containers_on_startup: Option<String>,
     /// Container runtime: `linux`, or `memory` (processes are scripted
     /// stand-ins; only for testing the server itself).
     #[arg(long, value_name = "RUNTIME", default_value = "linux", hide = true)]
@@ -95,7 +99,7 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     fn overrides(&self) -> Vec<(&'static str, &String)> {
-        let pairs: [(&'static str, &Option<String>); 21] = [
+        let pairs: [(&'static str, &Option<String>); 22] = [
             ("bind-ip", &self.bind_ip),
             ("bind-port", &self.bind_port),
             ("bind-socket", &self.bind_socket),
@@ -117,6 +121,7 @@ impl ServerArgs {
             ("gid-map-length", &self.gid_map_length),
             ("cleanup-process-dirs-on-wait", &self.cleanup_process_dirs_on_wait),
             ("no-new-privileges", &self.no_new_privileges),
+            ("destroy-containers-on-startup", &self.destroy_containers_on_startup),
         ];
         pairs.into_iter().filter_map(|(key, value)| value.as_ref().map(|value| (key, value))).collect()
     }

@@ -1,5 +1,7 @@
 //! One container's kernel objects: create with rollback, run, stop,
-//! destroy and describe.
+//! destroy and describe; [`restore`] finds them again after a restart.
+
+mod restore;
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -31,6 +33,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Subdirectory of the state directory holding one directory per process.
 const PROCESSES_DIR: &str = "processes";
+/// File in a process's directory holding its exit status, which the shim
+/// writes before it exits.
+const EXIT_STATUS_FILE: &str = "exit-status";
 /// `net.ipv4.ping_group_range` of containers under no-new-privileges: ping
 /// sockets for every gid that needs no setuid ping then.
 const PING_GROUP_RANGE: &str = "1 65535";
@@ -51,6 +56,8 @@ impl From<CgroupError> for RuntimeError {
         RuntimeError::Failed { message: error_chain(&error) }
     }
 }
+
+pub(in crate::linux) use restore::{remove_orphans, remove_unrestorable, restore};
 
 /// Joins an error and its sources into one message.
 pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
@@ -134,7 +141,8 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         lifecycle: Mutex::new(()),
         limits: Mutex::new(config.spec.limits.clone()),
     };
-    match build(runtime, config, &mut container, &source) {
+    let built = build(runtime, config, &mut container, &source).and_then(|()| restore::write_runtime_record(&container));
+    match built {
         Ok(()) => {
             slog::debug!(container.logger, "container created"; "init_pid" => container.init_pid());
             Ok(container)
@@ -289,7 +297,7 @@ impl LinuxContainer {
                 errors.push(error_chain(&error));
             }
         }
-        let leftovers = [PROCESSES_DIR, "init.log"];
+        let leftovers = [PROCESSES_DIR, "init.log", restore::RUNTIME_FILE];
         for name in leftovers {
             let path = self.container_dir.join(name);
             let removed = if path.is_dir() { remove_dir_retrying(&path) } else { fs::remove_file(&path) };
@@ -417,7 +425,7 @@ impl ContainerRuntime for LinuxContainer {
             no_new_privileges: self.no_new_privileges,
             cgroup_dirs: self.cgroup.dirs.clone(),
             container_env: self.env.clone(),
-            exit_status_path: process_dir.join("exit-status"),
+            exit_status_path: process_dir.join(EXIT_STATUS_FILE),
             spec: spec.clone(),
         };
         let (mut server_end, shim_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
@@ -534,6 +542,10 @@ impl ContainerRuntime for LinuxContainer {
             }
         }
         Ok(())
+    }
+
+    fn reattach_processes(&self) -> Vec<(String, Result<StartedProcess, RuntimeError>)> {
+        restore::reattach_processes(self)
     }
 
     fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), RuntimeError> {

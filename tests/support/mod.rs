@@ -222,6 +222,9 @@ pub struct TestServer {
     pub depot: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The configuration file, kept so the server can be started again on
+    /// the same depot.
+    pub config: PathBuf,
     pub client: Client,
     runtime: tokio::runtime::Runtime,
     child: Option<Child>,
@@ -266,6 +269,7 @@ impl TestServer {
             depot: directory.join("depot"),
             socket: socket.clone(),
             log: directory.join("server.log"),
+            config: PathBuf::new(),
             client: Client::new(Target::Unix(socket)),
             runtime,
             child: None,
@@ -276,10 +280,71 @@ impl TestServer {
 
         fs::create_dir_all(&server.depot).expect("creating the depot");
         server.create_netns();
-        let config = server.write_config(rootfs, &options);
-        server.spawn(&config);
+        server.config = server.write_config(rootfs, &options);
+        server.spawn(&[]);
         server.wait_until_ready();
         Some(server)
+    }
+
+    /// Stops the server with SIGTERM, as an operator does before an
+    /// upgrade; [`TestServer::start_again`] starts the next one.
+    pub fn stop(&mut self) {
+        let problems = self.stop_server();
+        assert!(problems.is_empty(), "{}: stopping the server failed: {problems:?}", self.test);
+    }
+
+    /// Stops the server with SIGTERM and starts a new one on the same
+    /// depot, configuration and network namespace.
+    pub fn restart(&mut self) {
+        let problems = self.stop_server();
+        assert!(problems.is_empty(), "{}: stopping the server failed: {problems:?}", self.test);
+        self.start_again(&[]);
+    }
+
+    /// Ends the server with SIGKILL, by the pid this harness spawned, and
+    /// waits for it.
+    pub fn kill_server(&mut self) {
+        let mut child = self.child.take().expect("the server is running");
+        child.kill().expect("sending SIGKILL to the server");
+        child.wait().expect("waiting for the killed server");
+    }
+
+    /// Waits for a server that is expected to end by itself (at a fault
+    /// point) and returns whether it was killed by a signal, as an abort
+    /// is.
+    pub fn wait_for_crash(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = self.child.take().expect("the server is running");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("polling the server") {
+                return status.signal().is_some();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a server again on the same depot, with `env` added to its
+    /// environment (such as a fault point), and waits until it answers.
+    pub fn start_again(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "{}: the previous server still runs", self.test);
+        self.spawn(env);
+        self.wait_until_ready();
+    }
+
+    /// Appends `lines` to the configuration file, for the next start.
+    pub fn add_config(&self, lines: &[&str]) {
+        let mut text = fs::read_to_string(&self.config).expect("reading the server configuration");
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        fs::write(&self.config, text).expect("writing the server configuration");
     }
 
     /// Creates the network namespace with loopback up and no other link,
@@ -321,15 +386,19 @@ impl TestServer {
     /// and exec. `ip netns exec` would also give the server a new mount
     /// namespace with a fresh sysfs on /sys, which hides the cgroup
     /// hierarchies under /sys/fs/cgroup.
-    fn spawn(&mut self, config: &Path) {
-        let log = fs::File::create(&self.log).expect("creating the server log");
+    fn spawn(&mut self, env: &[(&str, &str)]) {
+        let config = self.config.clone();
+        // Appended to, so the log of a restarted server follows the log of
+        // the one before.
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("opening the server log");
         let netns_path = format!("/run/netns/{}", self.name);
         let netns = fs::File::open(&netns_path).unwrap_or_else(|error| panic!("opening {netns_path} failed: {error}"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_trellis"));
         command
             .arg("server")
             .arg("--config")
-            .arg(config)
+            .arg(&config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning the log file handle"))
             .stderr(log);
@@ -342,6 +411,23 @@ impl TestServer {
         }
         let child = command.spawn().expect("starting `trellis server` in its network namespace");
         self.child = Some(child);
+    }
+
+    /// Waits until the server answers a ping; false when it exits or
+    /// does not answer in time.
+    fn try_wait_until_ready(&mut self) -> bool {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.child.as_mut().map(|child| child.try_wait()) {
+                Some(Ok(None)) => {}
+                _ => return false,
+            }
+            if self.socket.exists() && self.runtime.block_on(self.client.ping()).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     fn wait_until_ready(&mut self) {
@@ -479,6 +565,10 @@ impl TestServer {
         for (pid, command) in processes_in_cgroups_named(&self.tag) {
             found.push(format!("process {pid} in a {} cgroup: {command}", self.tag));
         }
+        // Process shims work in their process's directory in the depot.
+        for (pid, command) in processes_working_under(&self.depot) {
+            found.push(format!("process {pid} working under the depot: {command}"));
+        }
         found
     }
 
@@ -513,6 +603,14 @@ impl Drop for TestServer {
         }
 
         let mut problems = Vec::new();
+        if self.child.is_none() && self.netns_created && !self.config.as_os_str().is_empty() {
+            // The test ended while its server was down (killed or crashed):
+            // a new server on the depot destroys what the old one left.
+            self.spawn(&[]);
+            if !self.try_wait_until_ready() {
+                problems.push("the server started for cleanup did not answer a ping".to_string());
+            }
+        }
         let server_running = self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)));
         if server_running {
             problems.extend(self.destroy_remaining());
@@ -588,6 +686,22 @@ pub fn cgroups_named(pattern: &str) -> Vec<PathBuf> {
         }
     }
     found.sort();
+    found
+}
+
+/// Returns processes whose working directory is below `directory`.
+pub fn processes_working_under(directory: &Path) -> Vec<(u32, String)> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        let Ok(cwd) = fs::read_link(entry.path().join("cwd")) else { continue };
+        if cwd.starts_with(directory) {
+            let command = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let command = String::from_utf8_lossy(&command).replace('\0', " ");
+            found.push((pid, command.trim().to_string()));
+        }
+    }
     found
 }
 

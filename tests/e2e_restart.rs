@@ -1,0 +1,358 @@
+//! End-to-end tests of server restarts against a real server: containers
+//! and their state come back, processes keep running and can be attached
+//! again with the output produced meanwhile, `kill -9` at fault points
+//! leaves every container whole or gone, and start-up removes what no
+//! container owns. Needs root; see `support` for how it skips. Every test
+//! ends with the harness's leak check.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::{command_spec, SharedOutput, TestServer};
+use trellis::api::{ContainerSpec, MemoryLimits, ProcessSpec};
+use trellis::client::ProcessIo;
+
+/// Fault point variable of the server (see `trellis::state`).
+const FAULT_POINT: &str = trellis::state::FAULT_POINT_VARIABLE;
+
+fn output_io(stdout: &SharedOutput) -> ProcessIo {
+    ProcessIo { stdin: None, stdout: Some(Box::new(stdout.clone())), stderr: None }
+}
+
+/// Waits until `output` contains `needle`; panics after a minute.
+async fn wait_for_text(output: &SharedOutput, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !output.contains(needle.as_bytes()) {
+        assert!(Instant::now() < deadline, "waited a minute for {needle:?} in the output");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `path` exists; panics after a minute.
+fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "waited a minute for {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Returns the host path of the container's root directory, from the
+/// runtime record the server keeps in the depot.
+fn container_root(server: &TestServer, handle: &str) -> PathBuf {
+    let path = server.depot.join(handle).join("runtime.json");
+    let record: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    PathBuf::from(record["root"].as_str().expect("runtime record names the root"))
+}
+
+/// Returns the pid of the container's garden-init, from the runtime record.
+fn init_pid(server: &TestServer, handle: &str) -> i32 {
+    let path = server.depot.join(handle).join("runtime.json");
+    let record: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    record["init_pid"].as_i64().expect("runtime record names garden-init") as i32
+}
+
+fn listed(server: &TestServer) -> BTreeSet<String> {
+    server.block_on(server.client.list(&Default::default())).unwrap().into_iter().collect()
+}
+
+/// A shell script that prints `ready`, waits for `/restart-go`, prints
+/// `while-down`, creates `/restart-done`, then reads a line and exits with
+/// `status`.
+fn gated_script(status: i32, read_stdin: bool) -> String {
+    let tail = if read_stdin { "read line; echo got-$line; " } else { "" };
+    format!(
+        "echo ready; while [ ! -e /restart-go ]; do sleep 0.05; done; echo while-down; touch /restart-done; {tail}exit {status}"
+    )
+}
+
+#[test]
+fn restart_keeps_containers_and_state() {
+    let Some(mut server) = TestServer::start("restart_keeps_containers_and_state") else { return };
+    let handle = server.unique_handle("kept");
+    let mut spec = ContainerSpec {
+        handle: handle.clone(),
+        grace_time: 3_600_000_000_000,
+        properties: [("owner".to_string(), "restart-test".to_string())].into_iter().collect(),
+        ..ContainerSpec::default()
+    };
+    spec.limits.memory_limits = MemoryLimits { limit_in_bytes: 64 << 20 };
+    server.block_on(server.client.create(&spec)).unwrap();
+    server.block_on(server.client.set_property(&handle, "later", "set-after-create")).unwrap();
+    let info_before = server.block_on(server.client.info(&handle)).unwrap();
+    let ids_before = server.block_on(server.client.run(&handle, &command_spec("true", &[]), ProcessIo::default())).unwrap().stream_id().to_string();
+
+    server.restart();
+
+    assert!(listed(&server).contains(&handle), "the container is listed after the restart");
+    let info_after = server.block_on(server.client.info(&handle)).unwrap();
+    assert_eq!(info_after.state, info_before.state);
+    assert_eq!(info_after.properties, info_before.properties);
+    let memory = server.block_on(server.client.memory_limits(&handle)).unwrap();
+    assert_eq!(memory.limit_in_bytes, 64 << 20);
+
+    let output = server.run_command(&handle, "echo", &["after restart"]);
+    assert_eq!(output.stdout_text(), "after restart\n");
+    assert_eq!(output.status, 0);
+
+    let ids_after = server.block_on(server.client.run(&handle, &command_spec("true", &[]), ProcessIo::default())).unwrap().stream_id().to_string();
+    assert_ne!(ids_after, ids_before, "stream ids must not repeat across restarts");
+    let before: u64 = ids_before.parse().unwrap();
+    let after: u64 = ids_after.parse().unwrap();
+    assert!(after > before, "stream id {after} after the restart is not above {before}");
+}
+
+#[test]
+fn process_reattached_after_kill() {
+    let Some(mut server) = TestServer::start("process_reattached_after_kill") else { return };
+    let handle = server.create("live");
+    let root = container_root(&server, &handle);
+    let spec = ProcessSpec { id: format!("{}-live", server.name), ..command_spec("sh", &["-c", &gated_script(3, true)]) };
+    let first = SharedOutput::default();
+    server.block_on(async {
+        let process = server.client.run(&handle, &spec, output_io(&first)).await.unwrap();
+        wait_for_text(&first, "ready\n").await;
+        // The client goes away with the server.
+        std::mem::forget(process);
+    });
+
+    server.kill_server();
+    // Output produced while no server runs.
+    fs::write(root.join("restart-go"), b"").unwrap();
+    wait_for_file(&root.join("restart-done"));
+    server.start_again(&[]);
+
+    let second = SharedOutput::default();
+    let status = server.block_on(async {
+        let mut process = server.client.attach(&handle, &spec.id, output_io(&second)).await.unwrap();
+        process.write_stdin(b"hello\n").await.unwrap();
+        process.wait().await.unwrap()
+    });
+    assert_eq!(status, 3);
+    assert_eq!(String::from_utf8_lossy(&second.take()), "while-down\ngot-hello\n");
+}
+
+#[test]
+fn exit_while_down_reported_on_attach() {
+    let Some(mut server) = TestServer::start("exit_while_down_reported_on_attach") else { return };
+    let handle = server.create("exited");
+    let root = container_root(&server, &handle);
+    let spec = ProcessSpec { id: format!("{}-exits", server.name), ..command_spec("sh", &["-c", &gated_script(7, false)]) };
+    let first = SharedOutput::default();
+    server.block_on(async {
+        let process = server.client.run(&handle, &spec, output_io(&first)).await.unwrap();
+        wait_for_text(&first, "ready\n").await;
+        std::mem::forget(process);
+    });
+
+    server.stop();
+    fs::write(root.join("restart-go"), b"").unwrap();
+    let exit_file = server.depot.join(&handle).join("processes/0/exit-status");
+    wait_for_file(&exit_file);
+    assert_eq!(fs::read_to_string(&exit_file).unwrap().trim(), "7");
+    server.start_again(&[]);
+
+    for round in 0..2 {
+        let output = SharedOutput::default();
+        let status = server.block_on(async {
+            let mut process = server.client.attach(&handle, &spec.id, output_io(&output)).await.unwrap();
+            process.wait().await.unwrap()
+        });
+        assert_eq!(status, 7, "attach {round}");
+        if round == 0 {
+            assert_eq!(String::from_utf8_lossy(&output.take()), "while-down\n");
+        }
+    }
+}
+
+#[test]
+fn dead_init_destroyed_at_startup() {
+    let Some(mut server) = TestServer::start("dead_init_destroyed_at_startup") else { return };
+    let dead = server.create("dead");
+    let alive = server.create("alive");
+    let pid = init_pid(&server, &dead);
+    server.kill_server();
+
+    // As after a host reboot: garden-init, which the test's server started,
+    // is gone.
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "garden-init");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "garden-init {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.start_again(&[]);
+
+    let handles = listed(&server);
+    assert!(!handles.contains(&dead), "a container without garden-init is not restored");
+    assert!(handles.contains(&alive), "the other container is restored");
+    assert!(!server.depot.join(&dead).exists(), "the dead container's directory is removed");
+    let log = server.log_text();
+    assert!(log.lines().any(|line| line.contains(&dead) && line.contains("garden-init is gone")), "the log names the destroyed container");
+}
+
+#[test]
+fn bad_state_files_reported_rest_served() {
+    let Some(mut server) = TestServer::start("bad_state_files_reported_rest_served") else { return };
+    let truncated = server.create("truncated");
+    let newer = server.create("newer");
+    let good = server.create("good");
+    server.stop();
+
+    let truncated_file = server.depot.join(&truncated).join("container.json");
+    let bytes = fs::read(&truncated_file).unwrap();
+    fs::write(&truncated_file, &bytes[..bytes.len() / 2]).unwrap();
+    let newer_file = server.depot.join(&newer).join("container.json");
+    let original = fs::read(&newer_file).unwrap();
+    let mut value: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    value["version"] = serde_json::json!(99);
+    fs::write(&newer_file, serde_json::to_vec(&value).unwrap()).unwrap();
+    server.start_again(&[]);
+
+    let handles = listed(&server);
+    assert!(handles.contains(&good));
+    assert!(!handles.contains(&truncated));
+    assert!(!handles.contains(&newer));
+    let log = server.log_text();
+    assert!(
+        log.lines().any(|line| line.contains(&truncated) && line.contains("not a valid state file")),
+        "the log says why the truncated container was not restored"
+    );
+    assert!(
+        log.lines().any(|line| line.contains(&newer) && line.contains("format version 99")),
+        "the log says why the newer container was not restored"
+    );
+    assert!(!server.depot.join(&truncated).exists(), "the unreadable container is destroyed");
+    assert!(newer_file.exists(), "the newer container is left in place");
+    let output = server.run_command(&good, "echo", &["served"]);
+    assert_eq!(output.stdout_text(), "served\n");
+
+    // Put the newer one back, so the cleanup can destroy it.
+    server.stop();
+    fs::write(&newer_file, original).unwrap();
+    server.start_again(&[]);
+    assert!(listed(&server).contains(&newer));
+}
+
+#[test]
+fn destroy_on_startup_starts_empty() {
+    let Some(mut server) = TestServer::start("destroy_on_startup_starts_empty") else { return };
+    let first = server.create("wiped");
+    let second = server.create("wiped");
+    let spec = command_spec("sleep", &["1000"]);
+    server.block_on(server.client.run(&second, &spec, ProcessIo::default())).unwrap();
+    server.stop();
+    server.add_config(&["destroy-containers-on-startup = true"]);
+    server.start_again(&[]);
+
+    assert!(listed(&server).is_empty(), "no container survives destroy-containers-on-startup");
+    for handle in [&first, &second] {
+        assert!(!server.depot.join(handle).exists(), "{handle}'s directory is removed");
+    }
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}
+
+/// Starts the server again with `point` armed, runs `action`, which must
+/// make the server abort there, and starts it again without the fault.
+fn crash_at(server: &mut TestServer, point: &str, action: impl FnOnce(&TestServer)) {
+    server.stop();
+    server.start_again(&[(FAULT_POINT, point)]);
+    action(server);
+    assert!(server.wait_for_crash(), "the server did not abort at {point}");
+    server.start_again(&[]);
+}
+
+#[test]
+fn crash_during_create_whole_or_gone() {
+    let Some(mut server) = TestServer::start("crash_during_create_whole_or_gone") else { return };
+    for point in ["create.after-runtime", "create.after-persist"] {
+        let handle = server.unique_handle("crash");
+        crash_at(&mut server, point, |server| {
+            let spec = ContainerSpec { handle: handle.clone(), ..ContainerSpec::default() };
+            assert!(server.block_on(server.client.create(&spec)).is_err(), "create must fail when the server aborts at {point}");
+        });
+        if listed(&server).contains(&handle) {
+            let output = server.run_command(&handle, "echo", &["whole"]);
+            assert_eq!(output.stdout_text(), "whole\n", "{point}");
+            server.block_on(server.client.destroy(&handle)).unwrap();
+        } else {
+            assert!(!server.depot.join(&handle).exists(), "{point}: a half-made container left its directory");
+        }
+        assert_eq!(server.leftovers(), Vec::<String>::new(), "{point}");
+    }
+    let log = server.log_text();
+    assert!(log.contains("container destroyed at start-up"), "the restarted server logs what it removed");
+}
+
+#[test]
+fn crash_during_run_and_destroy() {
+    let Some(mut server) = TestServer::start("crash_during_run_and_destroy") else { return };
+    let handle = server.create("crash-run");
+    crash_at(&mut server, "run.after-start", |server| {
+        let spec = ProcessSpec { id: "crashed-run".into(), ..command_spec("sh", &["-c", "echo started; exit 5"]) };
+        assert!(server.block_on(server.client.run(&handle, &spec, ProcessIo::default())).is_err());
+    });
+    assert!(listed(&server).contains(&handle), "the container survives a crash during run");
+    let output = server.run_command(&handle, "echo", &["usable"]);
+    assert_eq!(output.stdout_text(), "usable\n");
+    // The process the crashed run started is found again by its directory.
+    let status = server.block_on(async {
+        let mut process = server.client.attach(&handle, "crashed-run", ProcessIo::default()).await.unwrap();
+        process.wait().await.unwrap()
+    });
+    assert_eq!(status, 5);
+
+    crash_at(&mut server, "destroy.before-teardown", |server| {
+        assert!(server.block_on(server.client.destroy(&handle)).is_err());
+    });
+    assert!(!listed(&server).contains(&handle), "a destroy under way finishes at start-up");
+    assert!(!server.depot.join(&handle).exists());
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn orphan_cgroup_removed_at_startup() {
+    let Some(mut server) = TestServer::start("orphan_cgroup_removed_at_startup") else { return };
+    let handle = server.create("owner");
+    // A cgroup under the server's tag that no container owns, with a
+    // process this test started in it.
+    let parents: Vec<PathBuf> = support::cgroups_named(&server.tag)
+        .into_iter()
+        .filter(|path| path.file_name().is_some_and(|name| name == server.tag.as_str()))
+        .collect();
+    assert!(!parents.is_empty(), "the container's cgroup parent exists");
+    let stray_name = format!("{}-stray", server.name);
+    let mut sleeper = std::process::Command::new("sleep").arg("1000").spawn().unwrap();
+    for parent in &parents {
+        let stray = parent.join(&stray_name);
+        fs::create_dir(&stray).unwrap();
+        fs::write(stray.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    }
+    server.stop();
+    server.start_again(&[]);
+
+    assert!(listed(&server).contains(&handle), "the owned container is kept");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if sleeper.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = sleeper.kill();
+            let _ = sleeper.wait();
+            panic!("the process in the orphan cgroup was not killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for parent in &parents {
+        assert!(!parent.join(&stray_name).exists(), "orphan cgroup {} is removed", parent.join(&stray_name).display());
+    }
+    let log = server.log_text();
+    assert!(log.lines().any(|line| line.contains("orphan removed at start-up") && line.contains(&stray_name)), "the removal is logged");
+}
