@@ -1,6 +1,6 @@
 //! The container state file in the depot, and the start-up fault hook.
 //!
-//! Each container directory holds `container.json`: a versioned record of
+//! Each container directory contains `container.json`: a versioned record of
 //! everything the server needs to rebuild the container's actor after a
 //! restart. It is replaced atomically (temporary file, fsync, rename, fsync
 //! of the directory) before the request that changed it is answered, so a

@@ -1,8 +1,8 @@
-//! End-to-end tests of server restarts against a real server: containers
-//! and their state come back, processes keep running and can be attached
-//! again with the output produced meanwhile, `kill -9` at fault points
-//! leaves every container whole or gone, and start-up removes what no
-//! container owns. Needs root; see `support` for how it skips. Every test
+//! End-to-end tests of server restarts against a real server. Containers
+//! and their state come back, and processes keep running and can be
+//! attached again with the output produced meanwhile. `kill -9` at fault
+//! points leaves every container whole or gone, and start-up removes what
+//! no container owns. Needs root; see `support` for how it skips. Every test
 //! ends with the harness's leak check.
 
 mod support;
@@ -60,7 +60,7 @@ fn listed(server: &TestServer) -> BTreeSet<String> {
     server.block_on(server.client.list(&Default::default())).unwrap().into_iter().collect()
 }
 
-/// A shell script that prints `ready`, waits for `/restart-go`, prints
+/// Returns a shell script that prints `ready`, waits for `/restart-go`, prints
 /// `while-down`, creates `/restart-done`, then reads a line and exits with
 /// `status`.
 fn gated_script(status: i32, read_stdin: bool) -> String {
@@ -483,4 +483,39 @@ fn soak_restart_cycles() {
     }
     assert!(listed(&server).is_empty());
     assert_eq!(server.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn crash_during_stream_in_keeps_container() {
+    use tokio::io::AsyncWriteExt;
+    let Some(mut server) = TestServer::start("crash_during_stream_in_keeps_container") else { return };
+    let handle = server.create("stream");
+    let mut header = tar::Header::new_ustar();
+    header.set_path("partial").unwrap();
+    header.set_size(1 << 20);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let (writer, task) = server.block_on(async {
+        let (mut writer, mut reader) = tokio::io::duplex(64 * 1024);
+        let client = server.client.clone();
+        let target = handle.clone();
+        let task = tokio::spawn(async move { client.stream_in(&target, "/", "", &mut reader).await });
+        writer.write_all(header.as_bytes()).await.unwrap();
+        writer.write_all(&[b'x'; 64 * 1024]).await.unwrap();
+        // The archive stays unfinished, so the server is in the middle of
+        // the stream in when it is killed.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (writer, task)
+    });
+    server.kill_server();
+    // The client notices the dead server only when it sends more, so the
+    // archive ends here, still short of its declared size.
+    drop(writer);
+    let result = server.block_on(task).unwrap();
+    assert!(result.is_err(), "a stream in cut by the server's death must fail");
+    server.start_again(&[]);
+
+    assert!(listed(&server).contains(&handle), "the container survives a crash during stream in");
+    let output = server.run_command(&handle, "echo", &["after stream in"]);
+    assert_eq!(output.stdout_text(), "after stream in\n");
 }

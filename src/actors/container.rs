@@ -87,7 +87,7 @@ pub struct Container {
     dir: PathBuf,
     created_at: SystemTime,
     processes: HashMap<String, ProcessSlot>,
-    /// What the state file records about each process, by id.
+    /// The state file's record of each process, by id.
     process_records: BTreeMap<String, ProcessRecord>,
     id_mappings: Option<IdMappings>,
     /// Network state, stored for the networking code; see
@@ -605,6 +605,30 @@ impl Handler<ForgetProcess> for Container {
     }
 }
 
+/// Replaces the container's network state (subnet, address, mapped ports,
+/// net-out rules) in the state file. The networking code owns its format;
+/// a restarted server hands it back from [`ContainerRecord::network`].
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct SetNetworkState {
+    pub network: Option<serde_json::Value>,
+}
+
+impl Handler<SetNetworkState> for Container {
+    type Result = AtomicResponse<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: SetNetworkState, _ctx: &mut Context<Self>) -> Self::Result {
+        let previous = std::mem::replace(&mut self.network, message.network);
+        let write = self.persist();
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, container, _| {
+            if result.is_err() {
+                container.network = previous;
+            }
+            result
+        })))
+    }
+}
+
 /// Records the exit status of one of the container's processes in the
 /// state file.
 #[derive(Message)]
@@ -638,8 +662,8 @@ impl Handler<ProcessExited> for Container {
     }
 }
 
-/// Gives a restored container the connection to one of its processes
-/// that survived the restart (or the replay of one that ended meanwhile).
+/// Gives a restored container the connection to one of its processes that
+/// survived the restart, or the replay of a process that ended meanwhile.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AdoptProcess {

@@ -6,7 +6,7 @@
 //! is running. The work itself happens in the container actors and the
 //! runtime.
 //!
-//! Before the server answers requests, [`Registry::restore_from_depot`]
+//! Before the server serves requests, [`Registry::restore_from_depot`]
 //! rebuilds the containers of the previous run from their state files (see
 //! [`crate::state`]) and removes what the depot and the host hold for
 //! containers that cannot be restored.
@@ -83,7 +83,7 @@ impl Registry {
     /// Rebuilds the containers of the previous run from the depot, or with
     /// `destroy_all` destroys them all. Containers that cannot be restored
     /// (unreadable state, no runtime record, garden-init gone, a destroy
-    /// that was under way) are destroyed; host objects under the server's
+    /// that was under way) are destroyed. Host objects under the server's
     /// tag that no container owns are removed. Each of these is logged.
     ///
     /// Blocks on runtime calls, so it runs once at start-up before the
@@ -104,7 +104,7 @@ impl Registry {
                 continue;
             }
             let Some(handle) = entry.file_name().to_str().map(str::to_string) else {
-                warn!(self.logger, "depot entry with a name that is no handle left in place"; "path" => %entry.path().display());
+                warn!(self.logger, "depot entry with an invalid handle as its name left in place"; "path" => %entry.path().display());
                 continue;
             };
             let dir = entry.path();
@@ -113,13 +113,10 @@ impl Registry {
                 continue;
             }
             match self.restore_one(&handle, &dir) {
-                Ok(true) => {
+                Restore::Served | Restore::LeftInPlace => {
                     owned.insert(handle);
                 }
-                Ok(false) => {}
-                Err(Kept) => {
-                    owned.insert(handle);
-                }
+                Restore::Destroyed => {}
             }
         }
         for removed in self.runtime.remove_orphans(&owned) {
@@ -128,9 +125,9 @@ impl Registry {
         info!(self.logger, "containers restored"; "count" => self.entries.len());
     }
 
-    /// Restores one container directory. Returns whether the container is
-    /// served, or `Err(Kept)` for a directory left in place untouched.
-    fn restore_one(&mut self, handle: &str, dir: &Path) -> Result<bool, Kept> {
+    /// Restores one container directory, or destroys it when it cannot be
+    /// restored.
+    fn restore_one(&mut self, handle: &str, dir: &Path) -> Restore {
         let record = match state::read_record(dir) {
             Ok(record) => record,
             Err(error @ StateError::NewerVersion { .. }) => {
@@ -138,16 +135,16 @@ impl Registry {
                 // destroyed: a downgrade must not lose it.
                 error!(self.logger, "container not restored and left in place"; "handle" => handle,
                     "reason" => crate::linux::error_chain(&error));
-                return Err(Kept);
+                return Restore::LeftInPlace;
             }
             Err(error) => {
                 self.destroy_at_startup(handle, dir, &crate::linux::error_chain(&error));
-                return Ok(false);
+                return Restore::Destroyed;
             }
         };
         if record.state == ContainerState::Destroying {
             self.destroy_at_startup(handle, dir, "its destroy was under way when the previous server stopped");
-            return Ok(false);
+            return Restore::Destroyed;
         }
         let config = ContainerConfig {
             handle: handle.to_string(),
@@ -159,15 +156,17 @@ impl Registry {
             Ok(restored) => restored,
             Err(error) => {
                 self.destroy_at_startup(handle, dir, &format!("its host objects cannot be found: {error}"));
-                return Ok(false);
+                return Restore::Destroyed;
             }
         };
         if !restored.init_alive {
             warn!(self.logger, "container destroyed at start-up"; "handle" => handle, "reason" => "its garden-init is gone");
             self.destroy_runtime_with_retries(handle, restored.container.as_ref());
-            return Ok(false);
+            return Restore::Destroyed;
         }
 
+        // TODO: give `record.network` back to the subnet and port pools
+        // once networking exists, so their allocations survive a restart.
         let privileged = record.spec.privileged;
         let grace_time = record.grace_time;
         let processes = restored.container.reattach_processes();
@@ -188,7 +187,7 @@ impl Registry {
         self.entries.insert(handle.to_string(), Entry::Ready { addr, privileged });
         self.reaper.do_send(Strap { handle: handle.to_string(), grace_time });
         info!(self.logger, "container restored"; "handle" => handle);
-        Ok(true)
+        Restore::Served
     }
 
     /// Destroys a container found at start-up that is not served, through
@@ -232,8 +231,16 @@ impl Registry {
     }
 }
 
-/// A depot directory that start-up leaves as it is.
-struct Kept;
+/// The outcome of start-up for one depot directory.
+enum Restore {
+    /// The container is restored and served.
+    Served,
+    /// The container and its host objects are destroyed.
+    Destroyed,
+    /// The directory is neither served nor touched, and its host objects
+    /// count as owned (a newer server's format).
+    LeftInPlace,
+}
 
 /// Checks a client-chosen handle: 1 to 255 bytes of `A-Z a-z 0-9 _ . + -`,
 /// and not `.` or `..`. The handle names the container's state directory, and

@@ -140,7 +140,7 @@ impl Server {
             logger.clone(),
         );
         // Restore finishes before the listener is bound, so no request
-        // sees a half-restored server.
+        // reaches a half-restored server.
         registry.restore_from_depot(config.destroy_containers_on_startup);
         let registry = registry.start();
         let stream_ids = StreamIds::starting_after(crate::state::reserve_stream_ids(&config.depot, &logger));

@@ -12,10 +12,10 @@
 //! [`crate::runtime::stdio`] until the process exits.
 //!
 //! The shim outlives the server. When the server's connection closes, the
-//! shim keeps the process running, keeps reading its output into a bounded
-//! buffer (the oldest output is dropped beyond [`DETACHED_OUTPUT_LIMIT`])
-//! and accepts a new server connection on the Unix socket [`SOCKET_NAME`] in
-//! the process's directory. A reconnected server first receives `Started`
+//! shim keeps the process running and keeps reading its output into a
+//! buffer, dropping the oldest output beyond [`DETACHED_OUTPUT_LIMIT`]. It
+//! accepts a new server connection on the Unix socket [`SOCKET_NAME`] in the
+//! process's directory. A reconnected server first receives `Started`
 //! again, then the buffered output, then live output and `Exited`. A
 //! process that ends while no server is connected leaves its buffered
 //! output in [`OUTPUT_FILE`] and then its status in the exit status file,
@@ -122,9 +122,9 @@ const OUTPUT_HIGH_WATER: usize = 1 << 20;
 const STDIN_HIGH_WATER: usize = 1 << 20;
 /// Size of one read from the process's output.
 const READ_CHUNK: usize = 64 * 1024;
-/// Output frames kept while no server is connected, in bytes; the oldest
-/// frames are dropped beyond it, so a process is never blocked by an absent
-/// server.
+/// Bytes of output frames kept while no server is connected. The oldest
+/// frames are dropped beyond it, so an absent server does not block the
+/// process.
 pub const DETACHED_OUTPUT_LIMIT: usize = 1 << 20;
 /// Name of the socket a restarted server reconnects on, in the process's
 /// directory.
@@ -372,11 +372,12 @@ enum Stream {
 /// The poll loop that moves bytes between the server and the process.
 struct IoLoop {
     socket: UnixStream,
-    /// False while no server is connected; output then goes on being read
-    /// into `to_server`, within [`DETACHED_OUTPUT_LIMIT`], so the process
-    /// never blocks.
+    /// False while no server is connected. Output is then still read into
+    /// `to_server`, within [`DETACHED_OUTPUT_LIMIT`], so the process does
+    /// not block on a full pipe.
     socket_open: bool,
-    /// Where a restarted server connects; `None` when binding failed.
+    /// The socket a restarted server connects to; `None` when binding
+    /// failed.
     listener: Option<UnixListener>,
     from_server: BytesMut,
     /// Encoded frames for the server, whole, oldest first.

@@ -330,7 +330,7 @@ impl TestServer {
     }
 
     /// Starts a server again on the same depot, with `env` added to its
-    /// environment (such as a fault point), and waits until it answers.
+    /// environment (such as a fault point), and waits for its first ping.
     pub fn start_again(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "{}: the previous server still runs", self.test);
         self.spawn(env);
@@ -413,8 +413,8 @@ impl TestServer {
         self.child = Some(child);
     }
 
-    /// Waits until the server answers a ping; false when it exits or
-    /// does not answer in time.
+    /// Waits until the server replies to a ping; false when it exits or
+    /// does not reply in time.
     fn try_wait_until_ready(&mut self) -> bool {
         let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {

@@ -1,9 +1,9 @@
 //! Finding a container's kernel objects again after a server restart, and
 //! removing what no container owns.
 //!
-//! Create records in `runtime.json` what the state file does not hold: the
-//! pid of garden-init with its start time, which tells a live init from a
-//! process that reused its pid after a host reboot.
+//! Create records in `runtime.json` what the state file does not contain:
+//! the pid of garden-init with its start time. The start time distinguishes
+//! a live init from a process that reused its pid after a host reboot.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -34,7 +34,7 @@ const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// status file, which a shim that is just finishing writes last.
 const EXIT_FILE_WAIT: Duration = Duration::from_secs(2);
 
-/// What create recorded about a container's host objects.
+/// The record create writes about a container's host objects.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct RuntimeRecord {
     init_pid: i32,
