@@ -519,3 +519,38 @@ fn crash_during_stream_in_keeps_container() {
     let output = server.run_command(&handle, "echo", &["after stream in"]);
     assert_eq!(output.stdout_text(), "after stream in\n");
 }
+
+#[test]
+fn full_depot_rejects_changes_keeps_state() {
+    let options = support::ServerOptions { depot_tmpfs_mib: Some(64), ..support::ServerOptions::default() };
+    let Some(mut server) = TestServer::start_with("full_depot_rejects_changes_keeps_state", options) else { return };
+    let handle = server.create("full");
+    server.block_on(server.client.set_property(&handle, "before", "kept")).unwrap();
+
+    // Fill the depot's filesystem to the last block.
+    let filler = server.depot.join("filler");
+    {
+        use std::io::Write;
+        let mut file = fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        loop {
+            if file.write_all(&block).is_err() {
+                break;
+            }
+        }
+        let single = [0u8; 1];
+        while file.write_all(&single).is_ok() {}
+    }
+    let error = server.block_on(server.client.set_property(&handle, "after", "lost")).unwrap_err();
+    assert!(error.to_string().contains("container.json"), "the error names the state file: {error}");
+    let properties = server.block_on(server.client.properties(&handle)).unwrap();
+    assert!(!properties.contains_key("after"), "a change that could not be stored is not applied");
+
+    // A restart on the full disk restores the last stored state.
+    server.stop();
+    server.start_again(&[]);
+    let properties = server.block_on(server.client.properties(&handle)).unwrap();
+    assert_eq!(properties.get("before").map(String::as_str), Some("kept"));
+    assert!(!properties.contains_key("after"));
+    fs::remove_file(&filler).unwrap();
+}

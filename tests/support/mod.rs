@@ -198,6 +198,9 @@ pub struct ServerOptions {
     pub max_containers: Option<u32>,
     /// More `key = value` lines for the configuration file.
     pub extra_config: Vec<String>,
+    /// Size in MiB of a tmpfs mounted on the depot, so a test can fill it;
+    /// `None` keeps the depot on the temporary directory's filesystem.
+    pub depot_tmpfs_mib: Option<u32>,
 }
 
 impl Default for ServerOptions {
@@ -206,6 +209,7 @@ impl Default for ServerOptions {
             default_grace_time: "0".into(),
             max_containers: None,
             extra_config: Vec::new(),
+            depot_tmpfs_mib: None,
         }
     }
 }
@@ -229,6 +233,8 @@ pub struct TestServer {
     runtime: tokio::runtime::Runtime,
     child: Option<Child>,
     netns_created: bool,
+    /// Whether the depot is a tmpfs this harness mounted.
+    depot_tmpfs: bool,
     temp: Option<tempfile::TempDir>,
     handle_counter: AtomicUsize,
 }
@@ -274,11 +280,23 @@ impl TestServer {
             runtime,
             child: None,
             netns_created: false,
+            depot_tmpfs: false,
             temp: Some(temp),
             handle_counter: AtomicUsize::new(0),
         };
 
         fs::create_dir_all(&server.depot).expect("creating the depot");
+        if let Some(size) = options.depot_tmpfs_mib {
+            nix::mount::mount(
+                Some("tmpfs"),
+                &server.depot,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(format!("size={size}m,mode=0755").as_str()),
+            )
+            .expect("mounting a tmpfs on the depot");
+            server.depot_tmpfs = true;
+        }
         server.create_netns();
         server.config = server.write_config(rootfs, &options);
         server.spawn(&[]);
@@ -622,6 +640,11 @@ impl Drop for TestServer {
             }
         }
 
+        if self.depot_tmpfs {
+            if let Err(error) = nix::mount::umount(&self.depot) {
+                problems.push(format!("unmounting the depot's tmpfs failed: {error}"));
+            }
+        }
         let leftovers = self.leftovers();
         problems.extend(leftovers.iter().map(|leftover| format!("left behind: {leftover}")));
         if let Some(temp) = self.temp.take() {
