@@ -554,3 +554,33 @@ fn full_depot_rejects_changes_keeps_state() {
     assert!(!properties.contains_key("after"));
     fs::remove_file(&filler).unwrap();
 }
+
+#[test]
+fn earlier_release_depot_upgraded() {
+    let Some(mut server) = TestServer::start("earlier_release_depot_upgraded") else { return };
+    let handle = server.create("old");
+    server.block_on(server.client.set_property(&handle, "kept", "yes")).unwrap();
+    server.stop();
+
+    // Turn the directory into what the first releases wrote: a state file
+    // without version, processes or id mappings, and no runtime record.
+    let dir = server.depot.join(&handle);
+    fs::remove_file(dir.join("runtime.json")).unwrap();
+    let state_file = dir.join("container.json");
+    let mut value: serde_json::Value = serde_json::from_slice(&fs::read(&state_file).unwrap()).unwrap();
+    let object = value.as_object_mut().unwrap();
+    for field in ["version", "processes", "id_mappings"] {
+        object.remove(field);
+    }
+    fs::write(&state_file, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    server.start_again(&[]);
+
+    assert!(listed(&server).contains(&handle), "the earlier release's container is restored");
+    let properties = server.block_on(server.client.properties(&handle)).unwrap();
+    assert_eq!(properties.get("kept").map(String::as_str), Some("yes"));
+    let output = server.run_command(&handle, "id", &["-u"]);
+    assert_eq!(output.stdout_text(), "0\n");
+    assert!(dir.join("runtime.json").exists(), "the runtime record is written again");
+    let upgraded: serde_json::Value = serde_json::from_slice(&fs::read(&state_file).unwrap()).unwrap();
+    assert_eq!(upgraded["version"], serde_json::json!(trellis::state::STATE_VERSION), "the state file is upgraded in place");
+}

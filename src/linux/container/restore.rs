@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::{cgroup_name, read_one_frame, InitProcess, LinuxContainer, EXIT_STATUS_FILE, PROCESSES_DIR};
 use crate::linux::cgroup::ContainerCgroup;
-use crate::linux::rootfs::ContainerRootfs;
+use crate::linux::rootfs::{self, ContainerRootfs};
 use crate::linux::shim::{OUTPUT_FILE, SOCKET_NAME};
 use crate::linux::{syscalls, LinuxRuntime};
 use crate::runtime::stdio::ShimFrame;
@@ -119,7 +119,11 @@ fn skeleton(runtime: &LinuxRuntime, handle: &str, container_dir: PathBuf, privil
 pub(in crate::linux) fn restore(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result<RestoredContainer, RuntimeError> {
     let container_dir = fs::canonicalize(&config.container_dir)
         .map_err(|error| RuntimeError::failed(format!("state directory {} is not usable: {error}", config.container_dir.display())))?;
-    let record = read_runtime_record(&container_dir)?;
+    let record = match read_runtime_record(&container_dir) {
+        Ok(record) => record,
+        Err(_) if !container_dir.join(RUNTIME_FILE).exists() => discover_runtime_record(runtime, config, &container_dir)?,
+        Err(error) => return Err(error),
+    };
     let rootfs = ContainerRootfs { root: record.root.clone(), overlay: record.overlay.clone() };
     let mut container = skeleton(runtime, &config.handle, container_dir, record.privileged, Some(rootfs));
     container.env = config.spec.env.clone();
@@ -130,6 +134,35 @@ pub(in crate::linux) fn restore(runtime: &LinuxRuntime, config: &ContainerConfig
     let init_alive = init.is_some();
     *container.init.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()) = init;
     Ok(RestoredContainer { container: std::sync::Arc::new(container), init_alive })
+}
+
+/// Rebuilds the runtime record of a container created by a release that
+/// wrote none: garden-init is the process of that name in the container's
+/// cgroup, and the root follows from the spec as create makes it. The
+/// record is written, so later restarts read it.
+fn discover_runtime_record(runtime: &LinuxRuntime, config: &ContainerConfig, container_dir: &Path) -> Result<RuntimeRecord, RuntimeError> {
+    let cgroup = ContainerCgroup::plan(runtime.cgroup_version, &runtime.hierarchies, &runtime.config.tag, &cgroup_name(&config.handle));
+    let init_pid = cgroup
+        .pids()?
+        .into_iter()
+        .find(|pid| fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|name| name.trim() == "garden-init"))
+        .ok_or_else(|| RuntimeError::failed(format!("{} is missing and no garden-init runs in the container's cgroup", RUNTIME_FILE)))?;
+    let init_start_time = process_start_time(init_pid)
+        .map_err(|error| RuntimeError::failed(format!("failed to read the start time of garden-init {init_pid}: {error}")))?;
+    let (root, overlay) = match rootfs::resolve_source(&config.spec, &runtime.config.default_rootfs)? {
+        rootfs::RootfsSource::Raw(path) => (path, None),
+        rootfs::RootfsSource::Directory(_) => (container_dir.join("rootfs"), Some(container_dir.join("rootfs"))),
+    };
+    // A privileged container has no user namespace of its own.
+    let user_namespace = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/user")).ok();
+    let privileged = user_namespace(&init_pid.to_string()) == user_namespace("self");
+    let record = RuntimeRecord { init_pid, init_start_time, privileged, root, overlay };
+    let path = container_dir.join(RUNTIME_FILE);
+    let bytes = serde_json::to_vec_pretty(&record).map_err(|error| RuntimeError::failed(error.to_string()))?;
+    crate::state::write_atomically(&path, &bytes)
+        .map_err(|error| RuntimeError::failed(format!("failed to write {}: {error}", path.display())))?;
+    slog::info!(runtime.logger, "runtime record rebuilt for a container of an earlier release"; "handle" => &config.handle, "init_pid" => init_pid);
+    Ok(record)
 }
 
 /// Removes every host object of a container directory that cannot be
