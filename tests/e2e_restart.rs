@@ -415,6 +415,11 @@ fn shim_sleeps_without_server() {
     server.block_on(server.client.run(&handle, &spec, ProcessIo::default())).unwrap();
     server.kill_server();
 
+    use std::os::unix::fs::PermissionsExt;
+    let socket = server.depot.join(&handle).join("processes/0/sock");
+    let mode = fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the shim's socket {} is open to other users: {mode:o}", socket.display());
+
     let shims = support::processes_working_under(&server.depot);
     assert_eq!(shims.len(), 1, "one shim runs: {shims:?}");
     let pid = shims[0].0;
@@ -448,8 +453,10 @@ fn soak_restart_cycles() {
         seed ^= seed << 17;
         seed % bound
     };
+    let mut kills = 0;
     for cycle in 0..1000u64 {
         let kill_step = if cycle % 50 == 49 { Some(random(3)) } else { None };
+        kills += usize::from(kill_step.is_some());
         let handle = server.unique_handle("soak");
         server.block_on(server.client.create(&ContainerSpec { handle: handle.clone(), ..ContainerSpec::default() })).unwrap();
         if kill_step == Some(0) {
@@ -481,8 +488,11 @@ fn soak_restart_cycles() {
             assert!(!listed(&server).contains(&handle), "cycle {cycle}: destroyed container came back");
         }
     }
+    assert_eq!(kills, 20, "the server is killed every 50 cycles");
     assert!(listed(&server).is_empty());
     assert_eq!(server.leftovers(), Vec::<String>::new());
+    let log = server.log_text();
+    assert_eq!(log.matches("\"server listening\"").count(), 21, "the server started once plus once per kill");
 }
 
 #[test]

@@ -248,6 +248,10 @@ fn serve(config: &ShimConfig, mut socket: UnixStream) -> io::Result<()> {
 /// directory first and binds a relative name, because a depot path with a
 /// long handle may not fit the 108 bytes of a socket address.
 fn listen(process_dir: &Path) -> io::Result<UnixListener> {
+    // Connecting needs write permission on the socket file, and the output
+    // file holds the process's output, so both are for root only. The
+    // process was forked already and keeps its own umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     std::env::set_current_dir(process_dir)?;
     let _ = fs::remove_file(SOCKET_NAME);
     let listener = UnixListener::bind(SOCKET_NAME)?;
