@@ -271,7 +271,7 @@ fn crash_at(server: &mut TestServer, point: &str, action: impl FnOnce(&TestServe
 #[test]
 fn crash_during_create_whole_or_gone() {
     let Some(mut server) = TestServer::start("crash_during_create_whole_or_gone") else { return };
-    for point in ["create.after-runtime", "create.after-persist"] {
+    for point in ["create.after-rootfs", "create.after-cgroup", "create.after-runtime", "create.after-persist"] {
         let handle = server.unique_handle("crash");
         crash_at(&mut server, point, |server| {
             let spec = ContainerSpec { handle: handle.clone(), ..ContainerSpec::default() };
@@ -313,6 +313,15 @@ fn crash_during_run_and_destroy() {
     });
     assert!(!listed(&server).contains(&handle), "a destroy under way finishes at start-up");
     assert!(!server.depot.join(&handle).exists());
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+
+    // Killed halfway through teardown: garden-init is gone, the rest not.
+    let second = server.create("crash-teardown");
+    crash_at(&mut server, "teardown.after-init-killed", |server| {
+        assert!(server.block_on(server.client.destroy(&second)).is_err());
+    });
+    assert!(!listed(&server).contains(&second), "a half torn down container is finished at start-up");
+    assert!(!server.depot.join(&second).exists());
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
 

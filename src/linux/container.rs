@@ -169,8 +169,10 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
     container.rootfs = Some(ContainerRootfs { root: PathBuf::new(), overlay: Some(container.container_dir.join("rootfs")) });
     let prepared = prepared?;
     container.rootfs = Some(prepared.clone());
+    crate::state::fault_point("create.after-rootfs");
 
     container.cgroup.create(container.privileged, &config.spec.limits)?;
+    crate::state::fault_point("create.after-cgroup");
     fs::create_dir_all(container.container_dir.join(PROCESSES_DIR))
         .map_err(|error| RuntimeError::failed(format!("failed to create the processes directory: {error}")))?;
 
@@ -285,6 +287,7 @@ impl LinuxContainer {
                 Err(error) => errors.push(format!("failed to wait for garden-init {}: {error}", init.pid)),
             }
         }
+        crate::state::fault_point("teardown.after-init-killed");
         // Processes that joined the cgroup but not yet the pid namespace.
         if let Err(error) = self.kill_cgroup(true) {
             errors.push(error_chain(&error));
