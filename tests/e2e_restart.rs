@@ -95,6 +95,9 @@ fn restart_keeps_containers_and_state() {
     let memory = server.block_on(server.client.memory_limits(&handle)).unwrap();
     assert_eq!(memory.limit_in_bytes, 64 << 20);
 
+    let snapshot = server.introspect();
+    assert_eq!(snapshot["uid_pool"]["holders"], serde_json::json!(1), "the restored container holds its id mapping again");
+
     let output = server.run_command(&handle, "echo", &["after restart"]);
     assert_eq!(output.stdout_text(), "after restart\n");
     assert_eq!(output.status, 0);
@@ -499,6 +502,8 @@ fn soak_restart_cycles() {
     }
     assert_eq!(kills, 20, "the server is killed every 50 cycles");
     assert!(listed(&server).is_empty());
+    let snapshot = server.introspect();
+    assert_eq!(snapshot["uid_pool"]["holders"], serde_json::json!(0), "every id mapping is back in the pool");
     assert_eq!(server.leftovers(), Vec::<String>::new());
     let log = server.log_text();
     assert_eq!(log.matches("\"server listening\"").count(), 21, "the server started once plus once per kill");

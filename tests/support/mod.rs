@@ -518,6 +518,30 @@ impl TestServer {
             .unwrap_or_else(|error| panic!("{}: running {path} {args:?} failed: {error}", self.test))
     }
 
+    /// Returns the actor snapshot of the server's debug listener, which
+    /// listens on loopback port 17013 of the server's network namespace. A
+    /// thread of its own joins that namespace to connect.
+    pub fn introspect(&self) -> serde_json::Value {
+        use std::io::Read;
+        let netns_path = format!("/run/netns/{}", self.name);
+        let response = std::thread::spawn(move || {
+            let netns = fs::File::open(&netns_path).expect("opening the server's network namespace");
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("joining the server's network namespace");
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", 17013)).expect("connecting to the debug listener");
+            stream.set_read_timeout(Some(CLEANUP_CALL_TIMEOUT)).unwrap();
+            stream.write_all(b"GET /debug/introspect HTTP/1.1\r\nHost: debug\r\nConnection: close\r\n\r\n").unwrap();
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).expect("reading the debug listener's response");
+            received
+        })
+        .join()
+        .expect("the introspection thread panicked");
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{}: introspection failed: {head}", self.test);
+        serde_json::from_str(body).expect("introspection returns JSON")
+    }
+
     /// Returns the server's log so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_else(|error| format!("(cannot read {}: {error})", self.log.display()))
