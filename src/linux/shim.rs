@@ -249,7 +249,7 @@ fn serve(config: &ShimConfig, mut socket: UnixStream) -> io::Result<()> {
 /// long handle may not fit the 108 bytes of a socket address.
 fn listen(process_dir: &Path) -> io::Result<UnixListener> {
     // Connecting needs write permission on the socket file, and the output
-    // file holds the process's output, so both are for root only. The
+    // file contains the process's output, so both are for root only. The
     // process was forked already and keeps its own umask.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     std::env::set_current_dir(process_dir)?;
@@ -688,8 +688,9 @@ impl IoLoop {
         }
     }
 
-    /// Reads up to `limit` bytes from output `index` into a frame; returns
-    /// the number of bytes read, 0 when none were ready or at end of file.
+    /// Reads up to `limit` bytes from output `index` into a frame. Returns
+    /// the number of bytes read, which is 0 when none were ready or at end
+    /// of file.
     fn read_output(&mut self, index: usize, limit: usize) -> usize {
         let (Some(fd), stream) = (&self.outputs[index].0, self.outputs[index].1) else { return 0 };
         let mut chunk = vec![0u8; READ_CHUNK.min(limit).min(MAX_FRAME_PAYLOAD)];
@@ -773,8 +774,8 @@ impl IoLoop {
                 }
             }
             write_exit_status(exit_status_path, status);
-            // A server that connected meanwhile waits in the backlog and
-            // sees the connection close; it then reads the files.
+            // A server that connected meanwhile waits in the backlog until
+            // the listener closes, and then reads the files.
             self.listener = None;
             return;
         }
