@@ -118,6 +118,10 @@ pub struct Config {
     /// `--cpu-entitlement-per-share`; 0 derives it from the host's CPU
     /// cores and memory.
     pub cpu_entitlement_per_share: f64,
+    /// Destroy every container the depot and the host hold for this
+    /// server's tag at start-up, as gdn's `--destroy-containers-on-startup`
+    /// does. Off: containers are restored.
+    pub destroy_containers_on_startup: bool,
 }
 
 impl Default for Config {
@@ -146,6 +150,7 @@ impl Default for Config {
             no_new_privileges: false,
             cpu_quota_per_share: 0,
             cpu_entitlement_per_share: 0.0,
+            destroy_containers_on_startup: false,
         }
     }
 }
@@ -175,6 +180,7 @@ pub const KEYS: &[&str] = &[
     "no-new-privileges",
     "cpu-quota-per-share",
     "cpu-entitlement-per-share",
+    "destroy-containers-on-startup",
 ];
 
 impl Config {
@@ -259,6 +265,7 @@ impl Config {
                 }
                 self.cpu_entitlement_per_share = percent;
             }
+            "destroy-containers-on-startup" => self.destroy_containers_on_startup = parse_bool(text).map_err(invalid)?,
             _ => return Err(ConfigError::unknown_key(source_name, key)),
         }
         Ok(())

@@ -18,6 +18,8 @@
 //! - [`cli`]: the `trellis` subcommands.
 //! - [`config`]: the server configuration file and flags.
 //! - [`logging`]: the log level that the debug listener can change.
+//! - [`state`]: the per-container state file in the depot, which a
+//!   restarted server rebuilds its containers from.
 //!
 //! `api` and `client` depend on neither actix nor `linux`.
 
@@ -31,3 +33,4 @@ pub mod linux;
 pub mod logging;
 pub mod pools;
 pub mod runtime;
+pub mod state;

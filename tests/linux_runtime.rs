@@ -134,7 +134,9 @@ fn process(path: &str, args: &[&str]) -> ProcessSpec {
 fn connection(stdio: StdioConnection) -> UnixStream {
     match stdio {
         StdioConnection::Unix(stream) => stream,
-        StdioConnection::Memory(_) => panic!("the Linux runtime returned an in-memory connection"),
+        StdioConnection::Memory(_) | StdioConnection::Replay(_) => {
+            panic!("the Linux runtime returned no shim connection for a new process")
+        }
     }
 }
 

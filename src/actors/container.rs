@@ -5,9 +5,8 @@
 //! records are atomic (no other message interleaves) so the file always
 //! matches the actor.
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -23,15 +22,15 @@ use crate::api::{
     BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, ProcessSpec,
     Properties,
 };
-use crate::runtime::{ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
+use crate::runtime::{ContainerRuntime, IdMappings, RuntimeError, StartedProcess, StdioConnection};
+use crate::state::{ContainerRecord, ProcessRecord, STATE_VERSION};
+
+pub use crate::state::{write_atomically, STATE_FILE};
 
 /// Reserved property set to `created` once create has finished.
 pub const PROPERTY_STATE: &str = "garden.state";
 /// Reserved property holding the effective grace time in nanoseconds.
 pub const PROPERTY_GRACE_TIME: &str = "garden.grace-time";
-
-/// Name of the state file inside the container's directory.
-pub const STATE_FILE: &str = "container.json";
 
 /// Lifecycle state of a container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -90,6 +89,15 @@ pub struct Container {
     dir: PathBuf,
     created_at: SystemTime,
     processes: HashMap<String, ProcessSlot>,
+    /// The state file's record of each process, by id.
+    process_records: BTreeMap<String, ProcessRecord>,
+    id_mappings: Option<IdMappings>,
+    /// Network state, stored for the networking code; see
+    /// [`ContainerRecord::network`].
+    network: Option<serde_json::Value>,
+    /// Fields of the state file this server does not know, written back
+    /// unchanged.
+    unknown_state: BTreeMap<String, serde_json::Value>,
     stream_table: StreamTable,
     logger: Logger,
     /// Notable events for Info: one `Out of memory` per OOM kill.
@@ -107,25 +115,13 @@ pub struct Container {
 /// Info's events with this text.
 pub const OUT_OF_MEMORY_EVENT: &str = "Out of memory";
 
-/// The on-disk record of a container, written atomically.
-#[derive(serde::Serialize)]
-struct StateRecord<'a> {
-    handle: &'a str,
-    state: ContainerState,
-    grace_time: i64,
-    properties: &'a Properties,
-    created_at_unix_ns: u128,
-    spec: &'a ContainerSpec,
-    events: &'a [String],
-    oom_kills: u64,
-}
-
 impl Container {
     /// Builds the actor for a container the runtime has created.
     pub fn new(
         handle: String,
         spec: ContainerSpec,
         runtime: Arc<dyn ContainerRuntime>,
+        id_mappings: Option<IdMappings>,
         dir: PathBuf,
         stream_table: StreamTable,
         logger: &Logger,
@@ -146,6 +142,10 @@ impl Container {
             dir,
             created_at: SystemTime::now(),
             processes: HashMap::new(),
+            process_records: BTreeMap::new(),
+            id_mappings,
+            network: None,
+            unknown_state: BTreeMap::new(),
             stream_table,
             events: Vec::new(),
             oom_kills: 0,
@@ -155,48 +155,85 @@ impl Container {
         }
     }
 
-    /// Sets the out-of-memory events and the kernel's kill count that a
-    /// container restored from its state file had recorded. Its watch then
-    /// records only the kills beyond that count, including those made while
-    /// no server watched.
     /// Adds this container's out-of-memory kills to `counter` as well.
     pub fn with_oom_counter(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Container {
         self.oom_counter = Some(counter);
         self
     }
 
+    /// Sets the out-of-memory events and the kernel's kill count recorded
+    /// earlier; the watch then records only kills beyond that count,
+    /// including those made while no server watched.
     pub fn with_oom_record(mut self, events: Vec<String>, oom_kills: u64) -> Container {
         self.events = events;
         self.oom_kills = oom_kills;
         self
     }
 
-    /// Serialises the state record for [`write_atomically`].
-    pub fn state_record(&self) -> Vec<u8> {
-        let record = StateRecord {
-            handle: &self.handle,
+    /// Rebuilds the actor of a container from its state file after a
+    /// restart. The caller reattaches its processes with
+    /// [`AdoptProcess`].
+    pub fn restore(
+        record: ContainerRecord,
+        runtime: Arc<dyn ContainerRuntime>,
+        dir: PathBuf,
+        stream_table: StreamTable,
+        logger: &Logger,
+    ) -> Container {
+        let created_at = SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_nanos(u64::try_from(record.created_at_unix_ns).unwrap_or(u64::MAX));
+        Container {
+            logger: logger.new(o!("handle" => record.handle.clone())),
+            handle: record.handle,
+            spec: record.spec,
+            state: record.state,
+            properties: record.properties,
+            grace_time: record.grace_time,
+            runtime,
+            dir,
+            created_at,
+            processes: HashMap::new(),
+            process_records: record.processes.into_iter().map(|process| (process.id.clone(), process)).collect(),
+            id_mappings: record.id_mappings,
+            network: record.network,
+            unknown_state: record.unknown,
+            stream_table,
+            events: record.events,
+            oom_kills: record.oom_kills,
+            oom_watcher: None,
+            oom_counter: None,
+            mailbox: MailboxStats::default(),
+        }
+    }
+
+    /// Returns the state file record of the actor as it is now.
+    pub fn state_record(&self) -> ContainerRecord {
+        ContainerRecord {
+            version: STATE_VERSION,
+            handle: self.handle.clone(),
             state: self.state,
             grace_time: self.grace_time,
-            properties: &self.properties,
+            properties: self.properties.clone(),
             created_at_unix_ns: self
                 .created_at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|age| age.as_nanos())
                 .unwrap_or(0),
-            spec: &self.spec,
-            events: &self.events,
+            spec: self.spec.clone(),
+            id_mappings: self.id_mappings.clone(),
+            processes: self.process_records.values().cloned().collect(),
+            network: self.network.clone(),
+            unknown: self.unknown_state.clone(),
+            events: self.events.clone(),
             oom_kills: self.oom_kills,
-        };
-        let mut bytes = serde_json::to_vec_pretty(&record).expect("state record serialises");
-        bytes.push(b'\n');
-        bytes
+        }
     }
 
     /// Returns a future that writes the current state file off the actor
     /// thread.
     fn persist(&self) -> impl std::future::Future<Output = Result<(), ContainerError>> + 'static {
         let path = self.dir.join(STATE_FILE);
-        let bytes = self.state_record();
+        let bytes = self.state_record().to_bytes();
         async move {
             let target = path.clone();
             tokio::task::spawn_blocking(move || write_atomically(&target, &bytes))
@@ -266,22 +303,6 @@ impl Handler<OomKilled> for Container {
             }
         })))
     }
-}
-
-/// Writes `bytes` to `path` so that a crash leaves either the old or the new
-/// file: a temporary file in the same directory, fsync, rename, then fsync
-/// of the directory so the rename itself is durable.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let directory = path.parent().unwrap_or(Path::new("."));
-    let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or("state");
-    let temporary = directory.join(format!(".{file_name}.tmp"));
-    {
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&temporary, path)?;
-    std::fs::File::open(directory)?.sync_all()
 }
 
 /// Returns the container's Info.
@@ -482,8 +503,18 @@ impl Handler<DestroyContainer> for Container {
         }
         let previous = self.state;
         self.state = ContainerState::Destroying;
+        // Recorded first, so a server that dies during teardown finishes
+        // the destroy when it starts again.
+        let mark = self.persist();
         let runtime = self.runtime.clone();
-        let destroy = async move { blocking(move || runtime.destroy()).await };
+        let logger = self.logger.clone();
+        let destroy = async move {
+            if let Err(error) = mark.await {
+                warn!(logger, "recording the destroy in the state file failed; destroying anyway"; "error" => %error);
+            }
+            crate::state::fault_point("destroy.before-teardown");
+            blocking(move || runtime.destroy()).await
+        };
         Box::pin(destroy.into_actor(self).map(move |result, container, ctx| {
             match &result {
                 Ok(()) => {
@@ -529,7 +560,7 @@ pub struct RunProcess {
 impl Handler<RunProcess> for Container {
     type Result = ResponseActFuture<Self, Result<Addr<Process>, ContainerError>>;
 
-    fn handle(&mut self, message: RunProcess, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, message: RunProcess, ctx: &mut Context<Self>) -> Self::Result {
         self.mailbox.count();
         match self.state {
             ContainerState::Active => {}
@@ -556,25 +587,52 @@ impl Handler<RunProcess> for Container {
         let tty = message.spec.tty.is_some();
         let id = process_id.clone();
         let started_at = Instant::now();
+        let on_exit = ctx.address().recipient();
         let start = async move {
             let spec = message.spec;
             let run_id = id.clone();
             let started = blocking(move || runtime.run(&run_id, &spec)).await?;
+            crate::state::fault_point("run.after-start");
             let (pid, leftover, reader, writer) = split_stdio(started)?;
             info!(logger, "process started"; "process_id" => &id, "pid" => pid,
                 "duration_ms" => started_at.elapsed().as_millis() as u64);
-            Ok(Process::start_with(ProcessStart { process_id: id, pid, tty, logger, stream_table, leftover, reader, writer }))
+            Ok(Process::start_with(ProcessStart {
+                process_id: id,
+                pid,
+                tty,
+                logger,
+                stream_table,
+                leftover,
+                reader,
+                writer,
+                on_exit: Some(on_exit),
+            }))
         };
-        Box::pin(start.into_actor(self).map(move |result: Result<Addr<Process>, ContainerError>, container, _| {
-            match &result {
+        Box::pin(start.into_actor(self).then(move |result: Result<Addr<Process>, ContainerError>, container, _| {
+            let persist = match &result {
                 Ok(addr) => {
-                    container.processes.insert(process_id, ProcessSlot::Running(addr.clone()));
+                    container.processes.insert(process_id.clone(), ProcessSlot::Running(addr.clone()));
+                    container.process_records.insert(process_id.clone(), ProcessRecord { id: process_id, tty, exit_status: None });
+                    Some(container.persist())
                 }
                 Err(_) => {
                     container.processes.remove(&process_id);
+                    None
                 }
+            };
+            let logger = container.logger.clone();
+            async move {
+                if let Some(persist) = persist {
+                    // The process runs either way, and a restarted server
+                    // also finds it by its directory, so a failed write is
+                    // logged and the process still returned.
+                    if let Err(error) = persist.await {
+                        warn!(logger, "recording a started process in the state file failed"; "error" => %error);
+                    }
+                }
+                result
             }
-            result
+            .into_actor(container)
         }))
     }
 }
@@ -617,6 +675,9 @@ impl Handler<ForgetProcess> for Container {
             return;
         }
         self.processes.remove(&message.process_id);
+        // The state file catches up with the next write; a restarted server
+        // skips records whose process directory is gone.
+        self.process_records.remove(&message.process_id);
         debug!(self.logger, "finished process forgotten"; "process_id" => &message.process_id);
         let runtime = self.runtime.clone();
         let logger = self.logger.clone();
@@ -630,6 +691,107 @@ impl Handler<ForgetProcess> for Container {
             }
             .into_actor(self),
         );
+    }
+}
+
+/// Replaces the container's network state (subnet, address, mapped ports,
+/// net-out rules) in the state file. The networking code owns its format;
+/// a restarted server hands it back from [`ContainerRecord::network`].
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct SetNetworkState {
+    pub network: Option<serde_json::Value>,
+}
+
+impl Handler<SetNetworkState> for Container {
+    type Result = AtomicResponse<Self, Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: SetNetworkState, _ctx: &mut Context<Self>) -> Self::Result {
+        let previous = std::mem::replace(&mut self.network, message.network);
+        let write = self.persist();
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, container, _| {
+            if result.is_err() {
+                container.network = previous;
+            }
+            result
+        })))
+    }
+}
+
+/// Records the exit status of one of the container's processes in the
+/// state file.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProcessExited {
+    pub process_id: String,
+    pub exit_status: i32,
+}
+
+impl Handler<ProcessExited> for Container {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, message: ProcessExited, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(record) = self.process_records.get_mut(&message.process_id) else {
+            return AtomicResponse::new(Box::pin(fut::ready(())));
+        };
+        if record.exit_status == Some(message.exit_status) || self.state == ContainerState::Destroying {
+            return AtomicResponse::new(Box::pin(fut::ready(())));
+        }
+        record.exit_status = Some(message.exit_status);
+        let write = self.persist();
+        let logger = self.logger.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                if let Err(error) = write.await {
+                    warn!(logger, "recording an exit status in the state file failed"; "process_id" => &message.process_id, "error" => %error);
+                }
+            }
+            .into_actor(self),
+        ))
+    }
+}
+
+/// Gives a restored container the connection to one of its processes that
+/// survived the restart, or the replay of a process that ended meanwhile.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdoptProcess {
+    pub process_id: String,
+    pub started: StartedProcess,
+}
+
+impl Handler<AdoptProcess> for Container {
+    type Result = ();
+
+    fn handle(&mut self, message: AdoptProcess, ctx: &mut Context<Self>) {
+        let process_id = message.process_id;
+        let tty = match self.process_records.get(&process_id) {
+            Some(record) => record.tty,
+            None => {
+                self.process_records.insert(process_id.clone(), ProcessRecord { id: process_id.clone(), tty: false, exit_status: None });
+                false
+            }
+        };
+        let (pid, leftover, reader, writer) = match split_stdio(message.started) {
+            Ok(halves) => halves,
+            Err(error) => {
+                warn!(self.logger, "reattaching a process failed"; "process_id" => &process_id, "error" => %error);
+                return;
+            }
+        };
+        let addr = Process::start_with(ProcessStart {
+            process_id: process_id.clone(),
+            pid,
+            tty,
+            logger: self.logger.clone(),
+            stream_table: self.stream_table.clone(),
+            leftover,
+            reader,
+            writer,
+            on_exit: Some(ctx.address().recipient()),
+        });
+        info!(self.logger, "process reattached"; "process_id" => &process_id, "pid" => pid);
+        self.processes.insert(process_id, ProcessSlot::Running(addr));
     }
 }
 
@@ -670,6 +832,7 @@ impl Handler<Introspect> for Container {
             "limits": self.spec.limits,
             "network": self.spec.network,
             "container_path": self.dir,
+            "process_records": self.process_records.values().collect::<Vec<_>>(),
             "runtime": self.runtime.describe(),
             "oom_kills": self.oom_kills,
         });
@@ -836,6 +999,7 @@ fn split_stdio(started: StartedProcess) -> Result<ShimHalves, ContainerError> {
                 let (reader, writer) = tokio::io::split(stream);
                 (Box::new(reader), Box::new(writer))
             }
+            StdioConnection::Replay(frames) => (Box::new(std::io::Cursor::new(frames)), Box::new(tokio::io::sink())),
             StdioConnection::Unix(stream) => {
                 let io_error = |error: std::io::Error| {
                     ContainerError::from(RuntimeError::failed(format!("cannot use the process shim socket: {error}")))
@@ -925,7 +1089,7 @@ mod tests {
         // no server watched, and one comes after the watch starts.
         let runtime = Arc::new(WithOomWatch { inner, watch: std::sync::Mutex::new(Some(OneCount { initial: 3, then: Some(4) })) });
         let logger = Logger::root(slog::Discard, o!());
-        let container = Container::new("box".into(), spec, runtime, dir.path().to_path_buf(), StreamTable::default(), &logger)
+        let container = Container::new("box".into(), spec, runtime, None, dir.path().to_path_buf(), StreamTable::default(), &logger)
             .with_oom_record(vec![OUT_OF_MEMORY_EVENT.to_string()], 1)
             .start();
 
@@ -981,16 +1145,5 @@ mod tests {
         let disk = merge_limits(&current, &LimitUpdate::Disk(DiskLimits { byte_hard: 1 << 30, scope: 1, ..DiskLimits::default() }));
         assert_eq!(disk.disk_limits, DiskLimits { byte_hard: 1 << 30, scope: 1, ..DiskLimits::default() });
         assert_eq!(merge_limits(&current, &LimitUpdate::Disk(DiskLimits { scope: 1, ..DiskLimits::default() })), current);
-    }
-
-    #[test]
-    fn atomic_write_replaces_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
-        write_atomically(&path, b"one").unwrap();
-        write_atomically(&path, b"two").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
     }
 }

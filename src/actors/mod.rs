@@ -115,11 +115,18 @@ impl ContainerError {
 /// and stderr attaches name only the stream id.
 pub type StreamTable = Arc<DashMap<String, actix::Addr<Process>>>;
 
-/// Server-wide source of stream ids, counting from 1 as the Go server does.
+/// Server-wide source of stream ids, counting up as the Go server does. A
+/// server with a depot starts after the ids of earlier runs, so a late
+/// attach with an old id never finds another process's stream.
 #[derive(Debug, Clone, Default)]
 pub struct StreamIds(Arc<AtomicU64>);
 
 impl StreamIds {
+    /// Returns a source whose first id is `last + 1`.
+    pub fn starting_after(last: u64) -> Self {
+        StreamIds(Arc::new(AtomicU64::new(last)))
+    }
+
     /// Returns the next unused stream id.
     pub fn next(&self) -> String {
         (self.0.fetch_add(1, Ordering::Relaxed) + 1).to_string()

@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::stats::{measure_mailbox, MailboxStats};
+use super::container::ProcessExited;
 use super::{Introspect, StreamTable};
 use crate::runtime::stdio::{ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD};
 
@@ -216,6 +217,7 @@ pub struct Process {
     /// Run's own, so that its reserved readers exist before any output.
     start_reading: Option<oneshot::Sender<()>>,
     mailbox: MailboxStats,
+    on_exit: Option<Recipient<ProcessExited>>,
 }
 
 /// Everything the process actor needs at start.
@@ -229,6 +231,8 @@ pub struct ProcessStart {
     pub leftover: BytesMut,
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
     pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Told the exit status, so the container records it in its state file.
+    pub on_exit: Option<Recipient<ProcessExited>>,
 }
 
 impl Process {
@@ -251,6 +255,7 @@ impl Process {
             stream_table: start.stream_table,
             start_reading: Some(start_reading),
             mailbox: MailboxStats::default(),
+            on_exit: start.on_exit,
         };
         let addr = process.start();
         actix_rt::spawn(write_shim_frames(start.writer, shim_receiver, logger.clone()));
@@ -531,7 +536,12 @@ impl Handler<ShimExited> for Process {
     fn handle(&mut self, message: ShimExited, ctx: &mut Context<Self>) {
         self.mailbox.count();
         match &message.outcome {
-            ExitOutcome::Status(status) => info!(self.logger, "process exited"; "exit_status" => status),
+            ExitOutcome::Status(status) => {
+                info!(self.logger, "process exited"; "exit_status" => status);
+                if let Some(on_exit) = &self.on_exit {
+                    on_exit.do_send(ProcessExited { process_id: self.process_id.clone(), exit_status: *status });
+                }
+            }
             ExitOutcome::Error(error) => warn!(self.logger, "process wait failed"; "error" => error),
         }
         // `send_replace` stores the outcome even while no stream is open.

@@ -5,22 +5,28 @@
 //! container limit, and refuses a second destroy of a handle whose destroy
 //! is running. The work itself happens in the container actors and the
 //! runtime.
+//!
+//! Before the server serves requests, [`Registry::restore_from_depot`]
+//! rebuilds the containers of the previous run from their state files (see
+//! [`crate::state`]) and removes what the depot and the host hold for
+//! containers that cannot be restored.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{info, warn, Logger};
+use slog::{error, info, warn, Logger};
 
-use super::container::{self, blocking, Container, DestroyContainer, GetProperties, PersistState};
+use super::container::{self, blocking, AdoptProcess, Container, ContainerState, DestroyContainer, GetProperties, PersistState};
 use super::reaper::{Defuse, Reaper, Strap};
 use super::stats::{measure_mailbox, MailboxStats};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::ContainerSpec;
 use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
-use crate::runtime::{ContainerConfig, Runtime};
+use crate::runtime::{ContainerConfig, ContainerRuntime, Runtime, StartedProcess, StdioConnection};
+use crate::state::{self, StateError};
 
 /// Maximum handle length, in bytes.
 pub const MAX_HANDLE_LEN: usize = 255;
@@ -80,6 +86,174 @@ impl Registry {
 
 impl Actor for Registry {
     type Context = Context<Self>;
+}
+
+/// Attempts of a destroy at start-up before the container is given up.
+const STARTUP_DESTROY_ATTEMPTS: u32 = 3;
+/// Pause between those attempts.
+const STARTUP_DESTROY_PAUSE: Duration = Duration::from_secs(1);
+
+impl Registry {
+    /// Rebuilds the containers of the previous run from the depot, or with
+    /// `destroy_all` destroys them all. Containers that cannot be restored
+    /// (unreadable state, no runtime record, garden-init gone, a destroy
+    /// that was under way) are destroyed. Host objects under the server's
+    /// tag that no container owns are removed. Each of these is logged.
+    ///
+    /// Blocks on runtime calls, so it runs once at start-up before the
+    /// registry takes messages; it must run inside the actix system, which
+    /// starts the restored actors.
+    pub fn restore_from_depot(&mut self, destroy_all: bool) {
+        let depot = self.settings.depot.clone();
+        let entries = match std::fs::read_dir(&depot) {
+            Ok(entries) => entries,
+            Err(error) => {
+                warn!(self.logger, "cannot list the depot; nothing restored"; "depot" => %depot.display(), "error" => %error);
+                return;
+            }
+        };
+        let mut owned = BTreeSet::new();
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                continue;
+            }
+            let Some(handle) = entry.file_name().to_str().map(str::to_string) else {
+                warn!(self.logger, "depot entry with an invalid handle as its name left in place"; "path" => %entry.path().display());
+                continue;
+            };
+            let dir = entry.path();
+            if destroy_all {
+                self.destroy_at_startup(&handle, &dir, "destroy-containers-on-startup is set");
+                continue;
+            }
+            match self.restore_one(&handle, &dir) {
+                Restore::Served | Restore::LeftInPlace => {
+                    owned.insert(handle);
+                }
+                Restore::Destroyed => {}
+            }
+        }
+        for removed in self.runtime.remove_orphans(&owned) {
+            warn!(self.logger, "orphan removed at start-up"; "object" => removed);
+        }
+        info!(self.logger, "containers restored"; "count" => self.entries.len());
+    }
+
+    /// Restores one container directory, or destroys it when it cannot be
+    /// restored.
+    fn restore_one(&mut self, handle: &str, dir: &Path) -> Restore {
+        let record = match state::read_record(dir) {
+            Ok(record) => record,
+            Err(error @ StateError::NewerVersion { .. }) => {
+                // A newer server's container is neither served nor
+                // destroyed: a downgrade must not lose it.
+                error!(self.logger, "container not restored and left in place"; "handle" => handle,
+                    "reason" => crate::linux::error_chain(&error));
+                return Restore::LeftInPlace;
+            }
+            Err(error) => {
+                self.destroy_at_startup(handle, dir, &crate::linux::error_chain(&error));
+                return Restore::Destroyed;
+            }
+        };
+        if record.state == ContainerState::Destroying {
+            self.destroy_at_startup(handle, dir, "its destroy was under way when the previous server stopped");
+            return Restore::Destroyed;
+        }
+        let config = ContainerConfig {
+            handle: handle.to_string(),
+            spec: record.spec.clone(),
+            container_dir: dir.to_path_buf(),
+            id_mappings: record.id_mappings.clone(),
+        };
+        let restored = match self.runtime.restore(&config) {
+            Ok(restored) => restored,
+            Err(error) => {
+                self.destroy_at_startup(handle, dir, &format!("its host objects cannot be found: {error}"));
+                return Restore::Destroyed;
+            }
+        };
+        if !restored.init_alive {
+            warn!(self.logger, "container destroyed at start-up"; "handle" => handle, "reason" => "its garden-init is gone");
+            self.destroy_runtime_with_retries(handle, restored.container.as_ref());
+            return Restore::Destroyed;
+        }
+
+        // TODO: give `record.network` back to the subnet and port pools
+        // once networking exists, so their allocations survive a restart.
+        let privileged = record.spec.privileged;
+        let grace_time = record.grace_time;
+        let processes = restored.container.reattach_processes();
+        let container = Container::restore(record, restored.container, dir.to_path_buf(), self.stream_table.clone(), &self.logger);
+        let addr = container.start();
+        for (process_id, result) in processes {
+            let started = result.unwrap_or_else(|error| {
+                // The process stays known, and an attach reports the error
+                // as its end.
+                warn!(self.logger, "process cannot be reattached"; "handle" => handle, "process_id" => &process_id, "error" => %error);
+                StartedProcess { pid: 0, stdio: StdioConnection::Replay(Vec::new()) }
+            });
+            addr.do_send(AdoptProcess { process_id, started });
+        }
+        if !privileged {
+            self.uid_pool.do_send(AcquireIdMappings);
+        }
+        self.entries.insert(handle.to_string(), Entry::Ready { addr, privileged });
+        self.reaper.do_send(Strap { handle: handle.to_string(), grace_time });
+        info!(self.logger, "container restored"; "handle" => handle);
+        Restore::Served
+    }
+
+    /// Destroys a container found at start-up that is not served, through
+    /// the runtime's restore when possible, else by removing what its
+    /// directory and tag name.
+    fn destroy_at_startup(&self, handle: &str, dir: &Path, reason: &str) {
+        warn!(self.logger, "container destroyed at start-up"; "handle" => handle, "reason" => reason);
+        let record = state::read_record(dir).ok();
+        let restored = record.and_then(|record| {
+            let config = ContainerConfig {
+                handle: handle.to_string(),
+                spec: record.spec,
+                container_dir: dir.to_path_buf(),
+                id_mappings: record.id_mappings,
+            };
+            self.runtime.restore(&config).ok()
+        });
+        match restored {
+            Some(restored) => self.destroy_runtime_with_retries(handle, restored.container.as_ref()),
+            None => {
+                if let Err(error) = self.runtime.remove_unrestorable(handle, dir) {
+                    error!(self.logger, "removing a container at start-up failed"; "handle" => handle, "error" => %error);
+                }
+            }
+        }
+    }
+
+    fn destroy_runtime_with_retries(&self, handle: &str, container: &dyn ContainerRuntime) {
+        for attempt in 1..=STARTUP_DESTROY_ATTEMPTS {
+            match container.destroy() {
+                Ok(()) => return,
+                Err(error) => {
+                    error!(self.logger, "destroying a container at start-up failed"; "handle" => handle,
+                        "attempt" => attempt, "error" => %error);
+                    if attempt < STARTUP_DESTROY_ATTEMPTS {
+                        std::thread::sleep(STARTUP_DESTROY_PAUSE);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The outcome of start-up for one depot directory.
+enum Restore {
+    /// The container is restored and served.
+    Served,
+    /// The container and its host objects are destroyed.
+    Destroyed,
+    /// The directory is neither served nor touched, and its host objects
+    /// count as owned (a newer server's format).
+    LeftInPlace,
 }
 
 /// Checks a client-chosen handle: 1 to 255 bytes of `A-Z a-z 0-9 _ . + -`,
@@ -156,8 +330,9 @@ impl Handler<CreateContainer> for Registry {
                     .map_err(|reason| ContainerError::NoIdMapping { reason })?;
                 Some(mappings)
             };
-            let config = ContainerConfig { handle: spec.handle.clone(), spec: spec.clone(), container_dir: container_dir.clone(), id_mappings };
+            let config = ContainerConfig { handle: spec.handle.clone(), spec: spec.clone(), container_dir: container_dir.clone(), id_mappings: id_mappings.clone() };
             let created = create_in_runtime(runtime, config).await;
+            state::fault_point("create.after-runtime");
             let container_runtime = match created {
                 Ok(container_runtime) => container_runtime,
                 Err(error) => {
@@ -167,8 +342,9 @@ impl Handler<CreateContainer> for Registry {
                     return Err(error);
                 }
             };
-            let container = Container::new(spec.handle.clone(), spec, container_runtime.clone(), container_dir, stream_table, &logger)
-                .with_oom_counter(oom_events);
+            let container =
+                Container::new(spec.handle.clone(), spec, container_runtime.clone(), id_mappings, container_dir, stream_table, &logger)
+                    .with_oom_counter(oom_events);
             let addr = container.start();
             let persisted = addr
                 .send(PersistState)
@@ -186,6 +362,7 @@ impl Handler<CreateContainer> for Registry {
                 }
                 return Err(error);
             }
+            state::fault_point("create.after-persist");
             Ok(addr)
         };
         Box::pin(create.into_actor(self).map(move |result, registry, _| match result {

@@ -108,6 +108,10 @@ pub struct ServerArgs {
     /// derived from the host's CPU cores and memory).
     #[arg(long, value_name = "PERCENT")]
     pub cpu_entitlement_per_share: Option<String>,
+    /// Destroy every container of the previous run at start-up instead of
+    /// restoring them (default false).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub destroy_containers_on_startup: Option<String>,
     /// Container runtime: `linux`, or `memory` (processes are scripted
     /// stand-ins; only for testing the server itself).
     #[arg(long, value_name = "RUNTIME", default_value = "linux", hide = true)]
@@ -116,7 +120,7 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     fn overrides(&self) -> Vec<(&'static str, &String)> {
-        let pairs: [(&'static str, &Option<String>); 23] = [
+        let pairs: [(&'static str, &Option<String>); 24] = [
             ("bind-ip", &self.bind_ip),
             ("bind-port", &self.bind_port),
             ("bind-socket", &self.bind_socket),
@@ -140,6 +144,7 @@ impl ServerArgs {
             ("no-new-privileges", &self.no_new_privileges),
             ("cpu-quota-per-share", &self.cpu_quota_per_share),
             ("cpu-entitlement-per-share", &self.cpu_entitlement_per_share),
+            ("destroy-containers-on-startup", &self.destroy_containers_on_startup),
         ];
         pairs.into_iter().filter_map(|(key, value)| value.as_ref().map(|value| (key, value))).collect()
     }

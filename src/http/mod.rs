@@ -147,7 +147,7 @@ impl Server {
         let stream_table = StreamTable::default();
         let reaper = Reaper::new(logger.clone()).start();
         let metrics = metrics::Metrics::new();
-        let registry = Registry::new(
+        let mut registry = Registry::new(
             runtime.clone(),
             uid_pool,
             reaper.clone(),
@@ -161,8 +161,12 @@ impl Server {
             },
             stream_table.clone(),
             logger.clone(),
-        )
-        .start();
+        );
+        // Restore finishes before the listener is bound, so no request
+        // reaches a half-restored server.
+        registry.restore_from_depot(config.destroy_containers_on_startup);
+        let registry = registry.start();
+        let stream_ids = StreamIds::starting_after(crate::state::reserve_stream_ids(&config.depot, &logger));
         reaper.do_send(SetDestroyer(registry.clone().recipient()));
         let debug_listener = std::net::TcpListener::bind((config.debug_bind_ip, config.debug_bind_port))?;
         let (debug, debug_addr) = debug::start(
@@ -183,7 +187,7 @@ impl Server {
             reaper,
             runtime,
             stream_table,
-            stream_ids: StreamIds::default(),
+            stream_ids,
             max_containers: config.effective_max_containers(),
             max_body_bytes: MAX_JSON_BODY_BYTES,
             cleanup_process_dirs_on_wait: config.cleanup_process_dirs_on_wait,

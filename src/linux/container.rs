@@ -1,5 +1,7 @@
 //! One container's kernel objects: create with rollback, run, stop,
-//! destroy and describe.
+//! destroy and describe; [`restore`] finds them again after a restart.
+
+mod restore;
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -32,6 +34,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Subdirectory of the state directory holding one directory per process.
 const PROCESSES_DIR: &str = "processes";
+/// File in a process's directory holding its exit status, which the shim
+/// writes before it exits.
+const EXIT_STATUS_FILE: &str = "exit-status";
 /// `net.ipv4.ping_group_range` of containers under no-new-privileges: ping
 /// sockets for every gid that needs no setuid ping then.
 const PING_GROUP_RANGE: &str = "1 65535";
@@ -63,6 +68,8 @@ impl From<CgroupError> for RuntimeError {
         RuntimeError::Failed { message: error_chain(&error) }
     }
 }
+
+pub(in crate::linux) use restore::{remove_orphans, remove_unrestorable, restore};
 
 /// Joins an error and its sources into one message.
 pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
@@ -163,7 +170,8 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         disk: None,
         cpu_entitlement_per_share: runtime.config.cpu_entitlement_per_share,
     };
-    match build(runtime, config, &mut container, &source) {
+    let built = build(runtime, config, &mut container, &source).and_then(|()| restore::write_runtime_record(&container));
+    match built {
         Ok(()) => {
             slog::debug!(container.logger, "container created"; "init_pid" => container.init_pid());
             Ok(container)
@@ -191,8 +199,10 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
     container.rootfs = Some(ContainerRootfs { root: PathBuf::new(), overlay: Some(container.container_dir.join("rootfs")), upper: None });
     let prepared = prepared?;
     container.rootfs = Some(prepared.clone());
+    crate::state::fault_point("create.after-rootfs");
 
     container.cgroup.create(container.privileged, &config.spec.limits)?;
+    crate::state::fault_point("create.after-cgroup");
     fs::create_dir_all(container.container_dir.join(PROCESSES_DIR))
         .map_err(|error| RuntimeError::failed(format!("failed to create the processes directory: {error}")))?;
 
@@ -369,6 +379,7 @@ impl LinuxContainer {
                 Err(error) => errors.push(format!("failed to wait for garden-init {}: {error}", init.pid)),
             }
         }
+        crate::state::fault_point("teardown.after-init-killed");
         // Processes that joined the cgroup but not yet the pid namespace.
         if let Err(error) = self.kill_cgroup(true) {
             errors.push(error_chain(&error));
@@ -387,7 +398,7 @@ impl LinuxContainer {
                 errors.push(error_chain(&error));
             }
         }
-        let leftovers = [PROCESSES_DIR, "init.log"];
+        let leftovers = [PROCESSES_DIR, "init.log", restore::RUNTIME_FILE];
         for name in leftovers {
             let path = self.container_dir.join(name);
             let removed = if path.is_dir() { remove_dir_retrying(&path) } else { fs::remove_file(&path) };
@@ -515,7 +526,7 @@ impl ContainerRuntime for LinuxContainer {
             no_new_privileges: self.no_new_privileges,
             cgroup_dirs: self.cgroup.dirs.clone(),
             container_env: self.env.clone(),
-            exit_status_path: process_dir.join("exit-status"),
+            exit_status_path: process_dir.join(EXIT_STATUS_FILE),
             spec: spec.clone(),
         };
         let (mut server_end, shim_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
@@ -632,6 +643,10 @@ impl ContainerRuntime for LinuxContainer {
             }
         }
         Ok(())
+    }
+
+    fn reattach_processes(&self) -> Vec<(String, Result<StartedProcess, RuntimeError>)> {
+        restore::reattach_processes(self)
     }
 
     fn update_limits(&self, current: &Limits, requested: &Limits) -> Result<(), RuntimeError> {

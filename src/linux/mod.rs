@@ -34,7 +34,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::api::Capacity;
-use crate::runtime::{ContainerConfig, ContainerRuntime, Runtime, RuntimeError};
+use crate::runtime::{ContainerConfig, ContainerRuntime, RestoredContainer, Runtime, RuntimeError};
 
 pub use container::LinuxContainer;
 pub(crate) use container::error_chain;
@@ -166,6 +166,18 @@ impl Runtime for LinuxRuntime {
     fn create(&self, config: &ContainerConfig) -> Result<Arc<dyn ContainerRuntime>, RuntimeError> {
         let container = container::create(self, config)?;
         Ok(Arc::new(container))
+    }
+
+    fn restore(&self, config: &ContainerConfig) -> Result<RestoredContainer, RuntimeError> {
+        container::restore(self, config)
+    }
+
+    fn remove_unrestorable(&self, handle: &str, container_dir: &std::path::Path) -> Result<(), RuntimeError> {
+        container::remove_unrestorable(self, handle, container_dir)
+    }
+
+    fn remove_orphans(&self, owned: &std::collections::BTreeSet<String>) -> Vec<String> {
+        container::remove_orphans(self, owned)
     }
 }
 

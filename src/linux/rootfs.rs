@@ -203,7 +203,7 @@ pub struct ContainerRootfs {
 
 /// Subdirectories of the state directory used for the overlay.
 const LOWER_DIR: &str = "lower";
-const UPPER_DIR: &str = "upper";
+pub(crate) const UPPER_DIR: &str = "upper";
 const WORK_DIR: &str = "work";
 const ROOTFS_DIR: &str = "rootfs";
 

@@ -10,12 +10,23 @@
 //! process into the container (see [`super::exec`]), reports `Started` or
 //! `StartFailed`, and serves the process's stdio with the frames of
 //! [`crate::runtime::stdio`] until the process exits.
+//!
+//! The shim outlives the server. When the server's connection closes, the
+//! shim keeps the process running and keeps reading its output into a
+//! buffer, dropping the oldest output beyond [`DETACHED_OUTPUT_LIMIT`]. It
+//! accepts a new server connection on the Unix socket [`SOCKET_NAME`] in the
+//! process's directory. A reconnected server first receives `Started`
+//! again, then the buffered output, then live output and `Exited`. A
+//! process that ends while no server is connected leaves its buffered
+//! output in [`OUTPUT_FILE`] and then its status in the exit status file,
+//! and the shim exits.
 
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::collections::VecDeque;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -111,6 +122,16 @@ const OUTPUT_HIGH_WATER: usize = 1 << 20;
 const STDIN_HIGH_WATER: usize = 1 << 20;
 /// Size of one read from the process's output.
 const READ_CHUNK: usize = 64 * 1024;
+/// Bytes of output frames kept while no server is connected. The oldest
+/// frames are dropped beyond it, so an absent server does not block the
+/// process.
+pub const DETACHED_OUTPUT_LIMIT: usize = 1 << 20;
+/// Name of the socket a restarted server reconnects on, in the process's
+/// directory.
+pub const SOCKET_NAME: &str = "sock";
+/// Name of the file holding the frames of output that no server received
+/// before the process ended, in the process's directory.
+pub const OUTPUT_FILE: &str = "output";
 
 /// Entry point of the shim.
 pub fn main(_args: Vec<OsString>) -> ExitCode {
@@ -203,12 +224,39 @@ fn serve(config: &ShimConfig, mut socket: UnixStream) -> io::Result<()> {
         }
     };
     let pidfd = syscalls::pidfd_open(child.as_raw())?;
-    let mut io_loop = IoLoop::new(socket, child, pidfd, parent_stdio)?;
+    let process_dir = config.exit_status_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let listener = match listen(&process_dir) {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            // The process still runs and reports to this server; only a
+            // reconnect after a restart is lost.
+            eprintln!("shim: failed to listen on {}/{SOCKET_NAME}: {error}", process_dir.display());
+            None
+        }
+    };
+    let mut io_loop = IoLoop::new(socket, listener, child, pidfd, parent_stdio)?;
     io_loop.push(ShimFrame::Started { pid: child.as_raw() as u32 });
     let status = io_loop.run()?;
-    write_exit_status(&config.exit_status_path, status);
-    io_loop.finish(status);
+    io_loop.finish(status, &config.exit_status_path);
+    if !process_dir.as_os_str().is_empty() {
+        let _ = fs::remove_file(process_dir.join(SOCKET_NAME));
+    }
     Ok(())
+}
+
+/// Binds the reconnect socket in `process_dir`. The shim changes into the
+/// directory first and binds a relative name, because a depot path with a
+/// long handle may not fit the 108 bytes of a socket address.
+fn listen(process_dir: &Path) -> io::Result<UnixListener> {
+    // Connecting needs write permission on the socket file, and the output
+    // file contains the process's output, so both are for root only. The
+    // process was forked already and keeps its own umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    std::env::set_current_dir(process_dir)?;
+    let _ = fs::remove_file(SOCKET_NAME);
+    let listener = UnixListener::bind(SOCKET_NAME)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// The shim's ends of the process's stdio.
@@ -328,11 +376,22 @@ enum Stream {
 /// The poll loop that moves bytes between the server and the process.
 struct IoLoop {
     socket: UnixStream,
-    /// False once the server's end has closed; output is then read and
-    /// discarded so the process never blocks.
+    /// False while no server is connected. Output is then still read into
+    /// `to_server`, within [`DETACHED_OUTPUT_LIMIT`], so the process does
+    /// not block on a full pipe.
     socket_open: bool,
+    /// The socket a restarted server connects to; `None` when binding
+    /// failed.
+    listener: Option<UnixListener>,
     from_server: BytesMut,
-    to_server: BytesMut,
+    /// Encoded frames for the server, whole, oldest first.
+    to_server: VecDeque<Bytes>,
+    /// Bytes of `to_server`.
+    to_server_bytes: usize,
+    /// Bytes of the first frame of `to_server` already written.
+    front_written: usize,
+    /// Output bytes dropped while no server was connected.
+    dropped_bytes: u64,
     /// Output read ends; an entry becomes `None` at end of file.
     outputs: Vec<(Option<OwnedFd>, Stream)>,
     stdin: Option<OwnedFd>,
@@ -345,7 +404,7 @@ struct IoLoop {
 }
 
 impl IoLoop {
-    fn new(socket: UnixStream, child: Pid, pidfd: OwnedFd, stdio: ParentStdio) -> io::Result<IoLoop> {
+    fn new(socket: UnixStream, listener: Option<UnixListener>, child: Pid, pidfd: OwnedFd, stdio: ParentStdio) -> io::Result<IoLoop> {
         socket.set_nonblocking(true)?;
         let (outputs, stdin, tty_master) = match stdio {
             ParentStdio::Pipes { stdin, stdout, stderr } => {
@@ -364,8 +423,12 @@ impl IoLoop {
         Ok(IoLoop {
             socket,
             socket_open: true,
+            listener,
             from_server: BytesMut::new(),
-            to_server: BytesMut::new(),
+            to_server: VecDeque::new(),
+            to_server_bytes: 0,
+            front_written: 0,
+            dropped_bytes: 0,
             outputs,
             stdin,
             stdin_buffer: BytesMut::new(),
@@ -377,9 +440,52 @@ impl IoLoop {
     }
 
     fn push(&mut self, frame: ShimFrame) {
-        if self.socket_open {
-            frame.encode(&mut self.to_server);
+        let mut encoded = BytesMut::new();
+        frame.encode(&mut encoded);
+        self.to_server_bytes += encoded.len();
+        self.to_server.push_back(encoded.freeze());
+        if !self.socket_open {
+            self.trim_detached();
         }
+    }
+
+    /// Drops the oldest frames beyond [`DETACHED_OUTPUT_LIMIT`]. Only
+    /// called while no server is connected, when no frame is half written.
+    fn trim_detached(&mut self) {
+        while self.to_server_bytes > DETACHED_OUTPUT_LIMIT {
+            let Some(frame) = self.to_server.pop_front() else { break };
+            self.to_server_bytes -= frame.len();
+            self.dropped_bytes += frame.len() as u64;
+        }
+    }
+
+    /// Takes a new server connection: `Started` goes first, ahead of the
+    /// output kept meanwhile.
+    fn accept_server(&mut self) {
+        let Some(listener) = &self.listener else { return };
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock || error.kind() == io::ErrorKind::Interrupted => return,
+            Err(error) => {
+                eprintln!("shim: accepting a server connection failed: {error}");
+                return;
+            }
+        };
+        if let Err(error) = stream.set_nonblocking(true) {
+            eprintln!("shim: failed to set up a server connection: {error}");
+            return;
+        }
+        if self.dropped_bytes > 0 {
+            eprintln!("shim: {} bytes of output were dropped while no server was connected", self.dropped_bytes);
+            self.dropped_bytes = 0;
+        }
+        self.socket = stream;
+        self.socket_open = true;
+        self.from_server.clear();
+        let mut started = BytesMut::new();
+        ShimFrame::Started { pid: self.child.as_raw() as u32 }.encode(&mut started);
+        self.to_server_bytes += started.len();
+        self.to_server.push_front(started.freeze());
     }
 
     /// Runs until the process exits and returns its Garden exit status.
@@ -397,12 +503,18 @@ impl IoLoop {
                 socket_events |= libc::POLLOUT;
             }
             // A closed server end is not polled at all, so the loop cannot
-            // spin on its hang-up.
+            // spin on its hang-up; the listener waits for the next server.
             let socket_fd = if socket_events != 0 { self.socket.as_raw_fd() } else { -1 };
             let socket_index = poll_fds.len();
             poll_fds.push(libc::pollfd { fd: socket_fd, events: socket_events, revents: 0 });
+            let listener_fd = match &self.listener {
+                Some(listener) if !self.socket_open => listener.as_raw_fd(),
+                _ => -1,
+            };
+            let listener_index = poll_fds.len();
+            poll_fds.push(libc::pollfd { fd: listener_fd, events: libc::POLLIN, revents: 0 });
 
-            let read_output = !self.socket_open || self.to_server.len() < OUTPUT_HIGH_WATER;
+            let read_output = !self.socket_open || self.to_server_bytes < OUTPUT_HIGH_WATER;
             let output_index = poll_fds.len();
             for (fd, _) in &self.outputs {
                 let raw = match fd {
@@ -430,6 +542,9 @@ impl IoLoop {
 
             if poll_fds[socket_index].revents != 0 {
                 self.service_socket(poll_fds[socket_index].revents);
+            }
+            if poll_fds[listener_index].revents != 0 && !self.socket_open {
+                self.accept_server();
             }
             for index in 0..self.outputs.len() {
                 if poll_fds[output_index + index].revents != 0 {
@@ -464,10 +579,16 @@ impl IoLoop {
     }
 
     fn flush_socket(&mut self) {
-        while self.socket_open && !self.to_server.is_empty() {
-            match self.socket.write(&self.to_server) {
+        while self.socket_open {
+            let Some(front) = self.to_server.front() else { return };
+            match self.socket.write(&front[self.front_written..]) {
                 Ok(count) => {
-                    let _ = self.to_server.split_to(count);
+                    self.front_written += count;
+                    if self.front_written == front.len() {
+                        self.to_server_bytes -= front.len();
+                        self.to_server.pop_front();
+                        self.front_written = 0;
+                    }
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -476,12 +597,19 @@ impl IoLoop {
         }
     }
 
+    /// Keeps the unsent whole frames for the next server. A frame the old
+    /// server received in part is dropped, because a new connection must
+    /// start at a frame boundary.
     fn server_gone(&mut self) {
-        // NOTE: output produced while no server is connected is discarded.
-        // Keeping it for a reconnecting server needs a named socket and a
-        // bounded buffer, which are not built yet.
         self.socket_open = false;
-        self.to_server.clear();
+        self.from_server.clear();
+        if self.front_written > 0 {
+            if let Some(front) = self.to_server.pop_front() {
+                self.to_server_bytes -= front.len();
+            }
+            self.front_written = 0;
+        }
+        self.trim_detached();
     }
 
     fn handle_server_frames(&mut self) {
@@ -560,10 +688,11 @@ impl IoLoop {
         }
     }
 
-    /// Reads up to `limit` bytes from output `index` into frames; returns
-    /// whether the read end is still open and had data.
-    fn read_output(&mut self, index: usize, limit: usize) -> bool {
-        let (Some(fd), stream) = (&self.outputs[index].0, self.outputs[index].1) else { return false };
+    /// Reads up to `limit` bytes from output `index` into a frame. Returns
+    /// the number of bytes read, which is 0 when none were ready or at end
+    /// of file.
+    fn read_output(&mut self, index: usize, limit: usize) -> usize {
+        let (Some(fd), stream) = (&self.outputs[index].0, self.outputs[index].1) else { return 0 };
         let mut chunk = vec![0u8; READ_CHUNK.min(limit).min(MAX_FRAME_PAYLOAD)];
         // SAFETY: reads into a live buffer of the given length.
         let count = unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
@@ -574,14 +703,14 @@ impl IoLoop {
                 Stream::Stdout => ShimFrame::Stdout(data),
                 Stream::Stderr => ShimFrame::Stderr(data),
             });
-            return true;
+            return count as usize;
         }
         if count < 0 && matches!(io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
-            return false;
+            return 0;
         }
         // End of file, or EIO from a pty master whose slave side closed.
         self.outputs[index].0 = None;
-        false
+        0
     }
 
     /// Reaps the exited process and collects what it left in its pipes.
@@ -607,7 +736,7 @@ impl IoLoop {
             // master, so wait briefly for more before giving up; EIO comes
             // as soon as every slave fd is closed.
             loop {
-                if !self.read_output(index, usize::MAX) {
+                if self.read_output(index, usize::MAX) == 0 {
                     let Some(fd) = &self.outputs[index].0 else { return };
                     match syscalls::wait_readable(fd.as_fd(), 100) {
                         Ok(true) => continue,
@@ -623,25 +752,46 @@ impl IoLoop {
         }
         let mut left = available as usize;
         while left > 0 {
-            let before = self.to_server.len();
-            if !self.read_output(index, left) {
+            let count = self.read_output(index, left);
+            if count == 0 {
                 return;
             }
-            let frame_bytes = self.to_server.len().saturating_sub(before);
-            // Each frame carries a 5-byte header before its payload.
-            left = left.saturating_sub(frame_bytes.saturating_sub(5).max(1));
-            if !self.socket_open {
-                return;
-            }
+            left = left.saturating_sub(count);
         }
     }
 
-    /// Sends the exit status after all output, then waits until the server
-    /// has it all.
-    fn finish(mut self, status: i32) {
+    /// Records the exit status, then sends it after all output and waits
+    /// until the server has it all. Without a server, the unsent output
+    /// goes to [`OUTPUT_FILE`] first, so a server that finds the exit
+    /// status file also finds the output.
+    fn finish(mut self, status: i32, exit_status_path: &Path) {
+        if !self.socket_open {
+            let output_path = exit_status_path.with_file_name(OUTPUT_FILE);
+            let frames: Vec<u8> = self.to_server.iter().flat_map(|frame| frame.iter().copied()).collect();
+            if !frames.is_empty() {
+                if let Err(error) = crate::state::write_atomically(&output_path, &frames) {
+                    eprintln!("shim: failed to write {}: {error}", output_path.display());
+                }
+            }
+            write_exit_status(exit_status_path, status);
+            // A server that connected meanwhile waits in the backlog until
+            // the listener closes, and then reads the files.
+            self.listener = None;
+            return;
+        }
+        self.listener = None;
+        write_exit_status(exit_status_path, status);
         self.push(ShimFrame::Exited { status });
-        if self.socket_open && self.socket.set_nonblocking(false).is_ok() {
-            let _ = self.socket.write_all(&self.to_server);
+        if self.socket.set_nonblocking(false).is_ok() {
+            let front_written = self.front_written;
+            for (index, frame) in self.to_server.iter().enumerate() {
+                let start = if index == 0 { front_written } else { 0 };
+                // NOTE: output still unsent when the server goes away here
+                // is lost; the exit status file keeps the status.
+                if self.socket.write_all(&frame[start..]).is_err() {
+                    return;
+                }
+            }
         }
     }
 }

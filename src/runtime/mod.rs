@@ -12,9 +12,10 @@
 pub mod memory;
 pub mod stdio;
 
+use std::collections::BTreeSet;
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::api::{Capacity, ContainerSpec, Limits, Metrics, ProcessSpec};
@@ -97,6 +98,9 @@ pub enum StdioConnection {
     Unix(UnixStream),
     /// An in-process pipe to a scripted process of the in-memory runtime.
     Memory(tokio::io::DuplexStream),
+    /// The recorded frames of a process that ended while no server was
+    /// connected to its shim: its buffered output, then `Exited`.
+    Replay(Vec<u8>),
 }
 
 /// A started process: its host pid (0 where there is none) and its stdio.
@@ -106,6 +110,14 @@ pub enum StdioConnection {
 pub struct StartedProcess {
     pub pid: u32,
     pub stdio: StdioConnection,
+}
+
+/// A container the runtime found again after a server restart.
+pub struct RestoredContainer {
+    pub container: Arc<dyn ContainerRuntime>,
+    /// False when the container's init process is gone (after a host
+    /// reboot, or killed): the server then destroys the container.
+    pub init_alive: bool,
 }
 
 /// Creates containers and reports on the host.
@@ -127,6 +139,30 @@ pub trait Runtime: Send + Sync + 'static {
     /// Creates a container and starts its init process. On failure every
     /// step taken is undone before the error is returned.
     fn create(&self, config: &ContainerConfig) -> Result<Arc<dyn ContainerRuntime>, RuntimeError>;
+
+    /// Finds the kernel objects of a container a previous server created,
+    /// from what [`Runtime::create`] recorded in its state directory. Fails
+    /// when those records are missing or do not match the host.
+    fn restore(&self, config: &ContainerConfig) -> Result<RestoredContainer, RuntimeError> {
+        Err(RuntimeError::failed(format!("this runtime cannot restore container {}", config.handle)))
+    }
+
+    /// Removes every host object of a container that cannot be restored
+    /// (no readable state), its state directory included.
+    fn remove_unrestorable(&self, _handle: &str, container_dir: &Path) -> Result<(), RuntimeError> {
+        match std::fs::remove_dir_all(container_dir) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(RuntimeError::failed(format!("failed to remove {}: {error}", container_dir.display()))),
+        }
+    }
+
+    /// Removes host objects carrying the server's tag that belong to none
+    /// of `owned` (container handles). Returns a description of each
+    /// object removed or that could not be removed, for the log.
+    fn remove_orphans(&self, _owned: &BTreeSet<String>) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One container's kernel objects.
@@ -193,6 +229,14 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// default keeps nothing to remove.
     fn forget_process(&self, _process_id: &str) -> Result<(), RuntimeError> {
         Ok(())
+    }
+
+    /// Reconnects to the processes of a restored container, by process
+    /// id: a live connection to a running process's shim, or the replay of
+    /// a process that ended while no server was connected. A process whose
+    /// shim cannot be reached yields its error.
+    fn reattach_processes(&self) -> Vec<(String, Result<StartedProcess, RuntimeError>)> {
+        Vec::new()
     }
 }
 

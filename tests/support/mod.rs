@@ -198,6 +198,9 @@ pub struct ServerOptions {
     pub max_containers: Option<u32>,
     /// More `key = value` lines for the configuration file.
     pub extra_config: Vec<String>,
+    /// Size in MiB of a tmpfs mounted on the depot, so a test can fill it;
+    /// `None` keeps the depot on the temporary directory's filesystem.
+    pub depot_tmpfs_mib: Option<u32>,
 }
 
 impl Default for ServerOptions {
@@ -206,6 +209,7 @@ impl Default for ServerOptions {
             default_grace_time: "0".into(),
             max_containers: None,
             extra_config: Vec::new(),
+            depot_tmpfs_mib: None,
         }
     }
 }
@@ -222,10 +226,15 @@ pub struct TestServer {
     pub depot: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The configuration file, kept so the server can be started again on
+    /// the same depot.
+    pub config: PathBuf,
     pub client: Client,
     runtime: tokio::runtime::Runtime,
     child: Option<Child>,
     netns_created: bool,
+    /// Whether the depot is a tmpfs this harness mounted.
+    depot_tmpfs: bool,
     temp: Option<tempfile::TempDir>,
     handle_counter: AtomicUsize,
 }
@@ -266,20 +275,94 @@ impl TestServer {
             depot: directory.join("depot"),
             socket: socket.clone(),
             log: directory.join("server.log"),
+            config: PathBuf::new(),
             client: Client::new(Target::Unix(socket)),
             runtime,
             child: None,
             netns_created: false,
+            depot_tmpfs: false,
             temp: Some(temp),
             handle_counter: AtomicUsize::new(0),
         };
 
         fs::create_dir_all(&server.depot).expect("creating the depot");
+        if let Some(size) = options.depot_tmpfs_mib {
+            nix::mount::mount(
+                Some("tmpfs"),
+                &server.depot,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(format!("size={size}m,mode=0755").as_str()),
+            )
+            .expect("mounting a tmpfs on the depot");
+            server.depot_tmpfs = true;
+        }
         server.create_netns();
-        let config = server.write_config(rootfs, &options);
-        server.spawn(&config);
+        server.config = server.write_config(rootfs, &options);
+        server.spawn(&[]);
         server.wait_until_ready();
         Some(server)
+    }
+
+    /// Stops the server with SIGTERM, as an operator does before an
+    /// upgrade; [`TestServer::start_again`] starts the next one.
+    pub fn stop(&mut self) {
+        let problems = self.stop_server();
+        assert!(problems.is_empty(), "{}: stopping the server failed: {problems:?}", self.test);
+    }
+
+    /// Stops the server with SIGTERM and starts a new one on the same
+    /// depot, configuration and network namespace.
+    pub fn restart(&mut self) {
+        let problems = self.stop_server();
+        assert!(problems.is_empty(), "{}: stopping the server failed: {problems:?}", self.test);
+        self.start_again(&[]);
+    }
+
+    /// Ends the server with SIGKILL, by the pid this harness spawned, and
+    /// waits for it.
+    pub fn kill_server(&mut self) {
+        let mut child = self.child.take().expect("the server is running");
+        child.kill().expect("sending SIGKILL to the server");
+        child.wait().expect("waiting for the killed server");
+    }
+
+    /// Waits for a server that is expected to end by itself (at a fault
+    /// point) and returns whether it was killed by a signal, as an abort
+    /// is.
+    pub fn wait_for_crash(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = self.child.take().expect("the server is running");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("polling the server") {
+                return status.signal().is_some();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a server again on the same depot, with `env` added to its
+    /// environment (such as a fault point), and waits for its first ping.
+    pub fn start_again(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "{}: the previous server still runs", self.test);
+        self.spawn(env);
+        self.wait_until_ready();
+    }
+
+    /// Appends `lines` to the configuration file, for the next start.
+    pub fn add_config(&self, lines: &[&str]) {
+        let mut text = fs::read_to_string(&self.config).expect("reading the server configuration");
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        fs::write(&self.config, text).expect("writing the server configuration");
     }
 
     /// Creates the network namespace with loopback up and no other link,
@@ -321,15 +404,19 @@ impl TestServer {
     /// and exec. `ip netns exec` would also give the server a new mount
     /// namespace with a fresh sysfs on /sys, which hides the cgroup
     /// hierarchies under /sys/fs/cgroup.
-    fn spawn(&mut self, config: &Path) {
-        let log = fs::File::create(&self.log).expect("creating the server log");
+    fn spawn(&mut self, env: &[(&str, &str)]) {
+        let config = self.config.clone();
+        // Appended to, so the log of a restarted server follows the log of
+        // the one before.
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("opening the server log");
         let netns_path = format!("/run/netns/{}", self.name);
         let netns = fs::File::open(&netns_path).unwrap_or_else(|error| panic!("opening {netns_path} failed: {error}"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_trellis"));
         command
             .arg("server")
             .arg("--config")
-            .arg(config)
+            .arg(&config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning the log file handle"))
             .stderr(log);
@@ -342,6 +429,23 @@ impl TestServer {
         }
         let child = command.spawn().expect("starting `trellis server` in its network namespace");
         self.child = Some(child);
+    }
+
+    /// Waits until the server replies to a ping; false when it exits or
+    /// does not reply in time.
+    fn try_wait_until_ready(&mut self) -> bool {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.child.as_mut().map(|child| child.try_wait()) {
+                Some(Ok(None)) => {}
+                _ => return false,
+            }
+            if self.socket.exists() && self.runtime.block_on(self.client.ping()).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     fn wait_until_ready(&mut self) {
@@ -443,6 +547,13 @@ impl TestServer {
         (status, body.to_string())
     }
 
+    /// Returns the actor snapshot of the server's debug listener.
+    pub fn introspect(&self) -> serde_json::Value {
+        let (status, body) = self.debug_get("/debug/introspect");
+        assert_eq!(status, 200, "{}: introspection failed: {body}", self.test);
+        serde_json::from_str(&body).expect("introspection returns JSON")
+    }
+
     /// Returns the server's log so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_else(|error| format!("(cannot read {}: {error})", self.log.display()))
@@ -508,6 +619,10 @@ impl TestServer {
         for (pid, command) in processes_in_cgroups_named(&self.tag) {
             found.push(format!("process {pid} in a {} cgroup: {command}", self.tag));
         }
+        // Process shims work in their process's directory in the depot.
+        for (pid, command) in processes_working_under(&self.depot) {
+            found.push(format!("process {pid} working under the depot: {command}"));
+        }
         found
     }
 
@@ -542,6 +657,14 @@ impl Drop for TestServer {
         }
 
         let mut problems = Vec::new();
+        if self.child.is_none() && self.netns_created && !self.config.as_os_str().is_empty() {
+            // The test ended while its server was down (killed or crashed):
+            // a new server on the depot destroys what the old one left.
+            self.spawn(&[]);
+            if !self.try_wait_until_ready() {
+                problems.push("the server started for cleanup did not answer a ping".to_string());
+            }
+        }
         let server_running = self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)));
         if server_running {
             problems.extend(self.destroy_remaining());
@@ -553,6 +676,11 @@ impl Drop for TestServer {
             }
         }
 
+        if self.depot_tmpfs {
+            if let Err(error) = nix::mount::umount(&self.depot) {
+                problems.push(format!("unmounting the depot's tmpfs failed: {error}"));
+            }
+        }
         let leftovers = self.leftovers();
         problems.extend(leftovers.iter().map(|leftover| format!("left behind: {leftover}")));
         if let Some(temp) = self.temp.take() {
@@ -617,6 +745,22 @@ pub fn cgroups_named(pattern: &str) -> Vec<PathBuf> {
         }
     }
     found.sort();
+    found
+}
+
+/// Returns processes whose working directory is below `directory`.
+pub fn processes_working_under(directory: &Path) -> Vec<(u32, String)> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        let Ok(cwd) = fs::read_link(entry.path().join("cwd")) else { continue };
+        if cwd.starts_with(directory) {
+            let command = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let command = String::from_utf8_lossy(&command).replace('\0', " ");
+            found.push((pid, command.trim().to_string()));
+        }
+    }
     found
 }
 
