@@ -476,3 +476,92 @@ fn cleanup_on_wait_forgets_process() {
     let second = server.run(&handle, &spec, None).expect("reusing the id");
     assert_eq!(second.status, 6);
 }
+
+/// Returns the number of process state directories of a container.
+fn process_dir_count(server: &TestServer, handle: &str) -> usize {
+    let processes_dir = server.depot.join(handle).join("processes");
+    std::fs::read_dir(&processes_dir).unwrap_or_else(|error| panic!("listing {}: {error}", processes_dir.display())).count()
+}
+
+/// Waits until the container has `expected` process state directories.
+fn wait_for_dir_count(server: &TestServer, handle: &str, expected: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let count = process_dir_count(server, handle);
+        if count == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{count} process state directories, expected {expected}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn finished_records_are_capped() {
+    const MAX_FINISHED: usize = 3;
+    const RUNS: usize = 40;
+    let options = support::ServerOptions {
+        extra_config: vec![format!("max-finished-processes = {MAX_FINISHED}")],
+        ..support::ServerOptions::default()
+    };
+    let Some(server) = TestServer::start_with("finished_records_are_capped", options) else { return };
+    let handle = server.create("capped");
+    let id = |run: usize| format!("{}-run-{run}", server.name);
+
+    // The oldest process keeps running throughout; a running process never
+    // counts against the maximum.
+    let running_id = format!("{}-running", server.name);
+    let running_spec = ProcessSpec { id: running_id.clone(), ..command_spec("sh", &["-c", "echo started; exec sleep 300"]) };
+    let started = SharedOutput::default();
+    let mut running = server
+        .block_on(server.client.run(&handle, &running_spec, output_io(&started, &SharedOutput::default())))
+        .expect("starting the long-running process");
+    server.block_on(wait_for_text(&started, "started\n"));
+
+    for run in 0..RUNS {
+        let spec = ProcessSpec { id: id(run), ..command_spec("sh", &["-c", &format!("echo run {run}; exit {}", run % 100 + 1)]) };
+        let output = server.run(&handle, &spec, None).unwrap_or_else(|error| panic!("run {run}: {error}"));
+        assert_eq!(output.status, (run % 100 + 1) as i64, "exit status of run {run}");
+    }
+
+    // The oldest finished records are gone with a clear error.
+    for run in [0, RUNS - MAX_FINISHED - 1] {
+        match server.block_on(server.client.attach(&handle, &id(run), ProcessIo::default())) {
+            Err(ClientError::ProcessNotFound { process_id }) => assert_eq!(process_id, id(run)),
+            Err(other) => panic!("attaching to dropped run {run} failed with another error: {other}"),
+            Ok(_) => panic!("run {run} is still attachable, beyond the {MAX_FINISHED} newest finished"),
+        }
+    }
+    // The newest finished ones still report their exit status.
+    for run in RUNS - MAX_FINISHED..RUNS {
+        let mut process = server
+            .block_on(server.client.attach(&handle, &id(run), ProcessIo::default()))
+            .unwrap_or_else(|error| panic!("attaching to run {run}: {error}"));
+        assert_eq!(server.block_on(process.wait()).expect("waiting"), (run % 100 + 1) as i64, "exit status of run {run}");
+    }
+    let dropped = server.log_text().matches("finished process record dropped").count();
+    assert_eq!(dropped, RUNS - MAX_FINISHED, "records dropped according to the log");
+
+    // State directories: the running process's and the kept finished ones.
+    wait_for_dir_count(&server, &handle, MAX_FINISHED + 1);
+
+    // The running process is still there, and its exit pushes out the
+    // oldest kept record.
+    let mut attached = server
+        .block_on(server.client.attach(&handle, &running_id, ProcessIo::default()))
+        .expect("attaching to the running process");
+    server.block_on(attached.signal(Signal::Kill)).expect("sending kill");
+    assert_eq!(server.block_on(running.wait()).expect("waiting"), 137);
+    assert_eq!(server.block_on(attached.wait()).expect("waiting"), 137);
+    wait_for_dir_count(&server, &handle, MAX_FINISHED);
+    let oldest_kept = RUNS - MAX_FINISHED;
+    assert!(
+        matches!(server.block_on(server.client.attach(&handle, &id(oldest_kept), ProcessIo::default())), Err(ClientError::ProcessNotFound { .. })),
+        "run {oldest_kept} is still attachable after the running process finished"
+    );
+
+    // A dropped id is free again.
+    let reused = ProcessSpec { id: id(0), ..command_spec("echo", &["again"]) };
+    let output = server.run(&handle, &reused, None).expect("reusing a dropped id");
+    assert_eq!((output.status, output.stdout_text().as_str()), (0, "again\n"));
+}

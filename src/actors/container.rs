@@ -5,7 +5,7 @@
 //! records are atomic (no other message interleaves) so the file always
 //! matches the actor.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use actix::prelude::*;
 use bytes::BytesMut;
 use slog::{debug, info, o, warn, Logger};
 
-use super::process::{Process, ProcessStart};
+use super::process::{Process, ProcessExited, ProcessStart, ReleaseFinished};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{
     BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, ProcessSpec,
@@ -67,10 +67,15 @@ impl ContainerState {
     }
 }
 
-// NOTE: a finished process keeps its slot (a small actor and its state
-// directory) until the container is destroyed, unless the operator enables
-// cleanup-process-dirs-on-wait, so a container that runs a health check
-// every few seconds grows the server slowly but without a cap.
+/// Default of [`Container::with_max_finished_processes`]: finished process
+/// records kept per container.
+pub const DEFAULT_MAX_FINISHED_PROCESSES: usize = 1000;
+
+/// A process id's entry in the container's process table. A finished
+/// process keeps its `Running` slot (its actor, exit status and state
+/// directory) until the container is destroyed, the operator's
+/// cleanup-process-dirs-on-wait forgets it, or newer finished processes
+/// push it out of the `max-finished-processes` records.
 enum ProcessSlot {
     /// The runtime is starting it; the id is reserved.
     Starting,
@@ -88,6 +93,10 @@ pub struct Container {
     dir: PathBuf,
     created_at: SystemTime,
     processes: HashMap<String, ProcessSlot>,
+    /// Ids of finished processes still in `processes`, oldest first.
+    finished: VecDeque<String>,
+    /// Maximum length of `finished`; zero keeps every record.
+    max_finished_processes: usize,
     stream_table: StreamTable,
     logger: Logger,
 }
@@ -129,8 +138,45 @@ impl Container {
             dir,
             created_at: SystemTime::now(),
             processes: HashMap::new(),
+            finished: VecDeque::new(),
+            max_finished_processes: DEFAULT_MAX_FINISHED_PROCESSES,
             stream_table,
         }
+    }
+
+    /// Sets how many finished process records the container keeps; zero
+    /// keeps them all until destroy. Beyond the maximum the oldest finished
+    /// record is dropped with its state directory. Running processes never
+    /// count.
+    pub fn with_max_finished_processes(mut self, max: usize) -> Container {
+        self.max_finished_processes = max;
+        self
+    }
+
+    /// Drops the record of a finished process: its id becomes free, Attach
+    /// no longer finds it, its actor stops and the runtime removes its
+    /// state directory.
+    fn drop_finished(&mut self, process_id: &str, ctx: &mut Context<Self>) {
+        if !matches!(self.processes.get(process_id), Some(ProcessSlot::Running(_))) {
+            return;
+        }
+        let Some(ProcessSlot::Running(process)) = self.processes.remove(process_id) else {
+            return;
+        };
+        self.finished.retain(|id| id != process_id);
+        process.do_send(ReleaseFinished);
+        let runtime = self.runtime.clone();
+        let logger = self.logger.clone();
+        let process_id = process_id.to_string();
+        ctx.spawn(
+            async move {
+                let id = process_id.clone();
+                if let Err(error) = blocking(move || runtime.forget_process(&id)).await {
+                    warn!(logger, "removing a finished process's state failed"; "process_id" => process_id, "error" => %error);
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     /// Serialises the state record for [`write_atomically`].
@@ -406,6 +452,7 @@ impl Handler<DestroyContainer> for Container {
                 Ok(()) => {
                     info!(container.logger, "container destroyed");
                     container.processes.clear();
+                    container.finished.clear();
                     ctx.stop();
                 }
                 Err(error) => {
@@ -445,7 +492,7 @@ pub struct RunProcess {
 impl Handler<RunProcess> for Container {
     type Result = ResponseActFuture<Self, Result<Addr<Process>, ContainerError>>;
 
-    fn handle(&mut self, message: RunProcess, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, message: RunProcess, ctx: &mut Context<Self>) -> Self::Result {
         match self.state {
             ContainerState::Active => {}
             ContainerState::Stopped => {
@@ -468,6 +515,7 @@ impl Handler<RunProcess> for Container {
         let runtime = self.runtime.clone();
         let logger = self.logger.clone();
         let stream_table = self.stream_table.clone();
+        let exit_listener = ctx.address().recipient();
         let tty = message.spec.tty.is_some();
         let id = process_id.clone();
         let started_at = Instant::now();
@@ -478,7 +526,17 @@ impl Handler<RunProcess> for Container {
             let (pid, leftover, reader, writer) = split_stdio(started)?;
             info!(logger, "process started"; "process_id" => &id, "pid" => pid,
                 "duration_ms" => started_at.elapsed().as_millis() as u64);
-            Ok(Process::start_with(ProcessStart { process_id: id, pid, tty, logger, stream_table, leftover, reader, writer }))
+            Ok(Process::start_with(ProcessStart {
+                process_id: id,
+                pid,
+                tty,
+                logger,
+                stream_table,
+                leftover,
+                reader,
+                writer,
+                exit_listener,
+            }))
         };
         Box::pin(start.into_actor(self).map(move |result: Result<Addr<Process>, ContainerError>, container, _| {
             match &result {
@@ -529,20 +587,33 @@ impl Handler<ForgetProcess> for Container {
         if !matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(_))) {
             return;
         }
-        self.processes.remove(&message.process_id);
         debug!(self.logger, "finished process forgotten"; "process_id" => &message.process_id);
-        let runtime = self.runtime.clone();
-        let logger = self.logger.clone();
-        let process_id = message.process_id;
-        ctx.spawn(
-            async move {
-                let id = process_id.clone();
-                if let Err(error) = blocking(move || runtime.forget_process(&id)).await {
-                    warn!(logger, "removing a finished process's state failed"; "process_id" => process_id, "error" => %error);
-                }
-            }
-            .into_actor(self),
-        );
+        self.drop_finished(&message.process_id, ctx);
+    }
+}
+
+impl Handler<ProcessExited> for Container {
+    type Result = ();
+
+    /// Records the process as finished and drops the oldest finished
+    /// records beyond the maximum.
+    fn handle(&mut self, message: ProcessExited, ctx: &mut Context<Self>) {
+        // RunProcess stores the address in the same poll that starts the
+        // actor, so the slot of an exiting process is always `Running`.
+        let current = matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(process)) if *process == message.process);
+        if !current {
+            return;
+        }
+        self.finished.push_back(message.process_id);
+        if self.max_finished_processes == 0 {
+            return;
+        }
+        while self.finished.len() > self.max_finished_processes {
+            let Some(oldest) = self.finished.pop_front() else { break };
+            info!(self.logger, "finished process record dropped"; "process_id" => &oldest,
+                "max_finished_processes" => self.max_finished_processes);
+            self.drop_finished(&oldest, ctx);
+        }
     }
 }
 

@@ -214,6 +214,8 @@ pub struct Process {
     /// Lets the shim reader start. Reading waits for the first stream, the
     /// Run's own, so that its reserved readers exist before any output.
     start_reading: Option<oneshot::Sender<()>>,
+    /// Recipient of [`ProcessExited`], sent once when the process exits.
+    exit_listener: Recipient<ProcessExited>,
 }
 
 /// Everything the process actor needs at start.
@@ -227,6 +229,18 @@ pub struct ProcessStart {
     pub leftover: BytesMut,
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
     pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Receives [`ProcessExited`] once the process has exited: the
+    /// container, which bounds how many finished processes it keeps.
+    pub exit_listener: Recipient<ProcessExited>,
+}
+
+/// Tells the container that one of its processes has exited.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProcessExited {
+    pub process_id: String,
+    /// Tells this process apart from a later one with the same id.
+    pub process: Addr<Process>,
 }
 
 impl Process {
@@ -248,6 +262,7 @@ impl Process {
             streams: HashMap::new(),
             stream_table: start.stream_table,
             start_reading: Some(start_reading),
+            exit_listener: start.exit_listener,
         };
         let addr = process.start();
         actix_rt::spawn(write_shim_frames(start.writer, shim_receiver, logger.clone()));
@@ -542,6 +557,33 @@ impl Handler<ShimExited> for Process {
         for stream_id in stream_ids {
             self.finish_stream(&stream_id, false, ctx);
         }
+        self.exit_listener.do_send(ProcessExited { process_id: self.process_id.clone(), process: ctx.address() });
+    }
+}
+
+/// Stops the actor of a finished process whose record the container has
+/// dropped. Output connections still open keep what was queued for them
+/// and end once they have written it. The message is ignored while the
+/// process is running.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseFinished;
+
+impl Handler<ReleaseFinished> for Process {
+    type Result = ();
+
+    fn handle(&mut self, _message: ReleaseFinished, ctx: &mut Context<Self>) {
+        if self.exit.borrow().is_none() {
+            warn!(self.logger, "release of a running process ignored");
+            return;
+        }
+        for output in &mut self.outputs {
+            output.unattached.clear();
+            output.readers.clear();
+        }
+        debug!(self.logger, "finished process released");
+        // `stopped` removes the process's streams from the stream table.
+        ctx.stop();
     }
 }
 

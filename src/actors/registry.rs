@@ -32,6 +32,8 @@ pub struct RegistrySettings {
     /// Maximum number of containers, creates in progress included; zero
     /// means no limit.
     pub max_containers: u64,
+    /// Finished process records each container keeps; zero keeps all.
+    pub max_finished_processes: usize,
 }
 
 enum Entry {
@@ -129,6 +131,7 @@ impl Handler<CreateContainer> for Registry {
         let logger = self.logger.clone();
         let privileged = spec.privileged;
         let grace_time = spec.grace_time;
+        let max_finished_processes = self.settings.max_finished_processes;
         let create = async move {
             let id_mappings = if privileged {
                 None
@@ -151,7 +154,8 @@ impl Handler<CreateContainer> for Registry {
                     return Err(error);
                 }
             };
-            let container = Container::new(spec.handle.clone(), spec, container_runtime.clone(), container_dir, stream_table, &logger);
+            let container = Container::new(spec.handle.clone(), spec, container_runtime.clone(), container_dir, stream_table, &logger)
+                .with_max_finished_processes(max_finished_processes);
             let addr = container.start();
             let persisted = addr
                 .send(PersistState)

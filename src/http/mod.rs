@@ -135,6 +135,7 @@ impl Server {
                 // The smaller of the subnet pool's /30 blocks and the
                 // operator's limit: every container needs a subnet.
                 max_containers: config.effective_max_containers(),
+                max_finished_processes: config.max_finished_processes,
             },
             stream_table.clone(),
             logger.clone(),
