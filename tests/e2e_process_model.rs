@@ -565,3 +565,100 @@ fn finished_records_are_capped() {
     let output = server.run(&handle, &reused, None).expect("reusing a dropped id");
     assert_eq!((output.status, output.stdout_text().as_str()), (0, "again\n"));
 }
+
+/// Returns the soft and hard value of each row of a `/proc/<pid>/limits`
+/// text, by the row's name ("Max open files").
+fn limits_table(text: &str) -> std::collections::HashMap<String, (String, String)> {
+    text.lines()
+        .skip(1)
+        .filter(|line| line.len() > 26)
+        .map(|line| {
+            let (name, values) = line.split_at(26);
+            let mut fields = values.split_whitespace();
+            let soft = fields.next().unwrap_or_default().to_string();
+            let hard = fields.next().unwrap_or_default().to_string();
+            (name.trim().to_string(), (soft, hard))
+        })
+        .collect()
+}
+
+#[test]
+fn every_rlimit_and_group_applied() {
+    let Some(server) = TestServer::start("every_rlimit_and_group_applied") else { return };
+    let handle = server.create("rlimits");
+
+    // Raising a hard limit above the server's own needs CAP_SYS_RESOURCE,
+    // which a server may lack, so each value is capped at the hard limit
+    // this test (and so the server it starts) runs with.
+    use nix::sys::resource::{getrlimit, Resource};
+    let within = |resource: Resource, wanted: u64| getrlimit(resource).map(|(_, hard)| wanted.min(hard)).expect("reading an rlimit");
+    let rlimits = ResourceLimits {
+        address_space: Some(within(Resource::RLIMIT_AS, 3_000_000_000)),
+        core: Some(within(Resource::RLIMIT_CORE, 1_000_000)),
+        cpu: Some(within(Resource::RLIMIT_CPU, 3000)),
+        data: Some(within(Resource::RLIMIT_DATA, 2_000_000_000)),
+        fsize: Some(within(Resource::RLIMIT_FSIZE, 4_000_000_000)),
+        locks: Some(within(Resource::RLIMIT_LOCKS, 77)),
+        memlock: Some(within(Resource::RLIMIT_MEMLOCK, 65536)),
+        msgqueue: Some(within(Resource::RLIMIT_MSGQUEUE, 8192)),
+        nice: Some(within(Resource::RLIMIT_NICE, 5)),
+        nofile: Some(within(Resource::RLIMIT_NOFILE, 1234)),
+        nproc: Some(within(Resource::RLIMIT_NPROC, 4567)),
+        rss: Some(within(Resource::RLIMIT_RSS, 600_000_000)),
+        rtprio: Some(within(Resource::RLIMIT_RTPRIO, 3)),
+        sigpending: Some(within(Resource::RLIMIT_SIGPENDING, 888)),
+        stack: Some(within(Resource::RLIMIT_STACK, 9_000_000)),
+    };
+    let value = |limit: Option<u64>| limit.expect("every rlimit is set").to_string();
+    let expected = [
+        ("Max address space", value(rlimits.address_space)),
+        ("Max core file size", value(rlimits.core)),
+        ("Max cpu time", value(rlimits.cpu)),
+        ("Max data size", value(rlimits.data)),
+        ("Max file size", value(rlimits.fsize)),
+        ("Max file locks", value(rlimits.locks)),
+        ("Max locked memory", value(rlimits.memlock)),
+        ("Max msgqueue size", value(rlimits.msgqueue)),
+        ("Max nice priority", value(rlimits.nice)),
+        ("Max open files", value(rlimits.nofile)),
+        ("Max processes", value(rlimits.nproc)),
+        ("Max resident set", value(rlimits.rss)),
+        ("Max realtime priority", value(rlimits.rtprio)),
+        ("Max pending signals", value(rlimits.sigpending)),
+        ("Max stack size", value(rlimits.stack)),
+    ];
+    for user in ["", "alice"] {
+        let spec = ProcessSpec { user: user.into(), rlimits, ..command_spec("cat", &["/proc/self/limits"]) };
+        let output = server.run(&handle, &spec, None).unwrap_or_else(|error| panic!("reading limits as {user:?}: {error}"));
+        assert_eq!(output.status, 0, "cat /proc/self/limits as {user:?}: {}", output.stderr_text());
+        let table = limits_table(&output.stdout_text());
+        for (row, value) in &expected {
+            let found = table.get(*row).unwrap_or_else(|| panic!("no {row:?} row in:\n{}", output.stdout_text()));
+            assert_eq!(found, &(value.clone(), value.clone()), "{row} (soft, hard) as {user:?}");
+        }
+    }
+
+    // A `user:group` pair by names. alice is in no group of /etc/group, so
+    // she has no supplementary groups and busybox `id` prints none.
+    let spec = ProcessSpec { user: "alice:staff".into(), ..command_spec("id", &[]) };
+    let id = server.run(&handle, &spec, None).expect("running id as alice:staff");
+    assert_eq!(id.stdout_text(), "uid=1001(alice) gid=50(staff)\n");
+}
+
+#[test]
+fn resize_after_stdin_close() {
+    let Some(server) = TestServer::start("resize_after_stdin_close") else { return };
+    let handle = server.create("resize");
+    server.block_on(async {
+        let stdout = SharedOutput::default();
+        let script = "trap 'echo winch $(stty size)' WINCH; echo ready; while true; do sleep 0.05; done";
+        let spec = ProcessSpec { tty: Some(TtySpec::default()), ..command_spec("sh", &["-c", script]) };
+        let mut process = server.client.run(&handle, &spec, output_io(&stdout, &SharedOutput::default())).await.unwrap();
+        wait_for_text(&stdout, "ready\r\n").await;
+        process.close_stdin().await.unwrap();
+        process.resize(70, 20).await.unwrap();
+        wait_for_text(&stdout, "winch 20 70\r\n").await;
+        process.signal(Signal::Kill).await.unwrap();
+        assert_eq!(process.wait().await.unwrap(), 137);
+    });
+}
