@@ -633,3 +633,28 @@ fn finished_records_capped_in_snapshot() {
     expected.sort();
     assert_eq!(kept_process_ids(&harness, "h"), expected);
 }
+
+#[test]
+fn late_output_attach_after_record_dropped() {
+    // Both ways a record goes: forgotten once its exit status was sent,
+    // and pushed out by a newer finished process.
+    let adjustments: [(&str, fn(&mut trellis::config::Config)); 2] = [
+        ("cleanup-process-dirs-on-wait", |config| config.cleanup_process_dirs_on_wait = true),
+        ("max-finished-processes = 1", |config| config.max_finished_processes = 1),
+    ];
+    for (setting, adjust) in adjustments {
+        let harness = Harness::start_with(adjust);
+        harness.create(r#"{"handle":"h"}"#);
+        harness.runtime.script_path("fast", ProcessScript::output_then_exit(b"late reader\n", 0));
+        let mut first = run(&harness, "h", r#"{"id":"first","path":"fast","rlimits":{},"image":{}}"#);
+        first.expect_exit(0);
+        let mut second = run(&harness, "h", r#"{"id":"second","path":"fast","rlimits":{},"image":{}}"#);
+        second.expect_exit(0);
+        assert!(!kept_process_ids(&harness, "h").contains(&"first".to_string()), "{setting}: the first record is still kept");
+
+        // The Run's own stdout connection arrives after the record was
+        // dropped and still receives the output.
+        let (stdout, buffer) = attach_output(&harness, &first, "stdout");
+        assert_eq!(read_output(stdout, buffer), b"late reader\n", "{setting}");
+    }
+}

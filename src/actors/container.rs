@@ -15,7 +15,7 @@ use actix::prelude::*;
 use bytes::BytesMut;
 use slog::{debug, info, o, warn, Logger};
 
-use super::process::{Process, ProcessExited, ProcessStart, ReleaseFinished};
+use super::process::{Process, ProcessExited, ProcessStart};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{
     BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, ProcessSpec,
@@ -154,17 +154,19 @@ impl Container {
     }
 
     /// Drops the record of a finished process: its id becomes free, Attach
-    /// no longer finds it, its actor stops and the runtime removes its
-    /// state directory.
+    /// no longer finds it and the runtime removes its state directory.
+    ///
+    /// The process actor stops by itself once nothing refers to it: the
+    /// streams it already has stay attachable for
+    /// [`super::process::FINISHED_STREAM_RETENTION`], so a Run whose stdout
+    /// or stderr connection arrives after the exit message still receives
+    /// the output, and the actor frees its kept output at the same time.
     fn drop_finished(&mut self, process_id: &str, ctx: &mut Context<Self>) {
         if !matches!(self.processes.get(process_id), Some(ProcessSlot::Running(_))) {
             return;
         }
-        let Some(ProcessSlot::Running(process)) = self.processes.remove(process_id) else {
-            return;
-        };
+        self.processes.remove(process_id);
         self.finished.retain(|id| id != process_id);
-        process.do_send(ReleaseFinished);
         let runtime = self.runtime.clone();
         let logger = self.logger.clone();
         let process_id = process_id.to_string();
@@ -578,13 +580,18 @@ impl Handler<FindProcess> for Container {
 #[rtype(result = "()")]
 pub struct ForgetProcess {
     pub process_id: String,
+    /// The process the exit status came from. A second attachment may
+    /// deliver it after the id was forgotten and given to a new process,
+    /// which must not be forgotten in its place.
+    pub process: Addr<Process>,
 }
 
 impl Handler<ForgetProcess> for Container {
     type Result = ();
 
     fn handle(&mut self, message: ForgetProcess, ctx: &mut Context<Self>) {
-        if !matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(_))) {
+        let current = matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(process)) if *process == message.process);
+        if !current {
             return;
         }
         debug!(self.logger, "finished process forgotten"; "process_id" => &message.process_id);

@@ -561,32 +561,6 @@ impl Handler<ShimExited> for Process {
     }
 }
 
-/// Stops the actor of a finished process whose record the container has
-/// dropped. Output connections still open keep what was queued for them
-/// and end once they have written it. The message is ignored while the
-/// process is running.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ReleaseFinished;
-
-impl Handler<ReleaseFinished> for Process {
-    type Result = ();
-
-    fn handle(&mut self, _message: ReleaseFinished, ctx: &mut Context<Self>) {
-        if self.exit.borrow().is_none() {
-            warn!(self.logger, "release of a running process ignored");
-            return;
-        }
-        for output in &mut self.outputs {
-            output.unattached.clear();
-            output.readers.clear();
-        }
-        debug!(self.logger, "finished process released");
-        // `stopped` removes the process's streams from the stream table.
-        ctx.stop();
-    }
-}
-
 /// Returns the exit outcome, if the process has ended.
 #[derive(Message)]
 #[rtype(result = "Option<ExitOutcome>")]
