@@ -414,6 +414,26 @@ fn stop_kill_catches_forking_processes() {
     assert!(cgroups[0].1.contains("__garden-init"), "the survivor is not garden-init: {cgroups:?}");
 }
 
+#[test]
+fn stop_grace_kill_catches_forking_processes() {
+    let Some(server) = TestServer::start("stop_grace_kill_catches_forking_processes") else { return };
+    let handle = server.create("graceforks");
+    // An ignored signal stays ignored across fork and execve, so every
+    // `sleep` ignores TERM too and only the kill phase after 10 s ends them.
+    let status = server.block_on(async {
+        let stdout = SharedOutput::default();
+        let spec = command_spec("sh", &["-c", "trap '' TERM; echo ready; while true; do sleep 100 & done"]);
+        let mut process = server.client.run(&handle, &spec, output_io(&stdout, &SharedOutput::default())).await.unwrap();
+        wait_for_text(&stdout, "ready\n").await;
+        server.client.stop(&handle, false).await.expect("stop without kill");
+        process.wait().await.unwrap()
+    });
+    assert!(status == 137 || status == 255, "TERM-ignoring forking process: {status}");
+    let left = support::processes_in_cgroups_named(&handle);
+    assert_eq!(left.len(), 1, "processes left in the container's cgroups: {left:?}");
+    assert!(left[0].1.contains("__garden-init"), "the survivor is not garden-init: {left:?}");
+}
+
 /// Returns the number of open fds of a process.
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).expect("listing the server's fds").count()
