@@ -108,6 +108,10 @@ pub struct Config {
     /// its exit status was sent to a client, as gdn's
     /// `--cleanup-process-dirs-on-wait` does. Off: kept until destroy.
     pub cleanup_process_dirs_on_wait: bool,
+    /// Maximum finished process records (exit status, kept output, state
+    /// directory) per container; beyond it the oldest is dropped. Zero
+    /// keeps every record until destroy.
+    pub max_finished_processes: usize,
     /// Set no_new_privs on the processes of unprivileged containers and
     /// give their network namespace `net.ipv4.ping_group_range` = `1 65535`.
     pub no_new_privileges: bool,
@@ -147,6 +151,7 @@ impl Default for Config {
             gid_map_start: 1,
             gid_map_length: None,
             cleanup_process_dirs_on_wait: false,
+            max_finished_processes: crate::actors::container::DEFAULT_MAX_FINISHED_PROCESSES,
             no_new_privileges: false,
             cpu_quota_per_share: 0,
             cpu_entitlement_per_share: 0.0,
@@ -177,6 +182,7 @@ pub const KEYS: &[&str] = &[
     "gid-map-start",
     "gid-map-length",
     "cleanup-process-dirs-on-wait",
+    "max-finished-processes",
     "no-new-privileges",
     "cpu-quota-per-share",
     "cpu-entitlement-per-share",
@@ -256,6 +262,7 @@ impl Config {
             "gid-map-start" => self.gid_map_start = parse_number(text).map_err(invalid)?,
             "gid-map-length" => self.gid_map_length = Some(parse_number(text).map_err(invalid)?),
             "cleanup-process-dirs-on-wait" => self.cleanup_process_dirs_on_wait = parse_bool(text).map_err(invalid)?,
+            "max-finished-processes" => self.max_finished_processes = parse_number(text).map_err(invalid)?,
             "no-new-privileges" => self.no_new_privileges = parse_bool(text).map_err(invalid)?,
             "cpu-quota-per-share" => self.cpu_quota_per_share = parse_number(text).map_err(invalid)?,
             "cpu-entitlement-per-share" => {

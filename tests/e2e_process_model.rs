@@ -414,6 +414,26 @@ fn stop_kill_catches_forking_processes() {
     assert!(cgroups[0].1.contains("__garden-init"), "the survivor is not garden-init: {cgroups:?}");
 }
 
+#[test]
+fn stop_grace_kill_catches_forking_processes() {
+    let Some(server) = TestServer::start("stop_grace_kill_catches_forking_processes") else { return };
+    let handle = server.create("graceforks");
+    // An ignored signal stays ignored across fork and execve, so every
+    // `sleep` ignores TERM too and only the kill phase after 10 s ends them.
+    let status = server.block_on(async {
+        let stdout = SharedOutput::default();
+        let spec = command_spec("sh", &["-c", "trap '' TERM; echo ready; while true; do sleep 100 & done"]);
+        let mut process = server.client.run(&handle, &spec, output_io(&stdout, &SharedOutput::default())).await.unwrap();
+        wait_for_text(&stdout, "ready\n").await;
+        server.client.stop(&handle, false).await.expect("stop without kill");
+        process.wait().await.unwrap()
+    });
+    assert!(status == 137 || status == 255, "TERM-ignoring forking process: {status}");
+    let left = support::processes_in_cgroups_named(&handle);
+    assert_eq!(left.len(), 1, "processes left in the container's cgroups: {left:?}");
+    assert!(left[0].1.contains("__garden-init"), "the survivor is not garden-init: {left:?}");
+}
+
 /// Returns the number of open fds of a process.
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).expect("listing the server's fds").count()
@@ -475,4 +495,190 @@ fn cleanup_on_wait_forgets_process() {
     }
     let second = server.run(&handle, &spec, None).expect("reusing the id");
     assert_eq!(second.status, 6);
+}
+
+/// Returns the number of process state directories of a container.
+fn process_dir_count(server: &TestServer, handle: &str) -> usize {
+    let processes_dir = server.depot.join(handle).join("processes");
+    std::fs::read_dir(&processes_dir).unwrap_or_else(|error| panic!("listing {}: {error}", processes_dir.display())).count()
+}
+
+/// Waits until the container has `expected` process state directories.
+fn wait_for_dir_count(server: &TestServer, handle: &str, expected: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let count = process_dir_count(server, handle);
+        if count == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{count} process state directories, expected {expected}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn finished_records_are_capped() {
+    const MAX_FINISHED: usize = 3;
+    const RUNS: usize = 40;
+    let options = support::ServerOptions {
+        extra_config: vec![format!("max-finished-processes = {MAX_FINISHED}")],
+        ..support::ServerOptions::default()
+    };
+    let Some(server) = TestServer::start_with("finished_records_are_capped", options) else { return };
+    let handle = server.create("capped");
+    let id = |run: usize| format!("{}-run-{run}", server.name);
+
+    // The oldest process keeps running throughout; a running process never
+    // counts against the maximum.
+    let running_id = format!("{}-running", server.name);
+    let running_spec = ProcessSpec { id: running_id.clone(), ..command_spec("sh", &["-c", "echo started; exec sleep 300"]) };
+    let started = SharedOutput::default();
+    let mut running = server
+        .block_on(server.client.run(&handle, &running_spec, output_io(&started, &SharedOutput::default())))
+        .expect("starting the long-running process");
+    server.block_on(wait_for_text(&started, "started\n"));
+
+    for run in 0..RUNS {
+        let spec = ProcessSpec { id: id(run), ..command_spec("sh", &["-c", &format!("echo run {run}; exit {}", run % 100 + 1)]) };
+        let output = server.run(&handle, &spec, None).unwrap_or_else(|error| panic!("run {run}: {error}"));
+        assert_eq!(output.status, (run % 100 + 1) as i64, "exit status of run {run}");
+    }
+
+    // The oldest finished records are gone with a clear error.
+    for run in [0, RUNS - MAX_FINISHED - 1] {
+        match server.block_on(server.client.attach(&handle, &id(run), ProcessIo::default())) {
+            Err(ClientError::ProcessNotFound { process_id }) => assert_eq!(process_id, id(run)),
+            Err(other) => panic!("attaching to dropped run {run} failed with another error: {other}"),
+            Ok(_) => panic!("run {run} is still attachable, beyond the {MAX_FINISHED} newest finished"),
+        }
+    }
+    // The newest finished ones still report their exit status.
+    for run in RUNS - MAX_FINISHED..RUNS {
+        let mut process = server
+            .block_on(server.client.attach(&handle, &id(run), ProcessIo::default()))
+            .unwrap_or_else(|error| panic!("attaching to run {run}: {error}"));
+        assert_eq!(server.block_on(process.wait()).expect("waiting"), (run % 100 + 1) as i64, "exit status of run {run}");
+    }
+    let dropped = server.log_text().matches("finished process record dropped").count();
+    assert_eq!(dropped, RUNS - MAX_FINISHED, "records dropped according to the log");
+
+    // State directories: the running process's and the kept finished ones.
+    wait_for_dir_count(&server, &handle, MAX_FINISHED + 1);
+
+    // The running process is still there, and its exit pushes out the
+    // oldest kept record.
+    let mut attached = server
+        .block_on(server.client.attach(&handle, &running_id, ProcessIo::default()))
+        .expect("attaching to the running process");
+    server.block_on(attached.signal(Signal::Kill)).expect("sending kill");
+    assert_eq!(server.block_on(running.wait()).expect("waiting"), 137);
+    assert_eq!(server.block_on(attached.wait()).expect("waiting"), 137);
+    wait_for_dir_count(&server, &handle, MAX_FINISHED);
+    let oldest_kept = RUNS - MAX_FINISHED;
+    assert!(
+        matches!(server.block_on(server.client.attach(&handle, &id(oldest_kept), ProcessIo::default())), Err(ClientError::ProcessNotFound { .. })),
+        "run {oldest_kept} is still attachable after the running process finished"
+    );
+
+    // A dropped id is free again.
+    let reused = ProcessSpec { id: id(0), ..command_spec("echo", &["again"]) };
+    let output = server.run(&handle, &reused, None).expect("reusing a dropped id");
+    assert_eq!((output.status, output.stdout_text().as_str()), (0, "again\n"));
+}
+
+/// Returns the soft and hard value of each row of a `/proc/<pid>/limits`
+/// text, by the row's name ("Max open files").
+fn limits_table(text: &str) -> std::collections::HashMap<String, (String, String)> {
+    text.lines()
+        .skip(1)
+        .filter(|line| line.len() > 26)
+        .map(|line| {
+            let (name, values) = line.split_at(26);
+            let mut fields = values.split_whitespace();
+            let soft = fields.next().unwrap_or_default().to_string();
+            let hard = fields.next().unwrap_or_default().to_string();
+            (name.trim().to_string(), (soft, hard))
+        })
+        .collect()
+}
+
+#[test]
+fn every_rlimit_and_group_applied() {
+    let Some(server) = TestServer::start("every_rlimit_and_group_applied") else { return };
+    let handle = server.create("rlimits");
+
+    // Raising a hard limit above the server's own needs CAP_SYS_RESOURCE,
+    // which a server may lack, so each value is capped at the hard limit
+    // this test (and so the server it starts) runs with.
+    use nix::sys::resource::{getrlimit, Resource};
+    let within = |resource: Resource, wanted: u64| getrlimit(resource).map(|(_, hard)| wanted.min(hard)).expect("reading an rlimit");
+    let rlimits = ResourceLimits {
+        address_space: Some(within(Resource::RLIMIT_AS, 3_000_000_000)),
+        core: Some(within(Resource::RLIMIT_CORE, 1_000_000)),
+        cpu: Some(within(Resource::RLIMIT_CPU, 3000)),
+        data: Some(within(Resource::RLIMIT_DATA, 2_000_000_000)),
+        fsize: Some(within(Resource::RLIMIT_FSIZE, 4_000_000_000)),
+        locks: Some(within(Resource::RLIMIT_LOCKS, 77)),
+        memlock: Some(within(Resource::RLIMIT_MEMLOCK, 65536)),
+        msgqueue: Some(within(Resource::RLIMIT_MSGQUEUE, 8192)),
+        nice: Some(within(Resource::RLIMIT_NICE, 5)),
+        nofile: Some(within(Resource::RLIMIT_NOFILE, 1234)),
+        nproc: Some(within(Resource::RLIMIT_NPROC, 4567)),
+        rss: Some(within(Resource::RLIMIT_RSS, 600_000_000)),
+        rtprio: Some(within(Resource::RLIMIT_RTPRIO, 3)),
+        sigpending: Some(within(Resource::RLIMIT_SIGPENDING, 888)),
+        stack: Some(within(Resource::RLIMIT_STACK, 9_000_000)),
+    };
+    let value = |limit: Option<u64>| limit.expect("every rlimit is set").to_string();
+    let expected = [
+        ("Max address space", value(rlimits.address_space)),
+        ("Max core file size", value(rlimits.core)),
+        ("Max cpu time", value(rlimits.cpu)),
+        ("Max data size", value(rlimits.data)),
+        ("Max file size", value(rlimits.fsize)),
+        ("Max file locks", value(rlimits.locks)),
+        ("Max locked memory", value(rlimits.memlock)),
+        ("Max msgqueue size", value(rlimits.msgqueue)),
+        ("Max nice priority", value(rlimits.nice)),
+        ("Max open files", value(rlimits.nofile)),
+        ("Max processes", value(rlimits.nproc)),
+        ("Max resident set", value(rlimits.rss)),
+        ("Max realtime priority", value(rlimits.rtprio)),
+        ("Max pending signals", value(rlimits.sigpending)),
+        ("Max stack size", value(rlimits.stack)),
+    ];
+    for user in ["", "alice"] {
+        let spec = ProcessSpec { user: user.into(), rlimits, ..command_spec("cat", &["/proc/self/limits"]) };
+        let output = server.run(&handle, &spec, None).unwrap_or_else(|error| panic!("reading limits as {user:?}: {error}"));
+        assert_eq!(output.status, 0, "cat /proc/self/limits as {user:?}: {}", output.stderr_text());
+        let table = limits_table(&output.stdout_text());
+        for (row, value) in &expected {
+            let found = table.get(*row).unwrap_or_else(|| panic!("no {row:?} row in:\n{}", output.stdout_text()));
+            assert_eq!(found, &(value.clone(), value.clone()), "{row} (soft, hard) as {user:?}");
+        }
+    }
+
+    // A `user:group` pair by names. alice is in no group of /etc/group, so
+    // she has no supplementary groups and busybox `id` prints none.
+    let spec = ProcessSpec { user: "alice:staff".into(), ..command_spec("id", &[]) };
+    let id = server.run(&handle, &spec, None).expect("running id as alice:staff");
+    assert_eq!(id.stdout_text(), "uid=1001(alice) gid=50(staff)\n");
+}
+
+#[test]
+fn resize_after_stdin_close() {
+    let Some(server) = TestServer::start("resize_after_stdin_close") else { return };
+    let handle = server.create("resize");
+    server.block_on(async {
+        let stdout = SharedOutput::default();
+        let script = "trap 'echo winch $(stty size)' WINCH; echo ready; while true; do sleep 0.05; done";
+        let spec = ProcessSpec { tty: Some(TtySpec::default()), ..command_spec("sh", &["-c", script]) };
+        let mut process = server.client.run(&handle, &spec, output_io(&stdout, &SharedOutput::default())).await.unwrap();
+        wait_for_text(&stdout, "ready\r\n").await;
+        process.close_stdin().await.unwrap();
+        process.resize(70, 20).await.unwrap();
+        wait_for_text(&stdout, "winch 20 70\r\n").await;
+        process.signal(Signal::Kill).await.unwrap();
+        assert_eq!(process.wait().await.unwrap(), 137);
+    });
 }

@@ -5,6 +5,8 @@
 mod support;
 
 use std::fs;
+use std::path::Path;
+use std::process::Command;
 
 use support::{command_spec, TestServer};
 use trellis::api::{ContainerSpec, ProcessSpec};
@@ -104,6 +106,120 @@ fn seccomp_blocks_namespaces() {
     assert_ne!(mount.status, 0, "mount succeeded");
     // busybox mount reports EPERM as "permission denied (are you root?)".
     assert!(mount.stderr_text().contains("permission denied"), "mount stderr: {}", mount.stderr_text());
+
+    // The container keeps working after the refused calls.
+    let after = server.run_command(&handle, "echo", &["still here"]);
+    assert_eq!(after.stdout_text(), "still here\n");
+}
+
+/// Assembles `source` (GNU as syntax) into a static executable with
+/// binutils, as 32-bit x86 (`--32`, `elf_i386`) or x86_64, and returns its
+/// bytes.
+fn assemble(directory: &Path, name: &str, source: &str, i386: bool) -> Vec<u8> {
+    let source_path = directory.join(format!("{name}.s"));
+    let object = directory.join(format!("{name}.o"));
+    let executable = directory.join(name);
+    fs::write(&source_path, source).expect("writing the assembly source");
+    let mut assembler = Command::new("as");
+    if i386 {
+        assembler.arg("--32");
+    }
+    let status = assembler.arg("-o").arg(&object).arg(&source_path).status().expect("running `as` (binutils)");
+    assert!(status.success(), "as failed on {name}.s");
+    let mut linker = Command::new("ld");
+    if i386 {
+        linker.args(["-m", "elf_i386"]);
+    }
+    let status = linker.arg("-o").arg(&executable).arg(&object).status().expect("running `ld` (binutils)");
+    assert!(status.success(), "ld failed on {name}.o");
+    fs::read(&executable).expect("reading the linked executable")
+}
+
+/// Returns an i386 program that makes system call `number` with `argument`
+/// through `int 0x80` and exits with the negated result, which is the
+/// errno of a failed call and 0 for a call that returned 0.
+fn i386_errno_program(number: u32, argument: u32) -> String {
+    format!(
+        ".globl _start\n_start:\n\tmovl ${number}, %eax\n\tmovl ${argument}, %ebx\n\tint $0x80\n\
+         \tnegl %eax\n\tmovl %eax, %ebx\n\tmovl $1, %eax\n\tint $0x80\n"
+    )
+}
+
+/// Returns an x86_64 program that makes system call `number` with
+/// `argument` through `syscall` and exits with the errno of a failed call,
+/// or 0 for any result that is not an error.
+fn x86_64_errno_program(number: u64, argument: u64) -> String {
+    format!(
+        ".globl _start\n_start:\n\tmovq ${number}, %rax\n\tmovq ${argument}, %rdi\n\tsyscall\n\
+         \tcmpq $-4095, %rax\n\tjae 1f\n\txorl %eax, %eax\n1:\tnegl %eax\n\tmovl %eax, %edi\n\
+         \tmovl $60, %eax\n\tsyscall\n"
+    )
+}
+
+/// Streams executables into `/opt/abi` of the container as root.
+fn stream_in_executables(server: &TestServer, handle: &str, programs: &[(&str, Vec<u8>)]) {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, bytes) in programs {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(0o755);
+        header.set_size(bytes.len() as u64);
+        builder.append_data(&mut header, name, bytes.as_slice()).expect("adding to the archive");
+    }
+    let archive = builder.into_inner().expect("finishing the archive");
+    let mut reader = archive.as_slice();
+    server.block_on(server.client.stream_in(handle, "/opt/abi", "", &mut reader)).expect("streaming the programs in");
+}
+
+/// The 32-bit x86 and x32 ABIs follow the same allow-list as x86_64: an
+/// allowed call works, and a denied one fails with EPERM instead of
+/// killing the process.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn seccomp_covers_i386_and_x32() {
+    const EPERM: i64 = 1;
+    const ENOSYS: i64 = 38;
+    const X32_BIT: u64 = 0x4000_0000;
+    let Some(server) = TestServer::start("seccomp_covers_i386_and_x32") else { return };
+    let handle = server.create("abi");
+    let build = tempfile::tempdir().expect("creating a build directory");
+    let hello = ".globl _start\n_start:\n\tmovl $4, %eax\n\tmovl $1, %ebx\n\tmovl $message, %ecx\n\
+                 \tmovl $length, %edx\n\tint $0x80\n\tmovl $1, %eax\n\tmovl $42, %ebx\n\tint $0x80\n\
+                 .data\nmessage: .ascii \"hello from i386\\n\"\nlength = . - message\n";
+    let clone_newuser = libc::CLONE_NEWUSER as u32;
+    let programs = [
+        ("hello", assemble(build.path(), "hello", hello, true)),
+        // unshare is 310 and mount 21 on i386; mount with a null source
+        // would fail with EFAULT if the filter let it through.
+        ("unshare32", assemble(build.path(), "unshare32", &i386_errno_program(310, clone_newuser), true)),
+        ("mount32", assemble(build.path(), "mount32", &i386_errno_program(21, 0), true)),
+        ("getuid32", assemble(build.path(), "getuid32", &i386_errno_program(199, 0), true)),
+        // x32 getpid and unshare: x86_64 numbers with the x32 bit.
+        ("getpidx32", assemble(build.path(), "getpidx32", &x86_64_errno_program(X32_BIT | 39, 0), false)),
+        ("unsharex32", assemble(build.path(), "unsharex32", &x86_64_errno_program(X32_BIT | 272, u64::from(clone_newuser)), false)),
+    ];
+    stream_in_executables(&server, &handle, &programs);
+
+    for user in ["", "1000:1000"] {
+        let output = server.run(&handle, &ProcessSpec { user: user.into(), ..command_spec("/opt/abi/hello", &[]) }, None).expect("running hello");
+        assert_eq!(output.stdout_text(), "hello from i386\n", "i386 output as {user:?}");
+        assert_eq!(output.status, 42, "i386 exit status as {user:?}; 159 means seccomp killed it");
+    }
+
+    let getuid = server.run_command(&handle, "/opt/abi/getuid32", &[]);
+    assert_eq!(getuid.status, 0, "i386 getuid32 as root failed");
+    let unshare = server.run_command(&handle, "/opt/abi/unshare32", &[]);
+    assert_eq!(unshare.status, EPERM, "i386 unshare(CLONE_NEWUSER); 159 means seccomp killed it");
+    let mount = server.run_command(&handle, "/opt/abi/mount32", &[]);
+    assert_eq!(mount.status, EPERM, "i386 mount");
+
+    // A kernel without the x32 ABI (CONFIG_X86_X32_ABI off) answers an
+    // allowed x32 call with ENOSYS after the filter let it pass; one with
+    // it returns the pid. EPERM would mean the filter denied it.
+    let getpid = server.run_command(&handle, "/opt/abi/getpidx32", &[]);
+    assert!([0, ENOSYS].contains(&getpid.status), "x32 getpid ended with {}", getpid.status);
+    let unshare = server.run_command(&handle, "/opt/abi/unsharex32", &[]);
+    assert_eq!(unshare.status, EPERM, "x32 unshare(CLONE_NEWUSER)");
 
     // The container keeps working after the refused calls.
     let after = server.run_command(&handle, "echo", &["still here"]);

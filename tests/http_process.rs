@@ -580,3 +580,81 @@ fn attach_on_unknown_container_is_404() {
     let response = failed_process_request(&harness, "GET /containers/nope/processes/p HTTP/1.1\r\nHost: api\r\n\r\n");
     assert_eq!(response.assert_envelope(404, "ContainerNotFoundError")["Handle"], "nope");
 }
+
+/// Returns the sorted ids of the process records container `handle` keeps,
+/// from the debug snapshot.
+fn kept_process_ids(harness: &Harness, handle: &str) -> Vec<String> {
+    let snapshot = harness.introspect();
+    let containers = snapshot["registry"]["containers"].as_array().expect("containers in the snapshot");
+    let container = containers
+        .iter()
+        .find(|container| container["container"]["handle"] == handle)
+        .unwrap_or_else(|| panic!("container {handle} not in snapshot {snapshot}"));
+    let mut ids: Vec<String> = container["container"]["processes"]
+        .as_array()
+        .expect("processes in the snapshot")
+        .iter()
+        .map(|process| process["process_id"].as_str().unwrap_or_else(|| panic!("process without an id: {process}")).to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn finished_records_capped_in_snapshot() {
+    const MAX_FINISHED: usize = 4;
+    const RUNS: usize = 30;
+    let harness = Harness::start_with(|config| config.max_finished_processes = MAX_FINISHED);
+    harness.create(r#"{"handle":"h"}"#);
+    harness.runtime.script_path("cat", cat_script());
+    harness.runtime.script_path("quick", ProcessScript { on_start: vec![Action::Exit(3)], ..ProcessScript::default() });
+
+    // A running process never counts against the maximum.
+    let mut running = run(&harness, "h", r#"{"id":"running","path":"cat","rlimits":{},"image":{}}"#);
+    for number in 0..RUNS {
+        let mut connection = run(&harness, "h", &format!(r#"{{"id":"quick-{number:02}","path":"quick","rlimits":{{}},"image":{{}}}}"#));
+        connection.expect_exit(3);
+    }
+    let mut expected: Vec<String> = (RUNS - MAX_FINISHED..RUNS).map(|number| format!("quick-{number:02}")).collect();
+    expected.push("running".into());
+    expected.sort();
+    assert_eq!(kept_process_ids(&harness, "h"), expected);
+
+    let response = failed_process_request(&harness, "GET /containers/h/processes/quick-00 HTTP/1.1\r\nHost: api\r\n\r\n");
+    assert_eq!(response.assert_envelope(404, "ProcessNotFoundError")["ProcessID"], "quick-00");
+    let mut newest = attach(&harness, "h", &format!("quick-{:02}", RUNS - 1));
+    newest.expect_exit(3);
+
+    // Once the running process finishes, it pushes out the oldest kept one.
+    running.close_stdin();
+    running.expect_exit(0);
+    let mut expected: Vec<String> = (RUNS - MAX_FINISHED + 1..RUNS).map(|number| format!("quick-{number:02}")).collect();
+    expected.push("running".into());
+    expected.sort();
+    assert_eq!(kept_process_ids(&harness, "h"), expected);
+}
+
+#[test]
+fn late_output_attach_after_record_dropped() {
+    // Both ways a record goes: forgotten once its exit status was sent,
+    // and pushed out by a newer finished process.
+    let adjustments: [(&str, fn(&mut trellis::config::Config)); 2] = [
+        ("cleanup-process-dirs-on-wait", |config| config.cleanup_process_dirs_on_wait = true),
+        ("max-finished-processes = 1", |config| config.max_finished_processes = 1),
+    ];
+    for (setting, adjust) in adjustments {
+        let harness = Harness::start_with(adjust);
+        harness.create(r#"{"handle":"h"}"#);
+        harness.runtime.script_path("fast", ProcessScript::output_then_exit(b"late reader\n", 0));
+        let mut first = run(&harness, "h", r#"{"id":"first","path":"fast","rlimits":{},"image":{}}"#);
+        first.expect_exit(0);
+        let mut second = run(&harness, "h", r#"{"id":"second","path":"fast","rlimits":{},"image":{}}"#);
+        second.expect_exit(0);
+        assert!(!kept_process_ids(&harness, "h").contains(&"first".to_string()), "{setting}: the first record is still kept");
+
+        // The Run's own stdout connection arrives after the record was
+        // dropped and still receives the output.
+        let (stdout, buffer) = attach_output(&harness, &first, "stdout");
+        assert_eq!(read_output(stdout, buffer), b"late reader\n", "{setting}");
+    }
+}

@@ -5,7 +5,7 @@
 //! records are atomic (no other message interleaves) so the file always
 //! matches the actor.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use slog::{debug, info, o, warn, Logger};
 
 use super::oom::{OomKilled, OomWatcher};
-use super::process::{Process, ProcessStart};
+use super::process::{Process, ProcessExited, ProcessStart};
 use super::stats::{measure_mailbox, MailboxStats};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{
@@ -68,10 +68,15 @@ impl ContainerState {
     }
 }
 
-// NOTE: a finished process keeps its slot (a small actor and its state
-// directory) until the container is destroyed, unless the operator enables
-// cleanup-process-dirs-on-wait, so a container that runs a health check
-// every few seconds grows the server slowly but without a cap.
+/// Default of [`Container::with_max_finished_processes`]: finished process
+/// records kept per container.
+pub const DEFAULT_MAX_FINISHED_PROCESSES: usize = 1000;
+
+/// A process id's entry in the container's process table. A finished
+/// process keeps its `Running` slot (its actor, exit status and state
+/// directory) until the container is destroyed, the operator's
+/// cleanup-process-dirs-on-wait forgets it, or newer finished processes
+/// push it out of the `max-finished-processes` records.
 enum ProcessSlot {
     /// The runtime is starting it; the id is reserved.
     Starting,
@@ -98,6 +103,10 @@ pub struct Container {
     /// Fields of the state file this server does not know, written back
     /// unchanged.
     unknown_state: BTreeMap<String, serde_json::Value>,
+    /// Ids of finished processes still in `processes`, oldest first.
+    finished: VecDeque<String>,
+    /// Maximum length of `finished`; zero keeps every record.
+    max_finished_processes: usize,
     stream_table: StreamTable,
     logger: Logger,
     /// Notable events for Info: one `Out of memory` per OOM kill.
@@ -146,6 +155,8 @@ impl Container {
             id_mappings,
             network: None,
             unknown_state: BTreeMap::new(),
+            finished: VecDeque::new(),
+            max_finished_processes: DEFAULT_MAX_FINISHED_PROCESSES,
             stream_table,
             events: Vec::new(),
             oom_kills: 0,
@@ -203,7 +214,49 @@ impl Container {
             oom_watcher: None,
             oom_counter: None,
             mailbox: MailboxStats::default(),
+            finished: VecDeque::new(),
+            max_finished_processes: DEFAULT_MAX_FINISHED_PROCESSES,
         }
+    }
+
+    /// Sets how many finished process records the container keeps; zero
+    /// keeps them all until destroy. Beyond the maximum the oldest finished
+    /// record is dropped with its state directory. Running processes never
+    /// count.
+    pub fn with_max_finished_processes(mut self, max: usize) -> Container {
+        self.max_finished_processes = max;
+        self
+    }
+
+    /// Drops the record of a finished process: its id becomes free, Attach
+    /// no longer finds it and the runtime removes its state directory.
+    ///
+    /// The process actor stops by itself once nothing refers to it: the
+    /// streams it already has stay attachable for
+    /// [`super::process::FINISHED_STREAM_RETENTION`], so a Run whose stdout
+    /// or stderr connection arrives after the exit message still receives
+    /// the output, and the actor frees its kept output at the same time.
+    fn drop_finished(&mut self, process_id: &str, ctx: &mut Context<Self>) {
+        if !matches!(self.processes.get(process_id), Some(ProcessSlot::Running(_))) {
+            return;
+        }
+        self.processes.remove(process_id);
+        self.finished.retain(|id| id != process_id);
+        // The state file catches up with the next write; a restarted server
+        // skips records whose process directory is gone.
+        self.process_records.remove(process_id);
+        let runtime = self.runtime.clone();
+        let logger = self.logger.clone();
+        let process_id = process_id.to_string();
+        ctx.spawn(
+            async move {
+                let id = process_id.clone();
+                if let Err(error) = blocking(move || runtime.forget_process(&id)).await {
+                    warn!(logger, "removing a finished process's state failed"; "process_id" => process_id, "error" => %error);
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     /// Returns the state file record of the actor as it is now.
@@ -520,6 +573,7 @@ impl Handler<DestroyContainer> for Container {
                 Ok(()) => {
                     info!(container.logger, "container destroyed");
                     container.processes.clear();
+                    container.finished.clear();
                     ctx.stop();
                 }
                 Err(error) => {
@@ -584,10 +638,10 @@ impl Handler<RunProcess> for Container {
         let runtime = self.runtime.clone();
         let logger = self.logger.clone();
         let stream_table = self.stream_table.clone();
+        let exit_listener = ctx.address().recipient();
         let tty = message.spec.tty.is_some();
         let id = process_id.clone();
         let started_at = Instant::now();
-        let on_exit = ctx.address().recipient();
         let start = async move {
             let spec = message.spec;
             let run_id = id.clone();
@@ -605,7 +659,7 @@ impl Handler<RunProcess> for Container {
                 leftover,
                 reader,
                 writer,
-                on_exit: Some(on_exit),
+                exit_listener: Some(exit_listener),
             }))
         };
         Box::pin(start.into_actor(self).then(move |result: Result<Addr<Process>, ContainerError>, container, _| {
@@ -664,6 +718,10 @@ impl Handler<FindProcess> for Container {
 #[rtype(result = "()")]
 pub struct ForgetProcess {
     pub process_id: String,
+    /// The process the exit status came from. A second attachment may
+    /// deliver it after the id was forgotten and given to a new process,
+    /// which must not be forgotten in its place.
+    pub process: Addr<Process>,
 }
 
 impl Handler<ForgetProcess> for Container {
@@ -671,26 +729,56 @@ impl Handler<ForgetProcess> for Container {
 
     fn handle(&mut self, message: ForgetProcess, ctx: &mut Context<Self>) {
         self.mailbox.count();
-        if !matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(_))) {
+        let current = matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(process)) if *process == message.process);
+        if !current {
             return;
         }
-        self.processes.remove(&message.process_id);
-        // The state file catches up with the next write; a restarted server
-        // skips records whose process directory is gone.
-        self.process_records.remove(&message.process_id);
         debug!(self.logger, "finished process forgotten"; "process_id" => &message.process_id);
-        let runtime = self.runtime.clone();
-        let logger = self.logger.clone();
-        let process_id = message.process_id;
-        ctx.spawn(
-            async move {
-                let id = process_id.clone();
-                if let Err(error) = blocking(move || runtime.forget_process(&id)).await {
-                    warn!(logger, "removing a finished process's state failed"; "process_id" => process_id, "error" => %error);
-                }
+        self.drop_finished(&message.process_id, ctx);
+    }
+}
+
+impl Handler<ProcessExited> for Container {
+    type Result = ();
+
+    /// Records the exit status in the state file, marks the process as
+    /// finished and drops the oldest finished records beyond the maximum.
+    fn handle(&mut self, message: ProcessExited, ctx: &mut Context<Self>) {
+        self.mailbox.count();
+        // RunProcess stores the address in the same poll that starts the
+        // actor, so the slot of an exiting process is always `Running`.
+        let current = matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(process)) if *process == message.process);
+        if !current {
+            return;
+        }
+        let mut changed = false;
+        if let (Some(record), Some(status)) = (self.process_records.get_mut(&message.process_id), message.exit_status) {
+            changed = record.exit_status != Some(status);
+            record.exit_status = Some(status);
+        }
+        self.finished.push_back(message.process_id.clone());
+        if self.max_finished_processes > 0 {
+            while self.finished.len() > self.max_finished_processes {
+                let Some(oldest) = self.finished.pop_front() else { break };
+                info!(self.logger, "finished process record dropped"; "process_id" => &oldest,
+                    "max_finished_processes" => self.max_finished_processes);
+                self.drop_finished(&oldest, ctx);
+                changed = true;
             }
-            .into_actor(self),
-        );
+        }
+        if changed && self.state != ContainerState::Destroying {
+            let write = self.persist();
+            let logger = self.logger.clone();
+            let process_id = message.process_id;
+            ctx.spawn(
+                async move {
+                    if let Err(error) = write.await {
+                        warn!(logger, "recording an exit status in the state file failed"; "process_id" => &process_id, "error" => %error);
+                    }
+                }
+                .into_actor(self),
+            );
+        }
     }
 }
 
@@ -715,39 +803,6 @@ impl Handler<SetNetworkState> for Container {
             }
             result
         })))
-    }
-}
-
-/// Records the exit status of one of the container's processes in the
-/// state file.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ProcessExited {
-    pub process_id: String,
-    pub exit_status: i32,
-}
-
-impl Handler<ProcessExited> for Container {
-    type Result = AtomicResponse<Self, ()>;
-
-    fn handle(&mut self, message: ProcessExited, _ctx: &mut Context<Self>) -> Self::Result {
-        let Some(record) = self.process_records.get_mut(&message.process_id) else {
-            return AtomicResponse::new(Box::pin(fut::ready(())));
-        };
-        if record.exit_status == Some(message.exit_status) || self.state == ContainerState::Destroying {
-            return AtomicResponse::new(Box::pin(fut::ready(())));
-        }
-        record.exit_status = Some(message.exit_status);
-        let write = self.persist();
-        let logger = self.logger.clone();
-        AtomicResponse::new(Box::pin(
-            async move {
-                if let Err(error) = write.await {
-                    warn!(logger, "recording an exit status in the state file failed"; "process_id" => &message.process_id, "error" => %error);
-                }
-            }
-            .into_actor(self),
-        ))
     }
 }
 
@@ -788,7 +843,7 @@ impl Handler<AdoptProcess> for Container {
             leftover,
             reader,
             writer,
-            on_exit: Some(ctx.address().recipient()),
+            exit_listener: Some(ctx.address().recipient()),
         });
         info!(self.logger, "process reattached"; "process_id" => &process_id, "pid" => pid);
         self.processes.insert(process_id, ProcessSlot::Running(addr));

@@ -36,7 +36,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::stats::{measure_mailbox, MailboxStats};
-use super::container::ProcessExited;
 use super::{Introspect, StreamTable};
 use crate::runtime::stdio::{ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD};
 
@@ -217,7 +216,10 @@ pub struct Process {
     /// Run's own, so that its reserved readers exist before any output.
     start_reading: Option<oneshot::Sender<()>>,
     mailbox: MailboxStats,
-    on_exit: Option<Recipient<ProcessExited>>,
+    /// Recipient of [`ProcessExited`], sent once when the process exits:
+    /// the container, which records the exit status in its state file and
+    /// bounds how many finished processes it keeps.
+    exit_listener: Option<Recipient<ProcessExited>>,
 }
 
 /// Everything the process actor needs at start.
@@ -231,8 +233,19 @@ pub struct ProcessStart {
     pub leftover: BytesMut,
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
     pub writer: Box<dyn AsyncWrite + Send + Unpin>,
-    /// Told the exit status, so the container records it in its state file.
-    pub on_exit: Option<Recipient<ProcessExited>>,
+    /// Receives [`ProcessExited`] once the process has exited.
+    pub exit_listener: Option<Recipient<ProcessExited>>,
+}
+
+/// Tells the container that one of its processes has exited.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProcessExited {
+    pub process_id: String,
+    /// Tells this process apart from a later one with the same id.
+    pub process: Addr<Process>,
+    /// The exit status; `None` when waiting for the process failed.
+    pub exit_status: Option<i32>,
 }
 
 impl Process {
@@ -255,7 +268,7 @@ impl Process {
             stream_table: start.stream_table,
             start_reading: Some(start_reading),
             mailbox: MailboxStats::default(),
-            on_exit: start.on_exit,
+            exit_listener: start.exit_listener,
         };
         let addr = process.start();
         actix_rt::spawn(write_shim_frames(start.writer, shim_receiver, logger.clone()));
@@ -538,12 +551,13 @@ impl Handler<ShimExited> for Process {
         match &message.outcome {
             ExitOutcome::Status(status) => {
                 info!(self.logger, "process exited"; "exit_status" => status);
-                if let Some(on_exit) = &self.on_exit {
-                    on_exit.do_send(ProcessExited { process_id: self.process_id.clone(), exit_status: *status });
-                }
             }
             ExitOutcome::Error(error) => warn!(self.logger, "process wait failed"; "error" => error),
         }
+        let exit_status = match &message.outcome {
+            ExitOutcome::Status(status) => Some(*status),
+            ExitOutcome::Error(_) => None,
+        };
         // `send_replace` stores the outcome even while no stream is open.
         self.exit.send_replace(Some(message.outcome));
         self.shim = None;
@@ -559,6 +573,9 @@ impl Handler<ShimExited> for Process {
         let stream_ids: Vec<String> = self.streams.keys().cloned().collect();
         for stream_id in stream_ids {
             self.finish_stream(&stream_id, false, ctx);
+        }
+        if let Some(listener) = &self.exit_listener {
+            listener.do_send(ProcessExited { process_id: self.process_id.clone(), process: ctx.address(), exit_status });
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct RegistrySettings {
     /// Counts out-of-memory kills across all containers, for the
     /// operator's metrics.
     pub oom_events: Arc<std::sync::atomic::AtomicU64>,
+    /// Finished process records each container keeps; zero keeps all.
+    pub max_finished_processes: usize,
 }
 
 enum Entry {
@@ -184,7 +186,9 @@ impl Registry {
         let privileged = record.spec.privileged;
         let grace_time = record.grace_time;
         let processes = restored.container.reattach_processes();
-        let container = Container::restore(record, restored.container, dir.to_path_buf(), self.stream_table.clone(), &self.logger);
+        let container = Container::restore(record, restored.container, dir.to_path_buf(), self.stream_table.clone(), &self.logger)
+            .with_oom_counter(self.settings.oom_events.clone())
+            .with_max_finished_processes(self.settings.max_finished_processes);
         let addr = container.start();
         for (process_id, result) in processes {
             let started = result.unwrap_or_else(|error| {
@@ -319,6 +323,7 @@ impl Handler<CreateContainer> for Registry {
         let logger = self.logger.clone();
         let privileged = spec.privileged;
         let grace_time = spec.grace_time;
+        let max_finished_processes = self.settings.max_finished_processes;
         let create = async move {
             let id_mappings = if privileged {
                 None
@@ -344,7 +349,8 @@ impl Handler<CreateContainer> for Registry {
             };
             let container =
                 Container::new(spec.handle.clone(), spec, container_runtime.clone(), id_mappings, container_dir, stream_table, &logger)
-                    .with_oom_counter(oom_events);
+                    .with_oom_counter(oom_events)
+                    .with_max_finished_processes(max_finished_processes);
             let addr = container.start();
             let persisted = addr
                 .send(PersistState)

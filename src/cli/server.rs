@@ -96,6 +96,10 @@ pub struct ServerArgs {
     /// exit status was sent to a client (default false: kept until destroy).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub cleanup_process_dirs_on_wait: Option<String>,
+    /// Finished process records kept per container; the oldest is dropped
+    /// beyond it, and 0 keeps all until destroy (default 1000).
+    #[arg(long, value_name = "COUNT")]
+    pub max_finished_processes: Option<String>,
     /// Run the processes of unprivileged containers with no_new_privs and
     /// allow ping for gids 1 to 65535 there (default false).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -120,7 +124,7 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     fn overrides(&self) -> Vec<(&'static str, &String)> {
-        let pairs: [(&'static str, &Option<String>); 24] = [
+        let pairs: [(&'static str, &Option<String>); 25] = [
             ("bind-ip", &self.bind_ip),
             ("bind-port", &self.bind_port),
             ("bind-socket", &self.bind_socket),
@@ -141,6 +145,7 @@ impl ServerArgs {
             ("gid-map-start", &self.gid_map_start),
             ("gid-map-length", &self.gid_map_length),
             ("cleanup-process-dirs-on-wait", &self.cleanup_process_dirs_on_wait),
+            ("max-finished-processes", &self.max_finished_processes),
             ("no-new-privileges", &self.no_new_privileges),
             ("cpu-quota-per-share", &self.cpu_quota_per_share),
             ("cpu-entitlement-per-share", &self.cpu_entitlement_per_share),

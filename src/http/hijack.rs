@@ -151,9 +151,9 @@ where
         state.metrics.record_operation(Operation::Run, started.elapsed());
     }
     let process_id = stream.process_id.clone();
-    let end = run_process_connection(io, buffer, process, stream, status_line, &state, &logger).await;
+    let end = run_process_connection(io, buffer, process.clone(), stream, status_line, &state, &logger).await;
     if end == EXIT_SENT && state.cleanup_process_dirs_on_wait {
-        container.do_send(ForgetProcess { process_id });
+        container.do_send(ForgetProcess { process_id, process });
     }
     info!(logger, "finished"; "status" => status_line, "end" => end, "duration_ms" => started.elapsed().as_secs_f64() * 1000.0);
 }

@@ -158,6 +158,7 @@ impl Server {
                 // operator's limit: every container needs a subnet.
                 max_containers: config.effective_max_containers(),
                 oom_events: metrics.oom_events(),
+                max_finished_processes: config.max_finished_processes,
             },
             stream_table.clone(),
             logger.clone(),

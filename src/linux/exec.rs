@@ -83,9 +83,9 @@ pub struct ChildSetup<'a> {
     pub privileged: bool,
     /// Set no_new_privs before execve.
     pub no_new_privileges: bool,
-    /// The seccomp filters of unprivileged containers, built before the
+    /// The seccomp filter of unprivileged containers, built before the
     /// fork; `None` for privileged ones.
-    pub filters: Option<&'a [seccompiler::BpfProgram; 2]>,
+    pub filter: Option<&'a seccompiler::BpfProgram>,
 }
 
 /// Sets the process up and executes it; returns only on failure.
@@ -146,7 +146,7 @@ fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
     security::keep_caps(true).map_err(security_error)?;
     drop_privileges(&user)?;
     let held = security::read_caps().map_err(security_error)?;
-    if user.uid != 0 && setup.filters.is_some() {
+    if user.uid != 0 && setup.filter.is_some() {
         let effective = held.permitted & 1 << CAP_SYS_ADMIN;
         security::write_caps(CapSets { effective, ..held }).map_err(security_error)?;
     }
@@ -161,8 +161,8 @@ fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
     if setup.no_new_privileges {
         security::set_no_new_privs().map_err(|error| ChildError::other(format!("failed to set no_new_privs: {error}")))?;
     }
-    if let Some(filters) = setup.filters {
-        security::install_filters(filters).map_err(security_error)?;
+    if let Some(filter) = setup.filter {
+        security::install_filter(filter).map_err(security_error)?;
     }
     // In unprivileged containers only allow-listed system calls follow.
     // At execve root's permitted and effective sets become the union of

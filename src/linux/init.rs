@@ -216,8 +216,8 @@ fn confine_init() -> Result<(), String> {
     // Installing a filter without no_new_privs needs CAP_SYS_ADMIN, which
     // the capability change below removes, so the filter comes first. It
     // allows capset and prctl.
-    let filters = security::build_filters().map_err(describe)?;
-    security::install_filters(&filters).map_err(describe)?;
+    let filter = security::build_filter().map_err(describe)?;
+    security::install_filter(&filter).map_err(describe)?;
     let caps = security::UNPRIVILEGED_CAPS & security::read_bounding();
     security::restrict_bounding(caps).map_err(describe)?;
     security::write_caps(security::CapSets { inheritable: caps, permitted: caps, effective: caps }).map_err(describe)

@@ -9,6 +9,7 @@
 //! - [`files`]: the tar helper of stream in and stream out.
 //! - [`rootfs`]: image choice, idmapped lower layer, overlay.
 //! - [`security`]: capability sets and the seccomp filter.
+//! - `x86_compat`: i386 and x32 system call numbers for the filter.
 //! - [`cgroup`]: per-container cgroups on v1 and v2, and OOM notifications.
 //! - [`disk`]: disk limits on a size-limited filesystem, and layer usage.
 //! - [`metrics`]: metrics from cgroup counters, layers and interfaces.
@@ -27,6 +28,8 @@ pub mod security;
 pub mod shim;
 pub mod syscalls;
 pub mod users;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_compat;
 
 use std::ffi::OsString;
 use std::path::PathBuf;

@@ -16,14 +16,12 @@
 //! Unprivileged containers also get a seccomp filter (mode 2): an
 //! allow-list whose default action is `EPERM`, where `clone` is allowed only
 //! without namespace flags and `clone3` fails with `ENOSYS` so that libc
-//! falls back to `clone`.
+//! falls back to `clone`. On x86_64 the same list applies to 32-bit x86
+//! and x32 processes, under those ABIs' system call numbers.
 
-use std::collections::BTreeMap;
 use std::io;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
-};
+use seccompiler::{sock_filter, BpfProgram};
 
 /// CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP,
 /// NET_BIND_SERVICE, NET_RAW, SYS_CHROOT, MKNOD, AUDIT_WRITE, SETFCAP.
@@ -177,55 +175,170 @@ pub fn keep_caps(keep: bool) -> Result<(), SecurityError> {
     Ok(())
 }
 
-fn target_arch() -> Result<TargetArch, SecurityError> {
-    std::env::consts::ARCH.try_into().map_err(|error| SecurityError::BuildFilter { message: format!("{error:?}") })
+/// `AUDIT_ARCH_*` of `<linux/audit.h>`: the architecture value seccomp
+/// reports for a system call of the native ABI.
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH_NATIVE: u32 = 0xC000_003E;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH_NATIVE: u32 = 0xC000_00B7;
+/// `AUDIT_ARCH_I386`, the architecture value of a system call made
+/// through the 32-bit x86 ABI.
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+
+/// Offsets in `struct seccomp_data`: the system call number, the
+/// architecture value and the low 32 bits of the first argument.
+const SECCOMP_DATA_NR_OFFSET: u32 = 0;
+const SECCOMP_DATA_ARCH_OFFSET: u32 = 4;
+const SECCOMP_DATA_ARG0_LOW_OFFSET: u32 = 16;
+
+/// Classic BPF opcodes of the filter (`<linux/bpf_common.h>`).
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JMP_JA: u16 = 0x05;
+const BPF_JMP_JEQ_K: u16 = 0x15;
+const BPF_JMP_JSET_K: u16 = 0x45;
+const BPF_RET_K: u16 = 0x06;
+
+/// Maximum instructions of one seccomp filter (`BPF_MAXINSNS`).
+const MAX_FILTER_INSTRUCTIONS: usize = 4096;
+
+const ACTION_ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+const ACTION_EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+const ACTION_ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+const ACTION_KILL: u32 = libc::SECCOMP_RET_KILL_PROCESS;
+
+/// The system call numbers of the filter for one architecture value.
+struct AbiNumbers {
+    audit_arch: u32,
+    /// Allowed with any arguments.
+    allowed: Vec<i64>,
+    /// `clone`, allowed only without namespace flags.
+    clone: Vec<i64>,
+    /// `clone3`, which fails with ENOSYS.
+    clone3: Vec<i64>,
 }
 
-/// Builds the two filters of an unprivileged container process: the
-/// allow-list, then the one that makes `clone3` fail with `ENOSYS`.
+/// Returns the numbers of each ABI the filter covers. On x86_64 the x32
+/// numbers join the native ones, because x32 calls carry the same
+/// architecture value.
+fn abi_numbers() -> Vec<AbiNumbers> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut native = AbiNumbers {
+        audit_arch: AUDIT_ARCH_NATIVE,
+        allowed: ALLOWED_SYSCALLS.to_vec(),
+        clone: vec![libc::SYS_clone],
+        clone3: vec![libc::SYS_clone3],
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::x86_compat::{x32_number, I386_ALLOWED, I386_CLONE, I386_CLONE3};
+        native.allowed.extend(ALLOWED_SYSCALLS.iter().map(|number| x32_number(*number)));
+        native.clone.push(x32_number(libc::SYS_clone));
+        native.clone3.push(x32_number(libc::SYS_clone3));
+        let i386 = AbiNumbers {
+            audit_arch: AUDIT_ARCH_I386,
+            allowed: I386_ALLOWED.iter().map(|(_, number)| *number).collect(),
+            clone: vec![I386_CLONE],
+            clone3: vec![I386_CLONE3],
+        };
+        vec![native, i386]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    vec![native]
+}
+
+/// Builds the seccomp filter of an unprivileged container process.
 ///
-/// The kernel runs every installed filter and takes the strictest action,
-/// so `clone3`, allowed by the first, fails through the second.
-// NOTE: both filters check the architecture first and kill a process that
-// uses another ABI (32-bit x86), as seccompiler builds them; x32 system
-// calls carry the x86_64 architecture and get EPERM from the allow-list.
-pub fn build_filters() -> Result<[BpfProgram; 2], SecurityError> {
-    let arch = target_arch()?;
-    let build = |message: seccompiler::BackendError| SecurityError::BuildFilter { message: message.to_string() };
+/// It loads the architecture value and jumps to the part for that ABI,
+/// and kills the process for any other ABI. On x86_64 the parts cover
+/// the x86_64, x32 and 32-bit x86 ABIs with the same list of calls, as
+/// Garden's profile does. Each part allows the listed calls, allows
+/// `clone` without namespace flags, makes `clone3` fail with ENOSYS and
+/// every other call with EPERM.
+///
+/// seccompiler 0.5 has no i386 target and compiles five instructions per
+/// allowed call, which for three ABIs exceeds the kernel's limit of 4096
+/// instructions, so the program is written here with two per call.
+pub fn build_filter() -> Result<BpfProgram, SecurityError> {
+    let abis = abi_numbers();
+    let bodies: Vec<(u32, Vec<sock_filter>)> = abis.iter().map(|abi| (abi.audit_arch, abi_body(abi))).collect();
 
-    let mut allowed: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED_SYSCALLS.iter().map(|number| (*number, Vec::new())).collect();
-    let no_namespaces = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(CLONE_NAMESPACE_FLAGS), 0).map_err(build)?;
-    allowed.insert(libc::SYS_clone, vec![SeccompRule::new(vec![no_namespaces]).map_err(build)?]);
-    allowed.insert(libc::SYS_clone3, Vec::new());
-    let allow_list = SeccompFilter::new(allowed, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch).map_err(build)?;
-
-    let clone3: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
-    let clone3_filter = SeccompFilter::new(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch).map_err(build)?;
-
-    let compile = |filter: SeccompFilter| BpfProgram::try_from(filter).map_err(build);
-    Ok([compile(allow_list)?, compile(clone3_filter)?])
+    // The load, a compare and a jump per ABI, and the kill.
+    let header_len = 1 + 2 * bodies.len() + 1;
+    let mut program = vec![statement(BPF_LD_W_ABS, SECCOMP_DATA_ARCH_OFFSET)];
+    let mut body_start = header_len;
+    for (audit_arch, body) in &bodies {
+        program.push(jump(BPF_JMP_JEQ_K, *audit_arch, 0, 1));
+        // `ja` counts from the next instruction and has a 32-bit offset,
+        // while a conditional jump reaches only 255 instructions.
+        let offset = body_start - (program.len() + 1);
+        program.push(statement(BPF_JMP_JA, offset as u32));
+        body_start += body.len();
+    }
+    program.push(statement(BPF_RET_K, ACTION_KILL));
+    for (_, body) in bodies {
+        program.extend(body);
+    }
+    if program.len() > MAX_FILTER_INSTRUCTIONS {
+        return Err(SecurityError::BuildFilter {
+            message: format!("the filter has {} instructions, more than the kernel's {MAX_FILTER_INSTRUCTIONS}", program.len()),
+        });
+    }
+    Ok(program)
 }
 
-/// Installs filters built by [`build_filters`] on the calling thread.
+/// Returns the part of the filter for one ABI. It loads the system call
+/// number itself and ends every path with a return, so it runs unchanged
+/// at any offset.
+fn abi_body(abi: &AbiNumbers) -> Vec<sock_filter> {
+    let mut body = vec![statement(BPF_LD_W_ABS, SECCOMP_DATA_NR_OFFSET)];
+    let mut returns = |numbers: &[i64], action: u32| {
+        for number in numbers {
+            body.push(jump(BPF_JMP_JEQ_K, *number as u32, 0, 1));
+            body.push(statement(BPF_RET_K, action));
+        }
+    };
+    returns(&abi.allowed, ACTION_ALLOW);
+    returns(&abi.clone3, ACTION_ENOSYS);
+    for clone in &abi.clone {
+        // The namespace flags all sit in the low 32 bits of the flags
+        // argument, so the high half need not be loaded.
+        body.push(jump(BPF_JMP_JEQ_K, *clone as u32, 0, 4));
+        body.push(statement(BPF_LD_W_ABS, SECCOMP_DATA_ARG0_LOW_OFFSET));
+        body.push(jump(BPF_JMP_JSET_K, CLONE_NAMESPACE_FLAGS as u32, 1, 0));
+        body.push(statement(BPF_RET_K, ACTION_ALLOW));
+        body.push(statement(BPF_RET_K, ACTION_EPERM));
+    }
+    body.push(statement(BPF_RET_K, ACTION_EPERM));
+    body
+}
+
+fn statement(code: u16, k: u32) -> sock_filter {
+    sock_filter { code, jt: 0, jf: 0, k }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter { code, jt, jf, k }
+}
+
+/// Installs a filter built by [`build_filter`] on the calling thread.
 /// Needs CAP_SYS_ADMIN in the thread's user namespace, because the
 /// no_new_privs flag is not set. seccompiler's `apply_filter` is not used
 /// because it always sets no_new_privs, which Garden leaves to the
 /// operator's option: with it, setuid programs such as sudo stop working.
-pub fn install_filters(filters: &[BpfProgram; 2]) -> Result<(), SecurityError> {
+pub fn install_filter(filter: &BpfProgram) -> Result<(), SecurityError> {
     #[repr(C)]
     struct SockFprog {
         len: libc::c_ushort,
-        filter: *const seccompiler::sock_filter,
+        filter: *const sock_filter,
     }
-    for filter in filters {
-        let len = libc::c_ushort::try_from(filter.len())
-            .map_err(|_| SecurityError::InstallFilter { message: format!("filter of {} instructions is too long", filter.len()) })?;
-        let program = SockFprog { len, filter: filter.as_ptr() };
-        // SAFETY: the kernel copies the program, which outlives the call.
-        let result = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &program as *const SockFprog) };
-        if result != 0 {
-            return Err(SecurityError::InstallFilter { message: io::Error::last_os_error().to_string() });
-        }
+    let len = libc::c_ushort::try_from(filter.len())
+        .map_err(|_| SecurityError::InstallFilter { message: format!("filter of {} instructions is too long", filter.len()) })?;
+    let program = SockFprog { len, filter: filter.as_ptr() };
+    // SAFETY: the kernel copies the program, which outlives the call.
+    let result = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &program as *const SockFprog) };
+    if result != 0 {
+        return Err(SecurityError::InstallFilter { message: io::Error::last_os_error().to_string() });
     }
     Ok(())
 }
@@ -588,10 +701,100 @@ mod tests {
         assert!(!ALLOWED_SYSCALLS.contains(&libc::SYS_clone), "clone must only be allowed with a condition");
     }
 
+    /// Runs a seccomp filter on one system call, as the kernel's classic
+    /// BPF interpreter does for the opcodes [`build_filter`] writes, and
+    /// returns the filter's action.
+    fn run_filter(program: &[seccompiler::sock_filter], arch: u32, number: i64, args: [u64; 6]) -> u32 {
+        // struct seccomp_data: nr, arch, instruction_pointer, args[6].
+        let mut data = Vec::with_capacity(64);
+        data.extend_from_slice(&(number as u32).to_ne_bytes());
+        data.extend_from_slice(&arch.to_ne_bytes());
+        data.extend_from_slice(&0u64.to_ne_bytes());
+        for arg in args {
+            data.extend_from_slice(&arg.to_ne_bytes());
+        }
+        let mut accumulator = 0u32;
+        let mut pc = 0usize;
+        loop {
+            let instruction = &program[pc];
+            let k = instruction.k;
+            pc += 1;
+            let jump = |condition: bool| usize::from(if condition { instruction.jt } else { instruction.jf });
+            match instruction.code {
+                0x20 => accumulator = u32::from_ne_bytes(data[k as usize..k as usize + 4].try_into().unwrap()),
+                0x05 => pc += k as usize,
+                0x15 => pc += jump(accumulator == k),
+                0x45 => pc += jump(accumulator & k != 0),
+                0x06 => return k,
+                code => panic!("opcode {code:#x} at {} is not interpreted", pc - 1),
+            }
+        }
+    }
+
+    const NO_ARGS: [u64; 6] = [0; 6];
+
+    fn flags(flags: libc::c_int) -> [u64; 6] {
+        [flags as u64, 0, 0, 0, 0, 0]
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn filters_build() {
-        let [allow_list, clone3] = build_filters().expect("filters build");
-        assert!(allow_list.len() > ALLOWED_SYSCALLS.len());
-        assert!(!clone3.is_empty());
+    fn x86_64_calls_follow_allow_list() {
+        let filter = build_filter().expect("filter builds");
+        for number in ALLOWED_SYSCALLS {
+            assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, *number, NO_ARGS), ACTION_ALLOW, "x86_64 system call {number}");
+        }
+        for denied in [libc::SYS_unshare, libc::SYS_setns, libc::SYS_mount, libc::SYS_keyctl, libc::SYS_reboot] {
+            assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, denied, NO_ARGS), ACTION_EPERM, "x86_64 system call {denied}");
+        }
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, libc::SYS_clone, flags(libc::SIGCHLD)), ACTION_ALLOW);
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, libc::SYS_clone, flags(libc::CLONE_NEWUSER | libc::SIGCHLD)), ACTION_EPERM);
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, libc::SYS_clone3, NO_ARGS), ACTION_ENOSYS);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn i386_calls_follow_allow_list() {
+        use crate::linux::x86_compat::{I386_ALLOWED, I386_CLONE, I386_CLONE3};
+        let filter = build_filter().expect("filter builds");
+        for (name, number) in I386_ALLOWED {
+            assert_eq!(run_filter(&filter, AUDIT_ARCH_I386, *number, NO_ARGS), ACTION_ALLOW, "i386 system call {name}");
+        }
+        for (name, number) in [("unshare", 310), ("setns", 346), ("mount", 21), ("umount2", 52), ("pivot_root", 217), ("keyctl", 288)] {
+            assert_eq!(run_filter(&filter, AUDIT_ARCH_I386, number, NO_ARGS), ACTION_EPERM, "i386 system call {name}");
+        }
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_I386, I386_CLONE, flags(libc::SIGCHLD)), ACTION_ALLOW);
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_I386, I386_CLONE, flags(libc::CLONE_NEWNET | libc::SIGCHLD)), ACTION_EPERM);
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_I386, I386_CLONE3, NO_ARGS), ACTION_ENOSYS);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x32_calls_follow_allow_list() {
+        use crate::linux::x86_compat::{x32_number, X32_SYSCALL_BIT};
+        let filter = build_filter().expect("filter builds");
+        for number in ALLOWED_SYSCALLS {
+            let x32 = x32_number(*number);
+            assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, x32, NO_ARGS), ACTION_ALLOW, "x32 system call {x32:#x}");
+        }
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, X32_SYSCALL_BIT + 512, NO_ARGS), ACTION_ALLOW, "x32 rt_sigaction");
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, X32_SYSCALL_BIT | libc::SYS_unshare, NO_ARGS), ACTION_EPERM);
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, x32_number(libc::SYS_clone), flags(libc::SIGCHLD)), ACTION_ALLOW);
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, x32_number(libc::SYS_clone), flags(libc::CLONE_NEWPID | libc::SIGCHLD)), ACTION_EPERM);
+        assert_eq!(run_filter(&filter, AUDIT_ARCH_NATIVE, x32_number(libc::SYS_clone3), NO_ARGS), ACTION_ENOSYS);
+    }
+
+    #[test]
+    fn other_architectures_are_killed() {
+        // AUDIT_ARCH_ARM, which the filter has no part for.
+        let filter = build_filter().expect("filter builds");
+        assert_eq!(run_filter(&filter, 0x4000_0028, libc::SYS_getpid, NO_ARGS), ACTION_KILL);
+    }
+
+    #[test]
+    fn filter_fits_kernel_limit() {
+        let filter = build_filter().expect("filter builds");
+        assert!(filter.len() > 2 * ALLOWED_SYSCALLS.len());
+        assert!(filter.len() <= MAX_FILTER_INSTRUCTIONS, "filter of {} instructions", filter.len());
     }
 }

@@ -300,10 +300,10 @@ fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), C
         }
     };
     let (error_read, error_write) = pipe()?;
-    let filters = if config.privileged {
+    let filter = if config.privileged {
         None
     } else {
-        Some(super::security::build_filters().map_err(|error| io::Error::other(crate::linux::error_chain(&error)))?)
+        Some(super::security::build_filter().map_err(|error| io::Error::other(crate::linux::error_chain(&error)))?)
     };
 
     // setns on a pid namespace only places this process's later children
@@ -322,7 +322,7 @@ fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), C
                 stdio: &child_stdio,
                 privileged: config.privileged,
                 no_new_privileges: config.no_new_privileges,
-                filters: filters.as_ref(),
+                filter: filter.as_ref(),
             };
             let error = exec::run_child(&setup);
             let mut pipe = fs::File::from(error_write);
