@@ -82,6 +82,25 @@ pub struct Config {
     /// Set no_new_privs on the processes of unprivileged containers and
     /// give their network namespace `net.ipv4.ping_group_range` = `1 65535`.
     pub no_new_privileges: bool,
+    /// Address that net-in mappings listen on and that outbound traffic is
+    /// masqueraded to; `None` means the host's source address for
+    /// outbound traffic, found by a route lookup at start-up.
+    pub external_ip: Option<Ipv4Addr>,
+    /// Name servers written to each container's `/etc/resolv.conf`; empty
+    /// means derived from the host's `/etc/resolv.conf`.
+    pub dns_servers: Vec<Ipv4Addr>,
+    /// Name servers appended after the others.
+    pub additional_dns_servers: Vec<Ipv4Addr>,
+    /// Lines appended verbatim to each container's `/etc/hosts`.
+    pub additional_host_entries: Vec<String>,
+    /// Destinations containers may not reach unless a net-out rule allows
+    /// them.
+    pub deny_networks: Vec<Ipv4Network>,
+    /// Let containers reach the host's own addresses.
+    pub allow_host_access: bool,
+    /// MTU of container links; 0 means the MTU of the host interface that
+    /// holds the external IP. Never above 1500.
+    pub mtu: u32,
 }
 
 impl Default for Config {
@@ -108,6 +127,13 @@ impl Default for Config {
             gid_map_length: None,
             cleanup_process_dirs_on_wait: false,
             no_new_privileges: false,
+            external_ip: None,
+            dns_servers: Vec::new(),
+            additional_dns_servers: Vec::new(),
+            additional_host_entries: Vec::new(),
+            deny_networks: Vec::new(),
+            allow_host_access: false,
+            mtu: 0,
         }
     }
 }
@@ -135,7 +161,18 @@ pub const KEYS: &[&str] = &[
     "gid-map-length",
     "cleanup-process-dirs-on-wait",
     "no-new-privileges",
+    "external-ip",
+    "dns-server",
+    "additional-dns-server",
+    "additional-host-entry",
+    "deny-network",
+    "allow-host-access",
+    "mtu",
 ];
+
+/// Keys that take a list: a TOML array of strings, or one string with the
+/// values separated by commas.
+pub const LIST_KEYS: &[&str] = &["dns-server", "additional-dns-server", "additional-host-entry", "deny-network"];
 
 impl Config {
     /// Loads `path` over the defaults.
@@ -158,6 +195,22 @@ impl Config {
                 toml::Value::String(text) => text.clone(),
                 toml::Value::Integer(number) => number.to_string(),
                 toml::Value::Boolean(flag) => flag.to_string(),
+                toml::Value::Array(items) if LIST_KEYS.contains(&key.as_str()) => {
+                    let mut texts = Vec::new();
+                    for item in items {
+                        match item {
+                            toml::Value::String(text) => texts.push(text.clone()),
+                            other => {
+                                return Err(ConfigError::InvalidValue {
+                                    source_name,
+                                    key: key.clone(),
+                                    reason: format!("expected an array of strings, found a {} in it", other.type_str()),
+                                })
+                            }
+                        }
+                    }
+                    texts.join(",")
+                }
                 other => {
                     if !KEYS.contains(&key.as_str()) {
                         return Err(ConfigError::UnknownKey { source_name, key: key.clone() });
@@ -211,6 +264,19 @@ impl Config {
             "gid-map-length" => self.gid_map_length = Some(parse_number(text).map_err(invalid)?),
             "cleanup-process-dirs-on-wait" => self.cleanup_process_dirs_on_wait = parse_bool(text).map_err(invalid)?,
             "no-new-privileges" => self.no_new_privileges = parse_bool(text).map_err(invalid)?,
+            "external-ip" => self.external_ip = if text.is_empty() { None } else { Some(parse_ipv4(text).map_err(invalid)?) },
+            "dns-server" => self.dns_servers = parse_list(text, parse_ipv4).map_err(invalid)?,
+            "additional-dns-server" => self.additional_dns_servers = parse_list(text, parse_ipv4).map_err(invalid)?,
+            "additional-host-entry" => self.additional_host_entries = parse_list(text, |entry| Ok(entry.to_string())).map_err(invalid)?,
+            "deny-network" => self.deny_networks = parse_list(text, parse_cidr).map_err(invalid)?,
+            "allow-host-access" => self.allow_host_access = parse_bool(text).map_err(invalid)?,
+            "mtu" => {
+                let mtu: u32 = parse_number(text).map_err(invalid)?;
+                if mtu != 0 && !(68..=1500).contains(&mtu) {
+                    return Err(invalid(format!("`{text}` is not 0 or an MTU from 68 to 1500")));
+                }
+                self.mtu = mtu;
+            }
             _ => return Err(ConfigError::UnknownKey { source_name: source_name.to_string(), key: key.to_string() }),
         }
         Ok(())
@@ -262,6 +328,23 @@ impl Config {
 
 fn parse_ip(text: &str) -> Result<IpAddr, String> {
     text.parse().map_err(|_| format!("`{text}` is not an IP address"))
+}
+
+fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
+    text.trim().parse().map_err(|_| format!("`{text}` is not an IPv4 address"))
+}
+
+fn parse_cidr(text: &str) -> Result<Ipv4Network, String> {
+    let network: Ipv4Network = text.trim().parse().map_err(|_| format!("`{text}` is not an IPv4 CIDR such as 10.0.0.0/8"))?;
+    Ipv4Network::new(network.network(), network.prefix()).map_err(|error| error.to_string())
+}
+
+/// Parses a comma-separated list; an empty text is an empty list.
+fn parse_list<T>(text: &str, parse: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(',').map(|item| parse(item.trim())).collect()
 }
 
 fn parse_bool(text: &str) -> Result<bool, String> {
@@ -413,6 +496,13 @@ mod tests {
             uid-map-length = 5000
             gid-map-start = 2000
             gid-map-length = 6000
+            external-ip = "192.0.2.1"
+            dns-server = ["192.0.2.53", "192.0.2.54"]
+            additional-dns-server = "198.51.100.53"
+            additional-host-entry = ["192.0.2.9 db"]
+            deny-network = "0.0.0.0/0,10.0.0.0/8"
+            allow-host-access = true
+            mtu = 1400
             "#,
         )
         .unwrap();
@@ -433,6 +523,14 @@ mod tests {
         assert_eq!((config.uid_map_start, config.uid_map_length), (1000, Some(5000)));
         assert_eq!((config.gid_map_start, config.gid_map_length), (2000, Some(6000)));
         assert_eq!(config.effective_max_containers(), 10);
+        assert_eq!(config.external_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(config.dns_servers, vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)]);
+        assert_eq!(config.additional_dns_servers, vec![Ipv4Addr::new(198, 51, 100, 53)]);
+        assert_eq!(config.additional_host_entries, vec!["192.0.2.9 db".to_string()]);
+        assert_eq!(config.deny_networks.len(), 2);
+        assert_eq!(config.deny_networks[1].to_string(), "10.0.0.0/8");
+        assert!(config.allow_host_access);
+        assert_eq!(config.mtu, 1400);
     }
 
     #[test]
@@ -457,6 +555,10 @@ mod tests {
             ("port-pool-start = 65000\nport-pool-size = 1000", "port-pool-size"),
             ("uid-map-start = 0", "uid-map-start"),
             ("max-containers = true", "max-containers"),
+            ("external-ip = \"::1\"", "external-ip"),
+            ("deny-network = \"0.0.0.0/40\"", "deny-network"),
+            ("dns-server = [1]", "dns-server"),
+            ("mtu = 9000", "mtu"),
         ] {
             let error = load(text).unwrap_err();
             match &error {

@@ -66,6 +66,7 @@ fn fixture() -> Fixture {
         tag: tag(),
         executable: PathBuf::from(env!("CARGO_BIN_EXE_trellis")),
         no_new_privileges: false,
+        network: None,
     };
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     Fixture { runtime: LinuxRuntime::new(config, logger).expect("runtime"), depot }
@@ -97,6 +98,7 @@ impl Fixture {
             spec: ContainerSpec { privileged, ..spec },
             container_dir: dir,
             id_mappings: if privileged { None } else { Some(mappings()) },
+            network: None,
         }
     }
 

@@ -18,15 +18,25 @@ use slog::{debug, info, o, warn, Logger};
 use super::process::{Process, ProcessStart};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{
-    BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, ProcessSpec,
-    Properties,
+    BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, NetInResponse,
+    NetOutRule, PortMapping, ProcessSpec, Properties,
 };
+use crate::pools::port::{AllocatePort, ClaimPort, ReleasePort};
+use crate::pools::subnet::{NetworkAllocation, ReleaseNetwork};
+use crate::pools::NetworkPools;
 use crate::runtime::{ContainerRuntime, RuntimeError, StartedProcess, StdioConnection};
 
 /// Reserved property set to `created` once create has finished.
 pub const PROPERTY_STATE: &str = "garden.state";
 /// Reserved property holding the effective grace time in nanoseconds.
 pub const PROPERTY_GRACE_TIME: &str = "garden.grace-time";
+/// Reserved properties of a container's network.
+pub const PROPERTY_CONTAINER_IP: &str = "garden.network.container-ip";
+pub const PROPERTY_HOST_IP: &str = "garden.network.host-ip";
+pub const PROPERTY_EXTERNAL_IP: &str = "garden.network.external-ip";
+/// Reserved property listing the net-in mappings as a JSON array of
+/// `{"HostPort":…,"ContainerPort":…}`, written at the first net-in.
+pub const PROPERTY_MAPPED_PORTS: &str = "garden.network.mapped-ports";
 
 /// Name of the state file inside the container's directory.
 pub const STATE_FILE: &str = "container.json";
@@ -90,6 +100,13 @@ pub struct Container {
     processes: HashMap<String, ProcessSlot>,
     stream_table: StreamTable,
     logger: Logger,
+    /// The container's subnet and addresses, returned to the pool by
+    /// destroy.
+    network: Option<NetworkAllocation>,
+    /// Net-in mappings, whose host ports destroy returns to the pool.
+    mapped_ports: Vec<PortMapping>,
+    external_ip: String,
+    pools: NetworkPools,
 }
 
 /// The on-disk record of a container, written atomically.
@@ -101,10 +118,13 @@ struct StateRecord<'a> {
     properties: &'a Properties,
     created_at_unix_ns: u128,
     spec: &'a ContainerSpec,
+    network: Option<&'a NetworkAllocation>,
+    mapped_ports: &'a [PortMapping],
 }
 
 impl Container {
     /// Builds the actor for a container the runtime has created.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         handle: String,
         spec: ContainerSpec,
@@ -112,12 +132,22 @@ impl Container {
         dir: PathBuf,
         stream_table: StreamTable,
         logger: &Logger,
+        network: Option<NetworkAllocation>,
+        pools: NetworkPools,
     ) -> Container {
         let mut properties = spec.properties.clone();
         if spec.grace_time != 0 {
             properties.insert(PROPERTY_GRACE_TIME.into(), spec.grace_time.to_string());
         }
         properties.insert(PROPERTY_STATE.into(), "created".into());
+        let external_ip = runtime.external_ip().map(|ip| ip.to_string()).unwrap_or_default();
+        if let Some(allocation) = &network {
+            properties.insert(PROPERTY_CONTAINER_IP.into(), allocation.container_ip.to_string());
+            properties.insert(PROPERTY_HOST_IP.into(), allocation.gateway.to_string());
+            if !external_ip.is_empty() {
+                properties.insert(PROPERTY_EXTERNAL_IP.into(), external_ip.clone());
+            }
+        }
         Container {
             logger: logger.new(o!("handle" => handle.clone())),
             grace_time: spec.grace_time,
@@ -130,6 +160,10 @@ impl Container {
             created_at: SystemTime::now(),
             processes: HashMap::new(),
             stream_table,
+            network,
+            mapped_ports: Vec::new(),
+            external_ip,
+            pools,
         }
     }
 
@@ -146,6 +180,8 @@ impl Container {
                 .map(|age| age.as_nanos())
                 .unwrap_or(0),
             spec: &self.spec,
+            network: self.network.as_ref(),
+            mapped_ports: &self.mapped_ports,
         };
         let mut bytes = serde_json::to_vec_pretty(&record).expect("state record serialises");
         bytes.push(b'\n');
@@ -175,7 +211,10 @@ impl Container {
             container_path: self.dir.display().to_string(),
             process_ids: None,
             properties: Some(self.properties.clone()),
-            mapped_ports: Some(Vec::new()),
+            mapped_ports: Some(self.mapped_ports.clone()),
+            host_ip: self.network.map(|allocation| allocation.gateway.to_string()).unwrap_or_default(),
+            container_ip: self.network.map(|allocation| allocation.container_ip.to_string()).unwrap_or_default(),
+            external_ip: self.external_ip.clone(),
             ..ContainerInfo::default()
         }
     }
@@ -406,6 +445,7 @@ impl Handler<DestroyContainer> for Container {
                 Ok(()) => {
                     info!(container.logger, "container destroyed");
                     container.processes.clear();
+                    container.release_network();
                     ctx.stop();
                 }
                 Err(error) => {
@@ -415,6 +455,100 @@ impl Handler<DestroyContainer> for Container {
             }
             result
         }))
+    }
+}
+
+impl Container {
+    /// Returns the host ports and the subnet to their pools; destroy calls
+    /// it once the runtime has removed the container's network.
+    fn release_network(&mut self) {
+        for mapping in self.mapped_ports.drain(..) {
+            self.pools.ports.do_send(ReleasePort { port: mapping.host_port as u16 });
+        }
+        if let Some(allocation) = self.network.take() {
+            self.pools.subnets.do_send(ReleaseNetwork { allocation });
+        }
+    }
+}
+
+/// Checks a port number of a net-in request: 0 or 1 to 65535.
+fn net_in_port(value: u32, which: &str) -> Result<u16, ContainerError> {
+    u16::try_from(value).map_err(|_| ContainerError::InvalidNetIn { message: format!("invalid {which} port {value}: ports are 0 to 65535") })
+}
+
+/// Maps a host port to a container port (`net/in`). A zero host port takes
+/// the next port of the pool, a zero container port the host port's
+/// number.
+#[derive(Message)]
+#[rtype(result = "Result<NetInResponse, ContainerError>")]
+pub struct NetIn {
+    pub host_port: u32,
+    pub container_port: u32,
+}
+
+impl Handler<NetIn> for Container {
+    type Result = AtomicResponse<Self, Result<NetInResponse, ContainerError>>;
+
+    fn handle(&mut self, message: NetIn, _ctx: &mut Context<Self>) -> Self::Result {
+        let checked = self.check_not_destroying().and_then(|()| {
+            Ok((net_in_port(message.host_port, "host")?, net_in_port(message.container_port, "container")?))
+        });
+        let (requested_host, requested_container) = match checked {
+            Ok(ports) => ports,
+            Err(error) => return AtomicResponse::new(Box::pin(fut::ready(Err(error)))),
+        };
+        let ports = self.pools.ports.clone();
+        let runtime = self.runtime.clone();
+        let map = async move {
+            let host_port = if requested_host == 0 {
+                ports.send(AllocatePort).await.map_err(|_| ContainerError::Mailbox { operation: "allocating a host port" })?
+            } else {
+                ports.send(ClaimPort { port: requested_host }).await.map_err(|_| ContainerError::Mailbox { operation: "reserving a host port" })?.map(|()| requested_host)
+            }
+            .map_err(|error| ContainerError::InvalidNetIn { message: error.to_string() })?;
+            let container_port = if requested_container == 0 { host_port } else { requested_container };
+            if let Err(error) = blocking(move || runtime.net_in(host_port, container_port)).await {
+                ports.do_send(ReleasePort { port: host_port });
+                return Err(error);
+            }
+            Ok((host_port, container_port))
+        };
+        AtomicResponse::new(Box::pin(map.into_actor(self).then(|result, container, _| {
+            let recorded = result.map(|(host_port, container_port)| {
+                container.mapped_ports.push(PortMapping { host_port: u32::from(host_port), container_port: u32::from(container_port) });
+                let list = serde_json::to_string(&container.mapped_ports).unwrap_or_default();
+                container.properties.insert(PROPERTY_MAPPED_PORTS.into(), list);
+                info!(container.logger, "net-in mapped"; "host_port" => host_port, "container_port" => container_port);
+                (NetInResponse { host_port: u32::from(host_port), container_port: u32::from(container_port) }, container.persist())
+            });
+            async move {
+                let (response, persist) = recorded?;
+                persist.await?;
+                Ok(response)
+            }
+            .into_actor(container)
+        })))
+    }
+}
+
+/// Adds outbound allow rules (`net/out` and `net/out/bulk`), all or none.
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct NetOut {
+    pub rules: Vec<NetOutRule>,
+}
+
+impl Handler<NetOut> for Container {
+    type Result = ResponseFuture<Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: NetOut, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.check_not_destroying() {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        // NOTE: net-out rules are applied but not written to the state
+        // file, so a server that restores containers cannot replay them.
+        let runtime = self.runtime.clone();
+        Box::pin(async move { blocking(move || runtime.net_out(&message.rules)).await })
     }
 }
 

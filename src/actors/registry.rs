@@ -14,11 +14,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use slog::{info, warn, Logger};
 
-use super::container::{self, blocking, Container, DestroyContainer, GetProperties, PersistState};
+use super::container::{self, blocking, Container, DestroyContainer, GetProperties, NetIn, NetOut, PersistState};
 use super::reaper::{Defuse, Reaper, Strap};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::ContainerSpec;
+use crate::pools::subnet::{AllocateNetwork, ReleaseNetwork};
 use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
+use crate::pools::NetworkPools;
 use crate::runtime::{ContainerConfig, Runtime};
 
 /// Maximum handle length, in bytes.
@@ -45,6 +47,7 @@ pub struct Registry {
     entries: BTreeMap<String, Entry>,
     runtime: Arc<dyn Runtime>,
     uid_pool: Addr<UidPool>,
+    network_pools: NetworkPools,
     reaper: Addr<Reaper>,
     settings: RegistrySettings,
     stream_table: StreamTable,
@@ -55,12 +58,13 @@ impl Registry {
     pub fn new(
         runtime: Arc<dyn Runtime>,
         uid_pool: Addr<UidPool>,
+        network_pools: NetworkPools,
         reaper: Addr<Reaper>,
         settings: RegistrySettings,
         stream_table: StreamTable,
         logger: Logger,
     ) -> Registry {
-        Registry { entries: BTreeMap::new(), runtime, uid_pool, reaper, settings, stream_table, logger }
+        Registry { entries: BTreeMap::new(), runtime, uid_pool, network_pools, reaper, settings, stream_table, logger }
     }
 }
 
@@ -124,23 +128,43 @@ impl Handler<CreateContainer> for Registry {
 
         let runtime = self.runtime.clone();
         let uid_pool = self.uid_pool.clone();
+        let network_pools = self.network_pools.clone();
         let container_dir = self.settings.depot.join(&handle);
         let stream_table = self.stream_table.clone();
         let logger = self.logger.clone();
         let privileged = spec.privileged;
         let grace_time = spec.grace_time;
         let create = async move {
+            let allocation = network_pools
+                .subnets
+                .send(AllocateNetwork { network: spec.network.clone() })
+                .await
+                .map_err(|_| ContainerError::Mailbox { operation: "allocating a subnet" })?
+                .map_err(|error| ContainerError::Network { message: error.to_string() })?;
+            let release_network = || network_pools.subnets.do_send(ReleaseNetwork { allocation });
             let id_mappings = if privileged {
                 None
             } else {
                 let mappings = uid_pool
                     .send(AcquireIdMappings)
                     .await
-                    .map_err(|_| ContainerError::Mailbox { operation: "acquiring id mappings" })?
-                    .map_err(|reason| ContainerError::NoIdMapping { reason })?;
-                Some(mappings)
+                    .map_err(|_| ContainerError::Mailbox { operation: "acquiring id mappings" })
+                    .and_then(|result| result.map_err(|reason| ContainerError::NoIdMapping { reason }));
+                match mappings {
+                    Ok(mappings) => Some(mappings),
+                    Err(error) => {
+                        release_network();
+                        return Err(error);
+                    }
+                }
             };
-            let config = ContainerConfig { handle: spec.handle.clone(), spec: spec.clone(), container_dir: container_dir.clone(), id_mappings };
+            let config = ContainerConfig {
+                handle: spec.handle.clone(),
+                spec: spec.clone(),
+                container_dir: container_dir.clone(),
+                id_mappings,
+                network: Some(allocation),
+            };
             let created = create_in_runtime(runtime, config).await;
             let container_runtime = match created {
                 Ok(container_runtime) => container_runtime,
@@ -148,21 +172,42 @@ impl Handler<CreateContainer> for Registry {
                     if !privileged {
                         uid_pool.do_send(ReleaseIdMappings);
                     }
+                    release_network();
                     return Err(error);
                 }
             };
-            let container = Container::new(spec.handle.clone(), spec, container_runtime.clone(), container_dir, stream_table, &logger);
+            let net_in = spec.netin.clone();
+            let net_out = spec.netout_rules.clone();
+            let container = Container::new(
+                spec.handle.clone(),
+                spec,
+                container_runtime.clone(),
+                container_dir,
+                stream_table,
+                &logger,
+                Some(allocation),
+                network_pools.clone(),
+            );
             let addr = container.start();
-            let persisted = addr
-                .send(PersistState)
-                .await
-                .map_err(|_| ContainerError::Mailbox { operation: "writing the container state" })
-                .and_then(|result| result);
+            let persisted = apply_spec_network(&addr, net_in, net_out).await.and(
+                addr.send(PersistState)
+                    .await
+                    .map_err(|_| ContainerError::Mailbox { operation: "writing the container state" })
+                    .and_then(|result| result),
+            );
             if let Err(error) = persisted {
                 // Roll back: the container exists in the runtime but the
                 // server could not record it.
-                if let Err(cleanup) = blocking(move || container_runtime.destroy()).await {
-                    warn!(logger, "rollback of container failed"; "error" => %cleanup);
+                // The actor returns the network and ports once its destroy
+                // succeeds.
+                match addr.send(DestroyContainer).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(cleanup)) => warn!(logger, "rollback of container failed"; "error" => %cleanup),
+                    Err(_) => {
+                        if let Err(cleanup) = blocking(move || container_runtime.destroy()).await {
+                            warn!(logger, "rollback of container failed"; "error" => %cleanup);
+                        }
+                    }
                 }
                 if !privileged {
                     uid_pool.do_send(ReleaseIdMappings);
@@ -183,6 +228,19 @@ impl Handler<CreateContainer> for Registry {
             }
         }))
     }
+}
+
+/// Applies the `NetIn` and `NetOut` entries of a spec to a new container.
+async fn apply_spec_network(addr: &Addr<Container>, net_in: Vec<crate::api::NetIn>, net_out: Vec<crate::api::NetOutRule>) -> Result<(), ContainerError> {
+    for mapping in net_in {
+        addr.send(NetIn { host_port: mapping.host_port, container_port: mapping.container_port })
+            .await
+            .map_err(|_| ContainerError::Mailbox { operation: "applying the spec's net-in" })??;
+    }
+    if !net_out.is_empty() {
+        addr.send(NetOut { rules: net_out }).await.map_err(|_| ContainerError::Mailbox { operation: "applying the spec's net-out" })??;
+    }
+    Ok(())
 }
 
 /// Makes the container directory and calls the runtime; removes the

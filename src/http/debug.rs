@@ -18,13 +18,22 @@ pub struct DebugState {
     pub registry: Addr<Registry>,
     pub reaper: Addr<Reaper>,
     pub uid_pool: Addr<UidPool>,
+    pub network_pools: crate::pools::NetworkPools,
 }
 
 async fn introspect(state: web::Data<DebugState>) -> HttpResponse {
     let registry = state.registry.send(Introspect).await.unwrap_or(serde_json::Value::Null);
     let reaper = state.reaper.send(Introspect).await.unwrap_or(serde_json::Value::Null);
     let uid_pool = state.uid_pool.send(Introspect).await.unwrap_or(serde_json::Value::Null);
-    let snapshot = serde_json::json!({ "registry": registry, "reaper": reaper, "uid_pool": uid_pool });
+    let subnet_pool = state.network_pools.subnets.send(Introspect).await.unwrap_or(serde_json::Value::Null);
+    let port_pool = state.network_pools.ports.send(Introspect).await.unwrap_or(serde_json::Value::Null);
+    let snapshot = serde_json::json!({
+        "registry": registry,
+        "reaper": reaper,
+        "uid_pool": uid_pool,
+        "subnet_pool": subnet_pool,
+        "port_pool": port_pool,
+    });
     HttpResponse::Ok().content_type("application/json").body(crate::api::encode(&snapshot))
 }
 

@@ -123,11 +123,16 @@ impl Server {
         )
         .start();
         let debug_uid_pool = uid_pool.clone();
+        let network_pools = crate::pools::NetworkPools {
+            subnets: crate::pools::subnet::SubnetPool::new(config.network_pool).start(),
+            ports: crate::pools::port::PortPool::new(config.port_pool_start, config.port_pool_size).start(),
+        };
         let stream_table = StreamTable::default();
         let reaper = Reaper::new(logger.clone()).start();
         let registry = Registry::new(
             runtime.clone(),
             uid_pool,
+            network_pools.clone(),
             reaper.clone(),
             RegistrySettings {
                 depot: config.depot.clone(),
@@ -144,7 +149,7 @@ impl Server {
         let debug_listener = std::net::TcpListener::bind((config.debug_bind_ip, config.debug_bind_port))?;
         let (debug, debug_addr) = debug::start(
             debug_listener,
-            debug::DebugState { registry: registry.clone(), reaper: reaper.clone(), uid_pool: debug_uid_pool },
+            debug::DebugState { registry: registry.clone(), reaper: reaper.clone(), uid_pool: debug_uid_pool, network_pools },
         )?;
         let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {

@@ -11,6 +11,7 @@
 //! - [`security`]: capability sets and the seccomp filter.
 //! - [`cgroup`]: per-container cgroups on v1 and v2.
 //! - [`users`]: user resolution and process environment.
+//! - [`network`]: links, firewall and NAT, name files and bandwidth.
 //! - [`syscalls`]: system calls nix does not wrap.
 
 pub mod cgroup;
@@ -19,6 +20,7 @@ pub mod exec;
 pub mod files;
 pub mod init;
 pub mod metrics;
+pub mod network;
 pub mod rootfs;
 pub mod security;
 pub mod shim;
@@ -60,6 +62,8 @@ pub struct LinuxConfig {
     /// Operator hardening of unprivileged containers: no_new_privs on their
     /// processes and `net.ipv4.ping_group_range` = `1 65535`.
     pub no_new_privileges: bool,
+    /// Container networking; `None` leaves containers with loopback only.
+    pub network: Option<network::NetworkSettings>,
 }
 
 /// Errors of setting up the runtime itself.
@@ -71,6 +75,8 @@ pub enum LinuxError {
     Cgroups(#[from] cgroup::CgroupError),
     #[error("tag {tag:?} must be 1 to 64 characters of A-Z a-z 0-9 _ . -")]
     InvalidTag { tag: String },
+    #[error("network set-up failed")]
+    Network(#[from] network::NetworkError),
 }
 
 /// The Linux implementation of [`Runtime`].
@@ -81,6 +87,7 @@ pub struct LinuxRuntime {
     hierarchies: Vec<cgroup::Hierarchy>,
     cgroup_version: cgroup::CgroupVersion,
     userns: rootfs::UsernsCache,
+    network: Option<Arc<network::HostNetwork>>,
 }
 
 impl LinuxRuntime {
@@ -107,8 +114,15 @@ impl LinuxRuntime {
                 Err(_) => return Err(v1_error.into()),
             },
         };
+        let network = match &config.network {
+            Some(settings) => {
+                let network_logger = logger.new(slog::o!("component" => "network"));
+                Some(Arc::new(network::HostNetwork::start(settings.clone(), &config.tag, network_logger)?))
+            }
+            None => None,
+        };
         slog::info!(logger, "linux runtime ready"; "cgroup_version" => ?cgroup_version, "hierarchies" => hierarchies.len());
-        Ok(LinuxRuntime { config, logger, hierarchies, cgroup_version, userns: rootfs::UsernsCache::default() })
+        Ok(LinuxRuntime { config, logger, hierarchies, cgroup_version, userns: rootfs::UsernsCache::default(), network })
     }
 }
 
