@@ -535,7 +535,7 @@ impl TestServer {
                     if line.starts_with("set ") || line.starts_with("map ") || line.starts_with("chain ") {
                         block = line;
                     }
-                    let per_container = ["chain c_", "chain o_", "chain n_", "jump c_", "jump n_"].iter().any(|needle| line.contains(needle));
+                    let per_container = ["chain b_", "chain c_", "chain o_", "chain n_", "jump b_", "jump c_", "jump n_"].iter().any(|needle| line.contains(needle));
                     // The deny set is configuration; the other sets and
                     // maps have one entry per subnet, container or port.
                     let container_entry = line.starts_with("elements = ") && !block.starts_with("set deny");

@@ -348,10 +348,13 @@ impl ContainerNetwork {
         nft::apply(&script)
     }
 
-    /// Sets the bandwidth limit of the container's link; a zero rate
-    /// removes it.
+    /// Sets the bandwidth limit of the container's link in both
+    /// directions; a zero rate removes it.
     pub fn set_bandwidth(&self, limits: &BandwidthLimits) -> Result<(), NetworkError> {
-        tc::apply(&self.names.host_veth, limits, self.host.mtu)
+        tc::apply(&self.names.host_veth, limits, self.host.mtu)?;
+        let burst = tc::effective_burst(limits, self.host.mtu);
+        let _serial = self.host.lock_subnets();
+        nft::apply(&nft::bandwidth_script(&self.rules(), limits.rate, burst))
     }
 
     /// Removes what attach, net-in and net-out added. Objects already

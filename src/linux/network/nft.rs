@@ -6,9 +6,11 @@
 //!
 //! Layout of the table (the link prefix `P` is the bridge name prefix):
 //!
-//! - `from_containers` (forward hook, for packets from `P*`): replies pass,
-//!   then `ip saddr vmap @egress` jumps to the sending container's chain
-//!   `c_<id>`; a source address of no container is dropped.
+//! - `from_containers` (forward hook, for packets from `P*`): first
+//!   `ip saddr vmap @bandwidth` enters the sender's chain `b_<id>`, which
+//!   drops what exceeds its bandwidth limit; then replies pass, and
+//!   `ip saddr vmap @egress` jumps to the sender's chain `c_<id>`; a source
+//!   address of no container is dropped.
 //! - `c_<id>`: the container's own subnet passes, then `o_<id>` (its
 //!   net-out rules) is tried, then other container subnets and the deny
 //!   networks are rejected, and everything else passes.
@@ -28,6 +30,10 @@ use ipnetwork::Ipv4Network;
 
 use super::NetworkError;
 use crate::api::{NetOutRule, PROTOCOL_ALL, PROTOCOL_ICMP, PROTOCOL_TCP, PROTOCOL_UDP};
+
+/// Kinds of per-container chains: bandwidth, egress, net-out rules and
+/// net-in.
+const CHAIN_KINDS: [&str; 4] = ["b", "c", "o", "n"];
 
 /// Number of handle characters that prefix a logged connection, as
 /// guardian logs them.
@@ -66,11 +72,13 @@ pub fn table_script(settings: &TableSettings) -> String {
     }
     let _ = writeln!(script, "  set subnets {{ type ipv4_addr; flags interval; }}");
     let _ = writeln!(script, "  map egress {{ type ipv4_addr : verdict; }}");
+    let _ = writeln!(script, "  map bandwidth {{ type ipv4_addr : verdict; }}");
     let _ = writeln!(script, "  map netin {{ type inet_service : verdict; }}");
     let _ = writeln!(script, "  chain forward {{ type filter hook forward priority filter; policy accept;");
     let _ = writeln!(script, "    iifname {bridges} jump from_containers");
     let _ = writeln!(script, "  }}");
     let _ = writeln!(script, "  chain from_containers {{");
+    let _ = writeln!(script, "    ip saddr vmap @bandwidth");
     let _ = writeln!(script, "    ct state established,related accept");
     let _ = writeln!(script, "    ip saddr vmap @egress");
     let _ = writeln!(script, "    drop");
@@ -129,7 +137,7 @@ pub struct ContainerRules<'a> {
 pub fn add_container_script(rules: &ContainerRules<'_>, new_subnet: bool) -> String {
     let ContainerRules { table, bridge_prefix, id, container_ip, subnet, has_deny_networks } = rules;
     let mut script = String::new();
-    for kind in ["c", "o", "n"] {
+    for kind in CHAIN_KINDS {
         let _ = writeln!(script, "add chain ip {table} {kind}_{id}");
     }
     let _ = writeln!(script, "add rule ip {table} c_{id} ip daddr {subnet} accept");
@@ -140,6 +148,7 @@ pub fn add_container_script(rules: &ContainerRules<'_>, new_subnet: bool) -> Str
     }
     let _ = writeln!(script, "add rule ip {table} c_{id} accept");
     let _ = writeln!(script, "add element ip {table} egress {{ {container_ip} : jump c_{id} }}");
+    let _ = writeln!(script, "add element ip {table} bandwidth {{ {container_ip} : jump b_{id} }}");
     if new_subnet {
         let _ = writeln!(script, "add element ip {table} subnets {{ {subnet} }}");
     }
@@ -152,6 +161,7 @@ pub fn delete_container_script(rules: &ContainerRules<'_>, host_ports: &[u16], l
     let ContainerRules { table, id, container_ip, subnet, .. } = rules;
     let mut script = String::new();
     let _ = writeln!(script, "delete element ip {table} egress {{ {container_ip} }}");
+    let _ = writeln!(script, "delete element ip {table} bandwidth {{ {container_ip} }}");
     if !host_ports.is_empty() {
         let ports: Vec<String> = host_ports.iter().map(ToString::to_string).collect();
         let _ = writeln!(script, "delete element ip {table} netin {{ {} }}", ports.join(", "));
@@ -160,11 +170,23 @@ pub fn delete_container_script(rules: &ContainerRules<'_>, host_ports: &[u16], l
         let _ = writeln!(script, "delete element ip {table} subnets {{ {subnet} }}");
     }
     // Flushed first, so no rule still jumps to a chain being deleted.
-    for kind in ["c", "o", "n"] {
+    for kind in CHAIN_KINDS {
         let _ = writeln!(script, "flush chain ip {table} {kind}_{id}");
     }
-    for kind in ["c", "o", "n"] {
+    for kind in CHAIN_KINDS {
         let _ = writeln!(script, "delete chain ip {table} {kind}_{id}");
+    }
+    script
+}
+
+/// Renders the bandwidth limit of what the container sends: a policer
+/// that drops packets beyond `rate` bytes per second after a bucket of
+/// `burst` bytes. A zero rate removes the limit.
+pub fn bandwidth_script(rules: &ContainerRules<'_>, rate: u64, burst: u64) -> String {
+    let ContainerRules { table, id, .. } = rules;
+    let mut script = format!("flush chain ip {table} b_{id}\n");
+    if rate > 0 {
+        let _ = writeln!(script, "add rule ip {table} b_{id} limit rate over {rate} bytes/second burst {burst} bytes drop");
     }
     script
 }
@@ -405,12 +427,24 @@ mod tests {
         assert!(delete.contains("delete element ip trellis_t1 egress { 10.254.0.2 }\n"));
         assert!(delete.contains("delete element ip trellis_t1 netin { 61001, 61002 }\n"));
         assert!(delete.contains("delete element ip trellis_t1 subnets { 10.254.0.0/30 }\n"));
-        for kind in ["c", "o", "n"] {
+        for kind in CHAIN_KINDS {
+            assert!(add.contains(&format!("add chain ip trellis_t1 {kind}_0000ab\n")), "{kind}");
             assert!(delete.contains(&format!("delete chain ip trellis_t1 {kind}_0000ab\n")), "{kind}");
         }
+        assert!(add.contains("add element ip trellis_t1 bandwidth { 10.254.0.2 : jump b_0000ab }\n"));
+        assert!(delete.contains("delete element ip trellis_t1 bandwidth { 10.254.0.2 }\n"));
         let shared = delete_container_script(&rules(), &[], false);
         assert!(!shared.contains("subnets"));
         assert!(!shared.contains("netin"));
+    }
+
+    #[test]
+    fn bandwidth_policer_replaces_old_limit() {
+        assert_eq!(
+            bandwidth_script(&rules(), 1048576, 65536),
+            "flush chain ip trellis_t1 b_0000ab\nadd rule ip trellis_t1 b_0000ab limit rate over 1048576 bytes/second burst 65536 bytes drop\n"
+        );
+        assert_eq!(bandwidth_script(&rules(), 0, 65536), "flush chain ip trellis_t1 b_0000ab\n");
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! Bandwidth limits with tc on the host end of a container's veth pair.
 //!
 //! The host end is outside the container, so container root cannot remove
-//! the limits. Traffic the container sends arrives on the host end's
-//! ingress, where a policer drops what exceeds the rate; traffic to the
-//! container leaves through the host end's egress, shaped by a token
-//! bucket filter.
+//! the limits. Traffic to the container leaves through the host end's
+//! egress, shaped here by a token bucket filter. Traffic the container
+//! sends is limited by a policer in the server's nft table instead
+//! ([`super::nft::bandwidth_script`]).
+//!
+//! NOTE: policing the host end's ingress with tc needs the kernel's
+//! `act_police` module, which not every kernel has (the project machine's
+//! lacks it), so the sending direction uses nft's `limit` expression.
 
 use std::process::Command;
 
@@ -16,6 +20,11 @@ use crate::api::BandwidthLimits;
 // NOTE: a client's burst below this is raised to it; the reported limits
 // stay as the client set them.
 const MIN_BURST_BYTES: u64 = 32 * 1024;
+
+/// Returns the bucket size used for `limits`, in bytes.
+pub fn effective_burst(limits: &BandwidthLimits, mtu: u32) -> u64 {
+    limits.burst.max(MIN_BURST_BYTES).max(u64::from(mtu) * 2)
+}
 
 fn run(args: &[&str]) -> Result<(), NetworkError> {
     let command = format!("tc {}", args.join(" "));
@@ -39,7 +48,7 @@ pub fn check_available() -> Result<(), NetworkError> {
 }
 
 /// Returns the tc arguments that set `limits` on `device`, as lists of
-/// arguments for successive tc calls. A zero rate only removes limits.
+/// arguments for successive tc calls; none for a zero rate.
 pub fn commands(device: &str, limits: &BandwidthLimits, mtu: u32) -> Vec<Vec<String>> {
     let mut calls: Vec<Vec<String>> = Vec::new();
     let text = |parts: &[&str]| parts.iter().map(|part| part.to_string()).collect::<Vec<String>>();
@@ -47,22 +56,16 @@ pub fn commands(device: &str, limits: &BandwidthLimits, mtu: u32) -> Vec<Vec<Str
         return calls;
     }
     let rate = format!("{}bps", limits.rate);
-    let burst = format!("{}b", limits.burst.max(MIN_BURST_BYTES).max(u64::from(mtu) * 2));
+    let burst = format!("{}b", effective_burst(limits, mtu));
     calls.push(text(&["qdisc", "replace", "dev", device, "root", "tbf", "rate", &rate, "burst", &burst, "latency", "50ms"]));
-    calls.push(text(&["qdisc", "replace", "dev", device, "handle", "ffff:", "ingress"]));
-    calls.push(text(&[
-        "filter", "replace", "dev", device, "parent", "ffff:", "protocol", "all", "prio", "1", "handle", "1", "matchall", "action", "police",
-        "rate", &rate, "burst", &burst, "conform-exceed", "drop",
-    ]));
     calls
 }
 
-/// Applies `limits` to `device`; a zero rate removes the qdiscs.
+/// Applies `limits` to `device`; a zero rate removes the qdisc.
 pub fn apply(device: &str, limits: &BandwidthLimits, mtu: u32) -> Result<(), NetworkError> {
     if limits.rate == 0 {
         // Deleting a qdisc that is not there fails; nothing to remove then.
         let _ = run(&["qdisc", "del", "dev", device, "root"]);
-        let _ = run(&["qdisc", "del", "dev", device, "ingress"]);
         return Ok(());
     }
     for call in commands(device, limits, mtu) {
@@ -79,9 +82,8 @@ mod tests {
     #[test]
     fn rate_in_bytes_per_second() {
         let calls = commands("t1h000001", &BandwidthLimits { rate: 1 << 20, burst: 1 << 20 }, 1500);
-        assert_eq!(calls.len(), 3);
-        assert!(calls[0].join(" ").contains("tbf rate 1048576bps burst 1048576b"));
-        assert!(calls[2].join(" ").contains("police rate 1048576bps burst 1048576b conform-exceed drop"));
+        assert_eq!(calls.len(), 1);
+        assert!(calls[0].join(" ").contains("root tbf rate 1048576bps burst 1048576b"));
     }
 
     #[test]
