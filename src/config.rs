@@ -83,8 +83,8 @@ pub struct Config {
     /// give their network namespace `net.ipv4.ping_group_range` = `1 65535`.
     pub no_new_privileges: bool,
     /// Address that net-in mappings listen on and that outbound traffic is
-    /// masqueraded to; `None` means the host's source address for
-    /// outbound traffic, found by a route lookup at start-up.
+    /// masqueraded to. `None` means the source address of the host's
+    /// default route, found at start-up.
     pub external_ip: Option<Ipv4Addr>,
     /// Name servers written to each container's `/etc/resolv.conf`; empty
     /// means derived from the host's `/etc/resolv.conf`.
@@ -98,8 +98,8 @@ pub struct Config {
     pub deny_networks: Vec<Ipv4Network>,
     /// Let containers reach the host's own addresses.
     pub allow_host_access: bool,
-    /// MTU of container links; 0 means the MTU of the host interface that
-    /// holds the external IP. Never above 1500.
+    /// MTU of container links, at most 1500. 0 means the MTU of the host
+    /// interface that has the external IP.
     pub mtu: u32,
 }
 

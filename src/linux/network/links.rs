@@ -1,10 +1,10 @@
 //! Links, addresses and routes, over netlink in process (rtnetlink).
 //!
 //! Each call runs on a thread of its own with a current-thread tokio
-//! runtime, because the callers are blocking runtime calls and because a
-//! netlink socket belongs to the network namespace of the thread that
-//! opens it: work inside a container's namespace enters it with `setns` on
-//! that thread first.
+//! runtime, because the callers are blocking runtime calls. A netlink
+//! socket belongs to the network namespace of the thread that opens it, so
+//! work inside a container's namespace first enters it with `setns` on
+//! that thread.
 
 use std::fs::File;
 use std::future::Future;
@@ -223,7 +223,7 @@ pub async fn interface_addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Addr)>
     Ok(found)
 }
 
-/// Returns the MTU of the link holding `address`, if any link holds it.
+/// Returns the MTU of the link that has `address`, if any link has it.
 pub async fn mtu_of_address(handle: &Handle, address: Ipv4Addr) -> Result<Option<u32>, NetworkError> {
     let Some((index, _)) = interface_addresses(handle).await?.into_iter().find(|(_, found)| *found == address) else {
         return Ok(None);

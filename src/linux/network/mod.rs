@@ -254,7 +254,7 @@ impl HostNetwork {
     }
 }
 
-/// What attach has done so far, so that detach undoes exactly that.
+/// Progress of attach, so that detach undoes exactly the steps taken.
 #[derive(Debug, Default)]
 struct AttachState {
     /// Counted as a user of its subnet (and so of the bridge).

@@ -1,6 +1,6 @@
 //! The server's nftables table: rendering of its scripts, and `nft -f`.
 //!
-//! One `ip` table per server tag holds every rule. Each change is one
+//! One `ip` table per server tag contains every rule. Each change is one
 //! script read by `nft -f -`, which the kernel applies as one transaction,
 //! so a change is applied whole or not at all.
 //!
@@ -39,7 +39,7 @@ const CHAIN_KINDS: [&str; 4] = ["b", "c", "o", "n"];
 /// guardian logs them.
 const LOG_PREFIX_HANDLE_CHARS: usize = 28;
 
-/// What the base table depends on.
+/// Settings of the base table.
 #[derive(Debug, Clone)]
 pub struct TableSettings {
     pub table: String,

@@ -22,7 +22,7 @@ pub fn hosts_file(container_ip: Ipv4Addr, hostname: &str, extra: &[String]) -> S
     text
 }
 
-/// Where a container's name servers come from, decided at start-up.
+/// The source of a container's name servers, chosen at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResolvSource {
     /// Fixed text (the operator's servers, or the host's usable lines).
@@ -50,10 +50,10 @@ impl ResolvSource {
         Ok(ResolvSource::derive(&host))
     }
 
-    /// Derives the container's file from a host resolver file: a host that
-    /// has nothing but one `nameserver 127.0.0.x` line makes containers use
-    /// their gateway; otherwise other lines are kept and `127.*` name
-    /// servers dropped.
+    /// Derives the container's file from a host resolver file. A host
+    /// file with nothing but one `nameserver 127.0.0.x` line makes
+    /// containers use their gateway. Otherwise every other line is kept and
+    /// `127.*` name servers are dropped.
     pub fn derive(host: &str) -> ResolvSource {
         let meaningful: Vec<&str> = host.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#') && !line.starts_with(';')).collect();
         if let [only] = meaningful.as_slice() {
