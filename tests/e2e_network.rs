@@ -477,13 +477,49 @@ fn name_files_written_and_writable() {
 fn host_access_rejected_by_default() {
     let Some(server) = TestServer::start("host_access_rejected_by_default") else { return };
     let handle = server.create("hostaccess");
-    // The server's namespace listens on its external IP.
-    let listener = in_server_netns(&server, || TcpListener::bind((EXTERNAL_IP, 7100)).expect("binding on the external IP"));
+    let accepted = accept_once_on_host(&server, 7100);
     let reached = tcp_connects(&server, &handle, EXTERNAL_IP, 7100);
-    drop(listener);
     assert!(!reached, "a container reached the host without host access");
+    assert!(!accepted.join().unwrap(), "the host accepted a connection from a container");
 }
 
+/// Listens on the external IP in the server's namespace, as a service of
+/// the host would, and accepts one connection, which it closes at once.
+/// The thread returns whether a connection came within 10 seconds.
+fn accept_once_on_host(server: &TestServer, port: u16) -> JoinHandle<bool> {
+    let netns = File::open(format!("/run/netns/{}", server.name)).expect("opening the server's namespace");
+    let (bound, ready) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering the server's namespace");
+        let listener = TcpListener::bind((EXTERNAL_IP, port)).expect("binding on the external IP");
+        listener.set_nonblocking(true).unwrap();
+        bound.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if listener.accept().is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    ready.recv().expect("the host listener did not start");
+    thread
+}
+
+#[test]
+fn host_access_allowed_when_configured() {
+    let options = ServerOptions { extra_config: vec!["allow-host-access = true".into()], ..ServerOptions::default() };
+    let Some(server) = TestServer::start_with("host_access_allowed_when_configured", options) else { return };
+    let handle = server.create("hostaccess");
+    let accepted = accept_once_on_host(&server, 7100);
+    let reached = tcp_connects(&server, &handle, EXTERNAL_IP, 7100);
+    assert!(reached, "a container did not reach the host although host access is allowed");
+    assert!(accepted.join().unwrap(), "the host saw no connection");
+}
+
+/// Returns whether the container's nc connects and then sees the peer
+/// close the connection.
 fn tcp_connects(server: &TestServer, handle: &str, address: &str, port: u16) -> bool {
     let script = format!("nc -w 2 {address} {port} < /dev/null");
     server.run_command(handle, "/bin/sh", &["-c", &script]).status == 0

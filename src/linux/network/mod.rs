@@ -161,7 +161,7 @@ impl HostNetwork {
             for name in links::link_names(&handle).await? {
                 let ours = name.len() == stale_prefix.len() + 7
                     && name.starts_with(&stale_prefix)
-                    && matches!(name.as_bytes()[stale_prefix.len()], b'b' | b'h');
+                    && matches!(name.as_bytes()[stale_prefix.len()], b'b' | b'h' | b'p');
                 if ours {
                     links::delete_link(&handle, &name).await?;
                     removed.push(name);
@@ -174,6 +174,9 @@ impl HostNetwork {
             // container state survives a restart every link is stale.
             slog::info!(logger, "removed links of an earlier server"; "links" => removed.join(","));
         }
+
+        probe_link_types(&prefix)?;
+        warn_about_forward_drops(&logger);
 
         let network = HostNetwork {
             external_ip,
@@ -250,6 +253,45 @@ impl HostNetwork {
                 }
                 Err(error)
             }
+        }
+    }
+}
+
+/// Checks that the kernel can create the link types containers need, by
+/// creating and deleting a bridge and a veth pair named with `prefix`.
+fn probe_link_types(prefix: &str) -> Result<(), NetworkError> {
+    let bridge = format!("{prefix}pbridge");
+    // Seven characters after the prefix, as every name of this server.
+    let veth = format!("{prefix}pvetha0");
+    let peer = format!("{prefix}pvethb0");
+    links::with_netlink(None, move |handle| async move {
+        let created = handle.link().add(rtnetlink::LinkBridge::new(&bridge).build()).execute().await;
+        links::delete_link(&handle, &bridge).await?;
+        created.map_err(|error| NetworkError::Missing { what: format!("bridge links (kernel module `bridge`): creating one failed: {error}") })?;
+        let created = handle.link().add(rtnetlink::LinkVeth::new(&veth, &peer).build()).execute().await;
+        links::delete_link(&handle, &veth).await?;
+        created.map_err(|error| NetworkError::Missing { what: format!("veth links (kernel module `veth`): creating one failed: {error}") })
+    })
+}
+
+/// Logs a warning for each forward chain of another table whose policy is
+/// drop: such a chain drops container traffic that this server's table
+/// accepts, because an nftables accept ends only its own base chain.
+fn warn_about_forward_drops(logger: &slog::Logger) {
+    let Ok(output) = std::process::Command::new("nft").args(["list", "chains"]).output() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut table = "";
+    let mut chain = "";
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("table ") {
+            table = rest.trim_end_matches('{').trim();
+        } else if let Some(rest) = line.strip_prefix("chain ") {
+            chain = rest.trim_end_matches('{').trim();
+        } else if line.contains("hook forward") && line.contains("policy drop") {
+            slog::warn!(logger, "a forward chain of another table drops packets by default, so container traffic may be dropped";
+                "table" => table, "chain" => chain);
         }
     }
 }
