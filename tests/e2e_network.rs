@@ -518,8 +518,8 @@ fn host_access_allowed_when_configured() {
     assert!(accepted.join().unwrap(), "the host saw no connection");
 }
 
-/// Returns whether the container's nc connects and then sees the peer
-/// close the connection.
+/// Returns whether the container's nc connects and then gets the peer's
+/// close of the connection.
 fn tcp_connects(server: &TestServer, handle: &str, address: &str, port: u16) -> bool {
     let script = format!("nc -w 2 {address} {port} < /dev/null");
     server.run_command(handle, "/bin/sh", &["-c", &script]).status == 0
