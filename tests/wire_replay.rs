@@ -206,7 +206,7 @@ fn replace_all(haystack: &[u8], needle: &[u8], replacement: &[u8]) -> Vec<u8> {
 ///   containers other addresses than the Go fake backend reported, and the
 ///   in-memory runtime has no external IP;
 /// - Info's `ContainerPath`, which is the test's temporary depot;
-/// - NetIn's `host_port`: the create of `03-create` asks for two net-in
+/// - NetIn's `host_port`: the create of `03-create` requests two net-in
 ///   mappings, which this server applies and so takes 61001 and 61002 from
 ///   its pool, while the fake backend returned 61001 for the later call.
 ///   The calls checked at the end pin the ports this server gave.
