@@ -126,6 +126,25 @@ pub struct Config {
     /// server's tag at start-up, as gdn's `--destroy-containers-on-startup`
     /// does. Off: containers are restored.
     pub destroy_containers_on_startup: bool,
+    /// Address that net-in mappings listen on and that outbound traffic is
+    /// masqueraded to. `None` means the source address of the host's
+    /// default route, found at start-up.
+    pub external_ip: Option<Ipv4Addr>,
+    /// Name servers written to each container's `/etc/resolv.conf`; empty
+    /// means derived from the host's `/etc/resolv.conf`.
+    pub dns_servers: Vec<Ipv4Addr>,
+    /// Name servers appended after the others.
+    pub additional_dns_servers: Vec<Ipv4Addr>,
+    /// Lines appended verbatim to each container's `/etc/hosts`.
+    pub additional_host_entries: Vec<String>,
+    /// Destinations containers may not reach unless a net-out rule allows
+    /// them.
+    pub deny_networks: Vec<Ipv4Network>,
+    /// Let containers reach the host's own addresses.
+    pub allow_host_access: bool,
+    /// MTU of container links, at most 1500. 0 means the MTU of the host
+    /// interface that has the external IP.
+    pub mtu: u32,
 }
 
 impl Default for Config {
@@ -156,6 +175,13 @@ impl Default for Config {
             cpu_quota_per_share: 0,
             cpu_entitlement_per_share: 0.0,
             destroy_containers_on_startup: false,
+            external_ip: None,
+            dns_servers: Vec::new(),
+            additional_dns_servers: Vec::new(),
+            additional_host_entries: Vec::new(),
+            deny_networks: Vec::new(),
+            allow_host_access: false,
+            mtu: 0,
         }
     }
 }
@@ -187,7 +213,18 @@ pub const KEYS: &[&str] = &[
     "cpu-quota-per-share",
     "cpu-entitlement-per-share",
     "destroy-containers-on-startup",
+    "external-ip",
+    "dns-server",
+    "additional-dns-server",
+    "additional-host-entry",
+    "deny-network",
+    "allow-host-access",
+    "mtu",
 ];
+
+/// Keys that take a list: a TOML array of strings, or one string with the
+/// values separated by commas.
+pub const LIST_KEYS: &[&str] = &["dns-server", "additional-dns-server", "additional-host-entry", "deny-network"];
 
 impl Config {
     /// Loads `path` over the defaults.
@@ -210,6 +247,22 @@ impl Config {
                 toml::Value::String(text) => text.clone(),
                 toml::Value::Integer(number) => number.to_string(),
                 toml::Value::Boolean(flag) => flag.to_string(),
+                toml::Value::Array(items) if LIST_KEYS.contains(&key.as_str()) => {
+                    let mut texts = Vec::new();
+                    for item in items {
+                        match item {
+                            toml::Value::String(text) => texts.push(text.clone()),
+                            other => {
+                                return Err(ConfigError::InvalidValue {
+                                    source_name,
+                                    key: key.clone(),
+                                    reason: format!("expected an array of strings, found a {} in it", other.type_str()),
+                                })
+                            }
+                        }
+                    }
+                    texts.join(",")
+                }
                 other => {
                     if !KEYS.contains(&key.as_str()) {
                         return Err(ConfigError::unknown_key(&source_name, key));
@@ -273,6 +326,19 @@ impl Config {
                 self.cpu_entitlement_per_share = percent;
             }
             "destroy-containers-on-startup" => self.destroy_containers_on_startup = parse_bool(text).map_err(invalid)?,
+            "external-ip" => self.external_ip = if text.is_empty() { None } else { Some(parse_ipv4(text).map_err(invalid)?) },
+            "dns-server" => self.dns_servers = parse_list(text, parse_ipv4).map_err(invalid)?,
+            "additional-dns-server" => self.additional_dns_servers = parse_list(text, parse_ipv4).map_err(invalid)?,
+            "additional-host-entry" => self.additional_host_entries = parse_list(text, |entry| Ok(entry.to_string())).map_err(invalid)?,
+            "deny-network" => self.deny_networks = parse_list(text, parse_cidr).map_err(invalid)?,
+            "allow-host-access" => self.allow_host_access = parse_bool(text).map_err(invalid)?,
+            "mtu" => {
+                let mtu: u32 = parse_number(text).map_err(invalid)?;
+                if mtu != 0 && !(68..=1500).contains(&mtu) {
+                    return Err(invalid(format!("`{text}` is not 0 or an MTU from 68 to 1500")));
+                }
+                self.mtu = mtu;
+            }
             _ => return Err(ConfigError::unknown_key(source_name, key)),
         }
         Ok(())
@@ -364,6 +430,23 @@ impl Config {
 
 fn parse_ip(text: &str) -> Result<IpAddr, String> {
     text.parse().map_err(|_| format!("`{text}` is not an IP address"))
+}
+
+fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
+    text.trim().parse().map_err(|_| format!("`{text}` is not an IPv4 address"))
+}
+
+fn parse_cidr(text: &str) -> Result<Ipv4Network, String> {
+    let network: Ipv4Network = text.trim().parse().map_err(|_| format!("`{text}` is not an IPv4 CIDR such as 10.0.0.0/8"))?;
+    Ipv4Network::new(network.network(), network.prefix()).map_err(|error| error.to_string())
+}
+
+/// Parses a comma-separated list; an empty text is an empty list.
+fn parse_list<T>(text: &str, parse: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(',').map(|item| parse(item.trim())).collect()
 }
 
 fn parse_bool(text: &str) -> Result<bool, String> {
@@ -542,6 +625,13 @@ mod tests {
             uid-map-length = 5000
             gid-map-start = 2000
             gid-map-length = 6000
+            external-ip = "192.0.2.1"
+            dns-server = ["192.0.2.53", "192.0.2.54"]
+            additional-dns-server = "198.51.100.53"
+            additional-host-entry = ["192.0.2.9 db"]
+            deny-network = "0.0.0.0/0,10.0.0.0/8"
+            allow-host-access = true
+            mtu = 1400
             "#,
         )
         .unwrap();
@@ -562,6 +652,14 @@ mod tests {
         assert_eq!((config.uid_map_start, config.uid_map_length), (1000, Some(5000)));
         assert_eq!((config.gid_map_start, config.gid_map_length), (2000, Some(6000)));
         assert_eq!(config.effective_max_containers(), 10);
+        assert_eq!(config.external_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(config.dns_servers, vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)]);
+        assert_eq!(config.additional_dns_servers, vec![Ipv4Addr::new(198, 51, 100, 53)]);
+        assert_eq!(config.additional_host_entries, vec!["192.0.2.9 db".to_string()]);
+        assert_eq!(config.deny_networks.len(), 2);
+        assert_eq!(config.deny_networks[1].to_string(), "10.0.0.0/8");
+        assert!(config.allow_host_access);
+        assert_eq!(config.mtu, 1400);
     }
 
     #[test]
@@ -614,6 +712,10 @@ mod tests {
             ("max-containers = true", "max-containers"),
             ("cpu-quota-per-share = -1", "cpu-quota-per-share"),
             ("cpu-entitlement-per-share = -0.5", "cpu-entitlement-per-share"),
+            ("external-ip = \"::1\"", "external-ip"),
+            ("deny-network = \"0.0.0.0/40\"", "deny-network"),
+            ("dns-server = [1]", "dns-server"),
+            ("mtu = 9000", "mtu"),
         ] {
             let error = load(text).unwrap_err();
             match &error {

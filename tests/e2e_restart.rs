@@ -658,3 +658,25 @@ fn restart_keeps_disk_limit_and_oom_watch() {
     assert_eq!(loop_devices_of(&server), Vec::<String>::new(), "destroy releases the restored loop device");
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn restart_keeps_network_allocations() {
+    let Some(mut server) = TestServer::start("restart_keeps_network_allocations") else { return };
+    let first = server.create("first");
+    let mapping = server.block_on(server.client.net_in(&first, 0, 8080)).unwrap();
+    let before = server.block_on(server.client.info(&first)).unwrap();
+
+    server.restart();
+
+    let after = server.block_on(server.client.info(&first)).unwrap();
+    assert_eq!(after.container_ip, before.container_ip);
+    assert_eq!(after.host_ip, before.host_ip);
+    assert_eq!(after.mapped_ports, before.mapped_ports);
+    // The pools took the subnet and the host port back: a new container
+    // gets another subnet, and the port can't be mapped twice.
+    let second = server.create("second");
+    let other = server.block_on(server.client.info(&second)).unwrap();
+    assert_ne!(other.container_ip, before.container_ip, "the restored subnet is not given out again");
+    let error = server.block_on(server.client.net_in(&second, mapping.host_port, 80)).unwrap_err();
+    assert!(error.to_string().contains("already acquired"), "{error}");
+}

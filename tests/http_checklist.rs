@@ -233,12 +233,30 @@ fn unknown_handle_is_404_everywhere() {
 }
 
 #[test]
-fn unimplemented_routes_answer_500() {
+fn net_routes_answer_garden_shapes() {
     let harness = Harness::start();
     harness.create(r#"{"handle":"h"}"#);
     let body = r#"{"handle":"h","container_port":8080}"#;
-    let envelope = harness.request("POST", "/containers/h/net/in", Some(body)).assert_envelope(500, "");
-    assert!(envelope["Message"].as_str().unwrap().contains("not implemented"), "{envelope}");
+    let response = harness.request("POST", "/containers/h/net/in", Some(body));
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json(), serde_json::json!({"host_port": 61001, "container_port": 8080}));
+    let response = harness.request("POST", "/containers/h/net/in", Some(r#"{"host_port":70000}"#));
+    let envelope = response.assert_envelope(500, "");
+    assert!(envelope["Message"].as_str().unwrap().contains("invalid host port 70000"), "{envelope}");
+
+    let response = harness.request("POST", "/containers/h/net/out", Some("{}"));
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"{}\n");
+    // A Go client with a nil slice sends null to the bulk route.
+    let response = harness.request("POST", "/containers/h/net/out/bulk", Some("null"));
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"{}\n");
+
+    let info = harness.request("GET", "/containers/h/info", None).json();
+    assert_eq!(info["MappedPorts"], serde_json::json!([{"HostPort": 61001, "ContainerPort": 8080}]));
+    assert_eq!(info["ContainerIP"], "10.200.0.2");
+    assert_eq!(info["HostIP"], "10.200.0.1");
+    assert_eq!(harness.request("POST", "/containers/missing/net/out", Some("{}")).status, 404);
 }
 
 #[test]

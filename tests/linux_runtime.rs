@@ -68,6 +68,7 @@ fn fixture() -> Fixture {
         no_new_privileges: false,
         cpu_quota_per_share: 0,
         cpu_entitlement_per_share: 0.0,
+        network: None,
     };
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     Fixture { runtime: LinuxRuntime::new(config, logger).expect("runtime"), depot }
@@ -99,6 +100,7 @@ impl Fixture {
             spec: ContainerSpec { privileged, ..spec },
             container_dir: dir,
             id_mappings: if privileged { None } else { Some(mappings()) },
+            network: None,
         }
     }
 

@@ -19,9 +19,12 @@ use super::process::{Process, ProcessExited, ProcessStart};
 use super::stats::{measure_mailbox, MailboxStats};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::{
-    BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, ProcessSpec,
-    Properties,
+    BandwidthLimits, ContainerInfo, ContainerSpec, CpuLimits, DiskLimits, Limits, MemoryLimits, Metrics, NetInResponse,
+    NetOutRule, PortMapping, ProcessSpec, Properties,
 };
+use crate::pools::port::{AllocatePort, ClaimPort, ReleasePort};
+use crate::pools::subnet::{NetworkAllocation, ReleaseNetwork};
+use crate::pools::NetworkPools;
 use crate::runtime::{ContainerRuntime, IdMappings, RuntimeError, StartedProcess, StdioConnection};
 use crate::state::{ContainerRecord, ProcessRecord, STATE_VERSION};
 
@@ -31,6 +34,13 @@ pub use crate::state::{write_atomically, STATE_FILE};
 pub const PROPERTY_STATE: &str = "garden.state";
 /// Reserved property holding the effective grace time in nanoseconds.
 pub const PROPERTY_GRACE_TIME: &str = "garden.grace-time";
+/// Reserved properties of a container's network.
+pub const PROPERTY_CONTAINER_IP: &str = "garden.network.container-ip";
+pub const PROPERTY_HOST_IP: &str = "garden.network.host-ip";
+pub const PROPERTY_EXTERNAL_IP: &str = "garden.network.external-ip";
+/// Reserved property listing the net-in mappings as a JSON array of
+/// `{"HostPort":…,"ContainerPort":…}`, written at the first net-in.
+pub const PROPERTY_MAPPED_PORTS: &str = "garden.network.mapped-ports";
 
 /// Lifecycle state of a container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -72,6 +82,23 @@ impl ContainerState {
 /// records kept per container.
 pub const DEFAULT_MAX_FINISHED_PROCESSES: usize = 1000;
 
+/// The network part of the state file, see [`Container::network_record`].
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct NetworkRecord {
+    #[serde(default)]
+    pub allocation: Option<NetworkAllocation>,
+    #[serde(default)]
+    pub mapped_ports: Vec<PortMapping>,
+}
+
+impl NetworkRecord {
+    /// Reads the record's `network` field; a missing or unreadable one is
+    /// an empty record.
+    pub fn from_record(value: Option<&serde_json::Value>) -> NetworkRecord {
+        value.and_then(|value| serde_json::from_value(value.clone()).ok()).unwrap_or_default()
+    }
+}
+
 /// A process id's entry in the container's process table. A finished
 /// process keeps its `Running` slot (its actor, exit status and state
 /// directory) until the container is destroyed, the operator's
@@ -97,9 +124,6 @@ pub struct Container {
     /// The state file's record of each process, by id.
     process_records: BTreeMap<String, ProcessRecord>,
     id_mappings: Option<IdMappings>,
-    /// Network state, stored for the networking code; see
-    /// [`ContainerRecord::network`].
-    network: Option<serde_json::Value>,
     /// Fields of the state file this server does not know, written back
     /// unchanged.
     unknown_state: BTreeMap<String, serde_json::Value>,
@@ -118,6 +142,13 @@ pub struct Container {
     /// The server-wide count of OOM kills, shown in the operator's metrics.
     oom_counter: Option<Arc<std::sync::atomic::AtomicU64>>,
     mailbox: MailboxStats,
+    /// The container's subnet and addresses, returned to the pool by
+    /// destroy.
+    network: Option<NetworkAllocation>,
+    /// Net-in mappings, whose host ports destroy returns to the pool.
+    mapped_ports: Vec<PortMapping>,
+    external_ip: String,
+    pools: NetworkPools,
 }
 
 /// The event Garden records for each out-of-memory kill; clients compare
@@ -126,6 +157,7 @@ pub const OUT_OF_MEMORY_EVENT: &str = "Out of memory";
 
 impl Container {
     /// Builds the actor for a container the runtime has created.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         handle: String,
         spec: ContainerSpec,
@@ -134,12 +166,22 @@ impl Container {
         dir: PathBuf,
         stream_table: StreamTable,
         logger: &Logger,
+        network: Option<NetworkAllocation>,
+        pools: NetworkPools,
     ) -> Container {
         let mut properties = spec.properties.clone();
         if spec.grace_time != 0 {
             properties.insert(PROPERTY_GRACE_TIME.into(), spec.grace_time.to_string());
         }
         properties.insert(PROPERTY_STATE.into(), "created".into());
+        let external_ip = runtime.external_ip().map(|ip| ip.to_string()).unwrap_or_default();
+        if let Some(allocation) = &network {
+            properties.insert(PROPERTY_CONTAINER_IP.into(), allocation.container_ip.to_string());
+            properties.insert(PROPERTY_HOST_IP.into(), allocation.gateway.to_string());
+            if !external_ip.is_empty() {
+                properties.insert(PROPERTY_EXTERNAL_IP.into(), external_ip.clone());
+            }
+        }
         Container {
             logger: logger.new(o!("handle" => handle.clone())),
             grace_time: spec.grace_time,
@@ -153,7 +195,6 @@ impl Container {
             processes: HashMap::new(),
             process_records: BTreeMap::new(),
             id_mappings,
-            network: None,
             unknown_state: BTreeMap::new(),
             finished: VecDeque::new(),
             max_finished_processes: DEFAULT_MAX_FINISHED_PROCESSES,
@@ -163,6 +204,10 @@ impl Container {
             oom_watcher: None,
             oom_counter: None,
             mailbox: MailboxStats::default(),
+            network,
+            mapped_ports: Vec::new(),
+            external_ip,
+            pools,
         }
     }
 
@@ -190,7 +235,10 @@ impl Container {
         dir: PathBuf,
         stream_table: StreamTable,
         logger: &Logger,
+        pools: NetworkPools,
     ) -> Container {
+        let network = NetworkRecord::from_record(record.network.as_ref());
+        let external_ip = runtime.external_ip().map(|ip| ip.to_string()).unwrap_or_default();
         let created_at = SystemTime::UNIX_EPOCH
             + std::time::Duration::from_nanos(u64::try_from(record.created_at_unix_ns).unwrap_or(u64::MAX));
         Container {
@@ -206,7 +254,6 @@ impl Container {
             processes: HashMap::new(),
             process_records: record.processes.into_iter().map(|process| (process.id.clone(), process)).collect(),
             id_mappings: record.id_mappings,
-            network: record.network,
             unknown_state: record.unknown,
             stream_table,
             events: record.events,
@@ -216,7 +263,21 @@ impl Container {
             mailbox: MailboxStats::default(),
             finished: VecDeque::new(),
             max_finished_processes: DEFAULT_MAX_FINISHED_PROCESSES,
+            network: network.allocation,
+            mapped_ports: network.mapped_ports,
+            external_ip,
+            pools,
         }
+    }
+
+    /// The `network` field of the state file: the subnet allocation and the
+    /// net-in mappings, which a restarted server gives back to its pools.
+    fn network_record(&self) -> Option<serde_json::Value> {
+        if self.network.is_none() && self.mapped_ports.is_empty() {
+            return None;
+        }
+        let record = NetworkRecord { allocation: self.network, mapped_ports: self.mapped_ports.clone() };
+        serde_json::to_value(record).ok()
     }
 
     /// Sets how many finished process records the container keeps; zero
@@ -275,7 +336,7 @@ impl Container {
             spec: self.spec.clone(),
             id_mappings: self.id_mappings.clone(),
             processes: self.process_records.values().cloned().collect(),
-            network: self.network.clone(),
+            network: self.network_record(),
             unknown: self.unknown_state.clone(),
             events: self.events.clone(),
             oom_kills: self.oom_kills,
@@ -304,7 +365,10 @@ impl Container {
             container_path: self.dir.display().to_string(),
             process_ids: None,
             properties: Some(self.properties.clone()),
-            mapped_ports: Some(Vec::new()),
+            mapped_ports: Some(self.mapped_ports.clone()),
+            host_ip: self.network.map(|allocation| allocation.gateway.to_string()).unwrap_or_default(),
+            container_ip: self.network.map(|allocation| allocation.container_ip.to_string()).unwrap_or_default(),
+            external_ip: self.external_ip.clone(),
             ..ContainerInfo::default()
         }
     }
@@ -574,6 +638,7 @@ impl Handler<DestroyContainer> for Container {
                     info!(container.logger, "container destroyed");
                     container.processes.clear();
                     container.finished.clear();
+                    container.release_network();
                     ctx.stop();
                 }
                 Err(error) => {
@@ -583,6 +648,100 @@ impl Handler<DestroyContainer> for Container {
             }
             result
         }))
+    }
+}
+
+impl Container {
+    /// Returns the host ports and the subnet to their pools; destroy calls
+    /// it once the runtime has removed the container's network.
+    fn release_network(&mut self) {
+        for mapping in self.mapped_ports.drain(..) {
+            self.pools.ports.do_send(ReleasePort { port: mapping.host_port as u16 });
+        }
+        if let Some(allocation) = self.network.take() {
+            self.pools.subnets.do_send(ReleaseNetwork { allocation });
+        }
+    }
+}
+
+/// Checks a port number of a net-in request: 0 or 1 to 65535.
+fn net_in_port(value: u32, role: &str) -> Result<u16, ContainerError> {
+    u16::try_from(value).map_err(|_| ContainerError::InvalidNetIn { message: format!("invalid {role} port {value}: ports are 0 to 65535") })
+}
+
+/// Maps a host port to a container port (`net/in`). A zero host port takes
+/// the next port of the pool, a zero container port the host port's
+/// number.
+#[derive(Message)]
+#[rtype(result = "Result<NetInResponse, ContainerError>")]
+pub struct NetIn {
+    pub host_port: u32,
+    pub container_port: u32,
+}
+
+impl Handler<NetIn> for Container {
+    type Result = AtomicResponse<Self, Result<NetInResponse, ContainerError>>;
+
+    fn handle(&mut self, message: NetIn, _ctx: &mut Context<Self>) -> Self::Result {
+        let checked = self.check_not_destroying().and_then(|()| {
+            Ok((net_in_port(message.host_port, "host")?, net_in_port(message.container_port, "container")?))
+        });
+        let (requested_host, requested_container) = match checked {
+            Ok(ports) => ports,
+            Err(error) => return AtomicResponse::new(Box::pin(fut::ready(Err(error)))),
+        };
+        let ports = self.pools.ports.clone();
+        let runtime = self.runtime.clone();
+        let map = async move {
+            let host_port = if requested_host == 0 {
+                ports.send(AllocatePort).await.map_err(|_| ContainerError::Mailbox { operation: "allocating a host port" })?
+            } else {
+                ports.send(ClaimPort { port: requested_host }).await.map_err(|_| ContainerError::Mailbox { operation: "reserving a host port" })?.map(|()| requested_host)
+            }
+            .map_err(|error| ContainerError::InvalidNetIn { message: error.to_string() })?;
+            let container_port = if requested_container == 0 { host_port } else { requested_container };
+            if let Err(error) = blocking(move || runtime.net_in(host_port, container_port)).await {
+                ports.do_send(ReleasePort { port: host_port });
+                return Err(error);
+            }
+            Ok((host_port, container_port))
+        };
+        AtomicResponse::new(Box::pin(map.into_actor(self).then(|result, container, _| {
+            let recorded = result.map(|(host_port, container_port)| {
+                container.mapped_ports.push(PortMapping { host_port: u32::from(host_port), container_port: u32::from(container_port) });
+                let list = serde_json::to_string(&container.mapped_ports).unwrap_or_default();
+                container.properties.insert(PROPERTY_MAPPED_PORTS.into(), list);
+                info!(container.logger, "net-in mapped"; "host_port" => host_port, "container_port" => container_port);
+                (NetInResponse { host_port: u32::from(host_port), container_port: u32::from(container_port) }, container.persist())
+            });
+            async move {
+                let (response, persist) = recorded?;
+                persist.await?;
+                Ok(response)
+            }
+            .into_actor(container)
+        })))
+    }
+}
+
+/// Adds outbound allow rules (`net/out` and `net/out/bulk`), all or none.
+#[derive(Message)]
+#[rtype(result = "Result<(), ContainerError>")]
+pub struct NetOut {
+    pub rules: Vec<NetOutRule>,
+}
+
+impl Handler<NetOut> for Container {
+    type Result = ResponseFuture<Result<(), ContainerError>>;
+
+    fn handle(&mut self, message: NetOut, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.check_not_destroying() {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        // NOTE: net-out rules are applied but not written to the state
+        // file, so a server that restores containers cannot replay them.
+        let runtime = self.runtime.clone();
+        Box::pin(async move { blocking(move || runtime.net_out(&message.rules)).await })
     }
 }
 
@@ -779,30 +938,6 @@ impl Handler<ProcessExited> for Container {
                 .into_actor(self),
             );
         }
-    }
-}
-
-/// Replaces the container's network state (subnet, address, mapped ports,
-/// net-out rules) in the state file. The networking code owns its format;
-/// a restarted server hands it back from [`ContainerRecord::network`].
-#[derive(Message)]
-#[rtype(result = "Result<(), ContainerError>")]
-pub struct SetNetworkState {
-    pub network: Option<serde_json::Value>,
-}
-
-impl Handler<SetNetworkState> for Container {
-    type Result = AtomicResponse<Self, Result<(), ContainerError>>;
-
-    fn handle(&mut self, message: SetNetworkState, _ctx: &mut Context<Self>) -> Self::Result {
-        let previous = std::mem::replace(&mut self.network, message.network);
-        let write = self.persist();
-        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, container, _| {
-            if result.is_err() {
-                container.network = previous;
-            }
-            result
-        })))
     }
 }
 
@@ -1138,13 +1273,17 @@ mod tests {
     async fn oom_kills_become_info_events() {
         let dir = tempfile::tempdir().unwrap();
         let spec = ContainerSpec { handle: "box".into(), ..ContainerSpec::default() };
-        let config = ContainerConfig { handle: "box".into(), spec: spec.clone(), container_dir: dir.path().to_path_buf(), id_mappings: None };
+        let config = ContainerConfig { handle: "box".into(), spec: spec.clone(), container_dir: dir.path().to_path_buf(), id_mappings: None, network: None };
         let inner = MemoryRuntime::new().create(&config).unwrap();
         // One kill was recorded before a restart, two more happened while
         // no server watched, and one comes after the watch starts.
         let runtime = Arc::new(WithOomWatch { inner, watch: std::sync::Mutex::new(Some(OneCount { initial: 3, then: Some(4) })) });
         let logger = Logger::root(slog::Discard, o!());
-        let container = Container::new("box".into(), spec, runtime, None, dir.path().to_path_buf(), StreamTable::default(), &logger)
+        let pools = NetworkPools {
+            subnets: crate::pools::subnet::SubnetPool::new("10.254.0.0/22".parse().unwrap()).start(),
+            ports: crate::pools::port::PortPool::new(61001, 10).start(),
+        };
+        let container = Container::new("box".into(), spec, runtime, None, dir.path().to_path_buf(), StreamTable::default(), &logger, None, pools)
             .with_oom_record(vec![OUT_OF_MEMORY_EVENT.to_string()], 1)
             .start();
 

@@ -65,6 +65,13 @@ pub enum ContainerError {
         #[from]
         source: RuntimeError,
     },
+    /// The spec's `network` field cannot be served (Garden's texts).
+    #[error("{message}")]
+    Network { message: String },
+    /// A net-in request cannot be served: a port out of range, taken, or
+    /// none left in the pool.
+    #[error("{message}")]
+    InvalidNetIn { message: String },
     #[error("internal error: {operation} did not complete because an actor stopped")]
     Mailbox { operation: &'static str },
 }

@@ -19,12 +19,15 @@ use std::time::Duration;
 use actix::prelude::*;
 use slog::{error, info, warn, Logger};
 
-use super::container::{self, blocking, AdoptProcess, Container, ContainerState, DestroyContainer, GetProperties, PersistState};
+use super::container::{self, blocking, AdoptProcess, Container, ContainerState, DestroyContainer, GetProperties, NetIn, NetOut, PersistState};
 use super::reaper::{Defuse, Reaper, Strap};
 use super::stats::{measure_mailbox, MailboxStats};
 use super::{ContainerError, Introspect, StreamTable};
 use crate::api::ContainerSpec;
+use crate::pools::port::ClaimPort;
+use crate::pools::subnet::{AllocateNetwork, ClaimNetwork, ReleaseNetwork};
 use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
+use crate::pools::NetworkPools;
 use crate::runtime::{ContainerConfig, ContainerRuntime, Runtime, StartedProcess, StdioConnection};
 use crate::state::{self, StateError};
 
@@ -57,6 +60,7 @@ pub struct Registry {
     entries: BTreeMap<String, Entry>,
     runtime: Arc<dyn Runtime>,
     uid_pool: Addr<UidPool>,
+    network_pools: NetworkPools,
     reaper: Addr<Reaper>,
     settings: RegistrySettings,
     stream_table: StreamTable,
@@ -68,6 +72,7 @@ impl Registry {
     pub fn new(
         runtime: Arc<dyn Runtime>,
         uid_pool: Addr<UidPool>,
+        network_pools: NetworkPools,
         reaper: Addr<Reaper>,
         settings: RegistrySettings,
         stream_table: StreamTable,
@@ -77,6 +82,7 @@ impl Registry {
             entries: BTreeMap::new(),
             runtime,
             uid_pool,
+            network_pools,
             reaper,
             settings,
             stream_table,
@@ -167,6 +173,7 @@ impl Registry {
             spec: record.spec.clone(),
             container_dir: dir.to_path_buf(),
             id_mappings: record.id_mappings.clone(),
+            network: None,
         };
         let restored = match self.runtime.restore(&config) {
             Ok(restored) => restored,
@@ -181,12 +188,32 @@ impl Registry {
             return Restore::Destroyed;
         }
 
-        // TODO: give `record.network` back to the subnet and port pools
-        // once networking exists, so their allocations survive a restart.
+        // The pools take back the subnet and host ports before the listener
+        // is bound, so no request can be given them first.
+        let network = container::NetworkRecord::from_record(record.network.as_ref());
+        if let Some(allocation) = network.allocation {
+            self.network_pools.subnets.do_send(ClaimNetwork { allocation });
+        }
+        for mapping in &network.mapped_ports {
+            if let Ok(port) = u16::try_from(mapping.host_port) {
+                self.network_pools.ports.do_send(ClaimPort { port });
+            }
+        }
+        // NOTE: the links and firewall rules of a restored container are not
+        // rebuilt yet: the network runtime's start-up removes them, so a
+        // restored container keeps its addresses in Info but loses its
+        // network until it is recreated.
         let privileged = record.spec.privileged;
         let grace_time = record.grace_time;
         let processes = restored.container.reattach_processes();
-        let container = Container::restore(record, restored.container, dir.to_path_buf(), self.stream_table.clone(), &self.logger)
+        let container = Container::restore(
+            record,
+            restored.container,
+            dir.to_path_buf(),
+            self.stream_table.clone(),
+            &self.logger,
+            self.network_pools.clone(),
+        )
             .with_oom_counter(self.settings.oom_events.clone())
             .with_max_finished_processes(self.settings.max_finished_processes);
         let addr = container.start();
@@ -220,6 +247,7 @@ impl Registry {
                 spec: record.spec,
                 container_dir: dir.to_path_buf(),
                 id_mappings: record.id_mappings,
+                network: None,
             };
             self.runtime.restore(&config).ok()
         });
@@ -317,6 +345,7 @@ impl Handler<CreateContainer> for Registry {
 
         let runtime = self.runtime.clone();
         let uid_pool = self.uid_pool.clone();
+        let network_pools = self.network_pools.clone();
         let container_dir = self.settings.depot.join(&handle);
         let stream_table = self.stream_table.clone();
         let oom_events = self.settings.oom_events.clone();
@@ -325,17 +354,36 @@ impl Handler<CreateContainer> for Registry {
         let grace_time = spec.grace_time;
         let max_finished_processes = self.settings.max_finished_processes;
         let create = async move {
+            let allocation = network_pools
+                .subnets
+                .send(AllocateNetwork { network: spec.network.clone() })
+                .await
+                .map_err(|_| ContainerError::Mailbox { operation: "allocating a subnet" })?
+                .map_err(|error| ContainerError::Network { message: error.to_string() })?;
+            let release_network = || network_pools.subnets.do_send(ReleaseNetwork { allocation });
             let id_mappings = if privileged {
                 None
             } else {
                 let mappings = uid_pool
                     .send(AcquireIdMappings)
                     .await
-                    .map_err(|_| ContainerError::Mailbox { operation: "acquiring id mappings" })?
-                    .map_err(|reason| ContainerError::NoIdMapping { reason })?;
-                Some(mappings)
+                    .map_err(|_| ContainerError::Mailbox { operation: "acquiring id mappings" })
+                    .and_then(|result| result.map_err(|reason| ContainerError::NoIdMapping { reason }));
+                match mappings {
+                    Ok(mappings) => Some(mappings),
+                    Err(error) => {
+                        release_network();
+                        return Err(error);
+                    }
+                }
             };
-            let config = ContainerConfig { handle: spec.handle.clone(), spec: spec.clone(), container_dir: container_dir.clone(), id_mappings: id_mappings.clone() };
+            let config = ContainerConfig {
+                handle: spec.handle.clone(),
+                spec: spec.clone(),
+                container_dir: container_dir.clone(),
+                id_mappings: id_mappings.clone(),
+                network: Some(allocation),
+            };
             let created = create_in_runtime(runtime, config).await;
             state::fault_point("create.after-runtime");
             let container_runtime = match created {
@@ -344,24 +392,45 @@ impl Handler<CreateContainer> for Registry {
                     if !privileged {
                         uid_pool.do_send(ReleaseIdMappings);
                     }
+                    release_network();
                     return Err(error);
                 }
             };
-            let container =
-                Container::new(spec.handle.clone(), spec, container_runtime.clone(), id_mappings, container_dir, stream_table, &logger)
-                    .with_oom_counter(oom_events)
-                    .with_max_finished_processes(max_finished_processes);
+            let net_in = spec.netin.clone();
+            let net_out = spec.netout_rules.clone();
+            let container = Container::new(
+                spec.handle.clone(),
+                spec,
+                container_runtime.clone(),
+                id_mappings,
+                container_dir,
+                stream_table,
+                &logger,
+                Some(allocation),
+                network_pools.clone(),
+            )
+            .with_oom_counter(oom_events)
+            .with_max_finished_processes(max_finished_processes);
             let addr = container.start();
-            let persisted = addr
-                .send(PersistState)
-                .await
-                .map_err(|_| ContainerError::Mailbox { operation: "writing the container state" })
-                .and_then(|result| result);
+            let persisted = apply_spec_network(&addr, net_in, net_out).await.and(
+                addr.send(PersistState)
+                    .await
+                    .map_err(|_| ContainerError::Mailbox { operation: "writing the container state" })
+                    .and_then(|result| result),
+            );
             if let Err(error) = persisted {
                 // Roll back: the container exists in the runtime but the
                 // server could not record it.
-                if let Err(cleanup) = blocking(move || container_runtime.destroy()).await {
-                    warn!(logger, "rollback of container failed"; "error" => %cleanup);
+                // The actor returns the network and ports once its destroy
+                // succeeds.
+                match addr.send(DestroyContainer).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(cleanup)) => warn!(logger, "rollback of container failed"; "error" => %cleanup),
+                    Err(_) => {
+                        if let Err(cleanup) = blocking(move || container_runtime.destroy()).await {
+                            warn!(logger, "rollback of container failed"; "error" => %cleanup);
+                        }
+                    }
                 }
                 if !privileged {
                     uid_pool.do_send(ReleaseIdMappings);
@@ -383,6 +452,19 @@ impl Handler<CreateContainer> for Registry {
             }
         }))
     }
+}
+
+/// Applies the `NetIn` and `NetOut` entries of a spec to a new container.
+async fn apply_spec_network(addr: &Addr<Container>, net_in: Vec<crate::api::NetIn>, net_out: Vec<crate::api::NetOutRule>) -> Result<(), ContainerError> {
+    for mapping in net_in {
+        addr.send(NetIn { host_port: mapping.host_port, container_port: mapping.container_port })
+            .await
+            .map_err(|_| ContainerError::Mailbox { operation: "applying the spec's net-in" })??;
+    }
+    if !net_out.is_empty() {
+        addr.send(NetOut { rules: net_out }).await.map_err(|_| ContainerError::Mailbox { operation: "applying the spec's net-out" })??;
+    }
+    Ok(())
 }
 
 /// Makes the container directory and calls the runtime; removes the

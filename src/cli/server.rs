@@ -116,6 +116,28 @@ pub struct ServerArgs {
     /// restoring them (default false).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub destroy_containers_on_startup: Option<String>,
+    /// Address that net-in maps and outbound traffic is masqueraded to
+    /// (default: found by a route lookup).
+    #[arg(long, value_name = "IP")]
+    pub external_ip: Option<String>,
+    /// Name servers for containers, comma-separated (default: from the host).
+    #[arg(long, value_name = "IPS")]
+    pub dns_server: Option<String>,
+    /// Name servers appended for containers, comma-separated.
+    #[arg(long, value_name = "IPS")]
+    pub additional_dns_server: Option<String>,
+    /// Lines appended to each container's /etc/hosts, comma-separated.
+    #[arg(long, value_name = "LINES")]
+    pub additional_host_entry: Option<String>,
+    /// Networks containers may not reach without a net-out rule, comma-separated CIDRs.
+    #[arg(long, value_name = "CIDRS")]
+    pub deny_network: Option<String>,
+    /// Let containers reach the host's own addresses (default false).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_host_access: Option<String>,
+    /// MTU of container links, 68 to 1500 (default 0: the external interface's).
+    #[arg(long, value_name = "BYTES")]
+    pub mtu: Option<String>,
     /// Container runtime: `linux`, or `memory` (processes are scripted
     /// stand-ins; only for testing the server itself).
     #[arg(long, value_name = "RUNTIME", default_value = "linux", hide = true)]
@@ -124,7 +146,7 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     fn overrides(&self) -> Vec<(&'static str, &String)> {
-        let pairs: [(&'static str, &Option<String>); 25] = [
+        let pairs: [(&'static str, &Option<String>); 32] = [
             ("bind-ip", &self.bind_ip),
             ("bind-port", &self.bind_port),
             ("bind-socket", &self.bind_socket),
@@ -150,6 +172,13 @@ impl ServerArgs {
             ("cpu-quota-per-share", &self.cpu_quota_per_share),
             ("cpu-entitlement-per-share", &self.cpu_entitlement_per_share),
             ("destroy-containers-on-startup", &self.destroy_containers_on_startup),
+            ("external-ip", &self.external_ip),
+            ("dns-server", &self.dns_server),
+            ("additional-dns-server", &self.additional_dns_server),
+            ("additional-host-entry", &self.additional_host_entry),
+            ("deny-network", &self.deny_network),
+            ("allow-host-access", &self.allow_host_access),
+            ("mtu", &self.mtu),
         ];
         pairs.into_iter().filter_map(|(key, value)| value.as_ref().map(|value| (key, value))).collect()
     }
@@ -210,6 +239,15 @@ pub fn build_runtime(config: &Config, logger: &Logger) -> Result<Arc<dyn Runtime
         no_new_privileges: config.no_new_privileges,
         cpu_quota_per_share: config.cpu_quota_per_share,
         cpu_entitlement_per_share: config.cpu_entitlement_per_share,
+        network: Some(crate::linux::network::NetworkSettings {
+            external_ip: config.external_ip,
+            dns_servers: config.dns_servers.clone(),
+            additional_dns_servers: config.additional_dns_servers.clone(),
+            additional_host_entries: config.additional_host_entries.clone(),
+            deny_networks: config.deny_networks.clone(),
+            allow_host_access: config.allow_host_access,
+            mtu: config.mtu,
+        }),
     };
     let runtime = crate::linux::LinuxRuntime::new(linux_config, logger.new(o!("component" => "linux")))
         .map_err(|error| crate::linux::error_chain(&error))?;

@@ -21,8 +21,6 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("reading the request body failed: {reason}")]
     BodyRead { reason: String },
-    #[error("the {route} route is not implemented yet")]
-    NotImplemented { route: &'static str },
     #[error("the {route} route must be the first request on its connection")]
     HijackNotFirst { route: &'static str },
 }

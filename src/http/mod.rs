@@ -144,12 +144,19 @@ impl Server {
         .start();
         let mut debug_pools: BTreeMap<String, Recipient<Introspect>> = BTreeMap::new();
         debug_pools.insert("uid".into(), uid_pool.clone().recipient());
+        let network_pools = crate::pools::NetworkPools {
+            subnets: crate::pools::subnet::SubnetPool::new(config.network_pool).start(),
+            ports: crate::pools::port::PortPool::new(config.port_pool_start, config.port_pool_size).start(),
+        };
+        debug_pools.insert("subnet".into(), network_pools.subnets.clone().recipient());
+        debug_pools.insert("port".into(), network_pools.ports.clone().recipient());
         let stream_table = StreamTable::default();
         let reaper = Reaper::new(logger.clone()).start();
         let metrics = metrics::Metrics::new();
         let mut registry = Registry::new(
             runtime.clone(),
             uid_pool,
+            network_pools.clone(),
             reaper.clone(),
             RegistrySettings {
                 depot: config.depot.clone(),

@@ -18,8 +18,8 @@ use super::metrics::Operation;
 use super::router::{match_route, Route, RouteError, RouteMatch};
 use super::{AppState, PauseGuard};
 use crate::actors::container::{
-    blocking, GetInfo, GetLimits, GetMetrics, GetProperties, GetProperty, LimitUpdate, RemoveProperty, SetGraceTime,
-    SetProperty, StopContainer, UpdateLimits,
+    blocking, GetInfo, GetLimits, GetMetrics, GetProperties, GetProperty, LimitUpdate, NetIn, NetOut, RemoveProperty,
+    SetGraceTime, SetProperty, StopContainer, UpdateLimits,
 };
 use crate::actors::reaper::Reset;
 use crate::actors::registry::{CreateContainer, DestroyByHandle, ListContainers, LookupContainer};
@@ -331,14 +331,26 @@ async fn serve(
             let limits = ask(&addr, UpdateLimits { update }, "changing limits").await?;
             Ok(limits_response(found.route, &limits))
         }
-        _ => {
-            // TODO: net-in and net-out are not served yet. Until they are,
-            // an existing container gets this envelope and an unknown one a
-            // 404.
-            let _ = read_body(payload, state.max_body_bytes).await;
-            lookup(state, handle).await?;
+        Route::NetIn => {
+            let body = read_body(payload, state.max_body_bytes).await?;
+            let request: api::NetInRequest = api::decode(&body)?;
+            let addr = lookup(state, handle).await?;
             let _pause = PauseGuard::new(state, handle);
-            Err(ApiError::NotImplemented { route: found.route.name() })
+            let message = NetIn { host_port: request.host_port, container_port: request.container_port };
+            Ok(json_ok(&ask(&addr, message, "mapping a port").await?))
+        }
+        Route::NetOut | Route::BulkNetOut => {
+            let body = read_body(payload, state.max_body_bytes).await?;
+            let rules = if found.route == Route::NetOut {
+                vec![api::decode::<api::NetOutRule>(&body)?]
+            } else {
+                // A Go client with a nil slice sends `null`.
+                api::decode::<Option<Vec<api::NetOutRule>>>(&body)?.unwrap_or_default()
+            };
+            let addr = lookup(state, handle).await?;
+            let _pause = PauseGuard::new(state, handle);
+            ask(&addr, NetOut { rules }, "adding net-out rules").await?;
+            Ok(json_ok(&serde_json::json!({})))
         }
     }
 }

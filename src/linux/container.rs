@@ -18,7 +18,8 @@ use super::cgroup::{effective_shares, v2_weight, CgroupError, CgroupVersion, Con
 use super::disk::{self, DiskError, DiskImage, Usage};
 use super::metrics::{self, build_metrics, HostShape};
 use super::files::{self, Direction, FilesConfig};
-use super::init::InitConfig;
+use super::init::{FileBind, InitConfig};
+use super::network::{ContainerNetwork, HostNetwork, NetworkError};
 use super::rootfs::{self, ContainerRootfs, RootfsError};
 use super::shim::{self, ShimConfig};
 use super::{syscalls, users, LinuxRuntime};
@@ -59,6 +60,16 @@ impl From<DiskError> for RuntimeError {
             RuntimeError::InvalidRequest { message }
         } else {
             RuntimeError::Failed { message }
+        }
+    }
+}
+
+impl From<NetworkError> for RuntimeError {
+    fn from(error: NetworkError) -> Self {
+        if error.is_invalid_request() {
+            RuntimeError::InvalidRequest { message: error.to_string() }
+        } else {
+            RuntimeError::Failed { message: error.to_string() }
         }
     }
 }
@@ -124,7 +135,14 @@ pub struct LinuxContainer {
     /// The operator's CPU entitlement per share in percent; 0 derives it
     /// from the host.
     cpu_entitlement_per_share: f64,
+    /// The server's networking, when the container gets a network.
+    host_network: Option<std::sync::Arc<HostNetwork>>,
+    /// Set once the container's links and rules exist.
+    network: Option<ContainerNetwork>,
 }
+
+/// Files of the container's name resolution, in its state directory.
+const NAME_FILES: [(&str, &str); 2] = [("hosts", "/etc/hosts"), ("resolv.conf", "/etc/resolv.conf")];
 
 /// Returns the cgroup name of a handle. Handles are validated by the
 /// server, but `.`, `..` and `/` are replaced anyway so a name can never
@@ -169,6 +187,8 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         image_usage: OnceLock::new(),
         disk: None,
         cpu_entitlement_per_share: runtime.config.cpu_entitlement_per_share,
+        host_network: config.network.and(runtime.network.clone()),
+        network: None,
     };
     let built = build(runtime, config, &mut container, &source).and_then(|()| restore::write_runtime_record(&container));
     match built {
@@ -206,14 +226,57 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
     fs::create_dir_all(container.container_dir.join(PROCESSES_DIR))
         .map_err(|error| RuntimeError::failed(format!("failed to create the processes directory: {error}")))?;
 
+    let hostname = users::hostname_for(&config.handle);
+    let file_binds = match (&container.host_network, &config.network) {
+        (Some(host_network), Some(allocation)) => {
+            let root_uid = if container.privileged { Some(0) } else { config.id_mappings.as_ref().and_then(|mappings| mappings.host_root_uid()) };
+            write_name_files(&container.container_dir, host_network, allocation, &hostname, root_uid)?
+        }
+        _ => Vec::new(),
+    };
     let init_config = InitConfig {
         root: prepared.root.clone(),
-        hostname: users::hostname_for(&config.handle),
+        hostname,
         privileged: container.privileged,
         bind_mounts: config.spec.bind_mounts.clone(),
         ping_group_range: container.no_new_privileges.then(|| PING_GROUP_RANGE.to_string()),
+        file_binds,
     };
-    start_init(container, &init_config, config.id_mappings.as_ref())
+    start_init(container, &init_config, config.id_mappings.as_ref())?;
+
+    if let (Some(host_network), Some(allocation)) = (&container.host_network, config.network) {
+        let network = host_network.attach(&config.handle, allocation, container.init_pid())?;
+        container.network = Some(network);
+        let bandwidth = config.spec.limits.bandwidth_limits;
+        if bandwidth.rate > 0 {
+            container.network.as_ref().expect("set above").set_bandwidth(&bandwidth)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the container's `/etc/hosts` and `/etc/resolv.conf` into its
+/// state directory, owned by container root so that it may rewrite them,
+/// and returns the binds garden-init makes of them.
+fn write_name_files(
+    container_dir: &Path,
+    host_network: &HostNetwork,
+    allocation: &crate::pools::subnet::NetworkAllocation,
+    hostname: &str,
+    root_uid: Option<u32>,
+) -> Result<Vec<FileBind>, RuntimeError> {
+    let mut binds = Vec::new();
+    for (name, destination) in NAME_FILES {
+        let contents = if name == "hosts" { host_network.hosts_file(allocation, hostname) } else { host_network.resolv_conf(allocation) };
+        let path = container_dir.join(name);
+        fs::write(&path, contents).map_err(|error| RuntimeError::failed(format!("failed to write {}: {error}", path.display())))?;
+        if let Some(uid) = root_uid {
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid))
+                .map_err(|error| RuntimeError::failed(format!("failed to chown {} to {uid}: {error}", path.display())))?;
+        }
+        binds.push(FileBind { source: path, destination: destination.to_string() });
+    }
+    Ok(binds)
 }
 
 /// Creates the size-limited filesystem of a container with a hard disk
@@ -365,6 +428,11 @@ impl LinuxContainer {
     /// gone counts as done. With `remove_dir` the state directory goes too.
     fn teardown(&self, remove_dir: bool) -> Result<(), RuntimeError> {
         let mut errors = Vec::new();
+        if let Some(network) = &self.network {
+            if let Err(error) = network.detach() {
+                errors.push(error.to_string());
+            }
+        }
         let init = self.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(init) = init {
             // Killing pid 1 makes the kernel kill the whole pid namespace.
@@ -398,7 +466,7 @@ impl LinuxContainer {
                 errors.push(error_chain(&error));
             }
         }
-        let leftovers = [PROCESSES_DIR, "init.log", restore::RUNTIME_FILE];
+        let leftovers = [PROCESSES_DIR, "init.log", restore::RUNTIME_FILE, NAME_FILES[0].0, NAME_FILES[1].0];
         for name in leftovers {
             let path = self.container_dir.join(name);
             let removed = if path.is_dir() { remove_dir_retrying(&path) } else { fs::remove_file(&path) };
@@ -655,9 +723,11 @@ impl ContainerRuntime for LinuxContainer {
             self.update_disk(&current.disk_limits, &requested.disk_limits)?;
         }
         self.cgroup.update_limits(current, requested)?;
-        // NOTE: bandwidth limits (tc on the host end of the link) are stored
-        // and reported by the server but not yet applied to a running
-        // container.
+        if current.bandwidth_limits != requested.bandwidth_limits {
+            if let Some(network) = &self.network {
+                network.set_bandwidth(&requested.bandwidth_limits)?;
+            }
+        }
         *limits = requested.clone();
         Ok(())
     }
@@ -696,8 +766,27 @@ impl ContainerRuntime for LinuxContainer {
         Ok(listener.map(|listener| Box::new(listener) as Box<dyn OomWatch>))
     }
 
+    fn net_in(&self, host_port: u16, container_port: u16) -> Result<(), RuntimeError> {
+        let network = self.network.as_ref().ok_or_else(|| RuntimeError::invalid("the container has no network"))?;
+        network.net_in(host_port, container_port)?;
+        slog::info!(self.logger, "net-in mapped"; "host_port" => host_port, "container_port" => container_port);
+        Ok(())
+    }
+
+    fn net_out(&self, rules: &[crate::api::NetOutRule]) -> Result<(), RuntimeError> {
+        let network = self.network.as_ref().ok_or_else(|| RuntimeError::invalid("the container has no network"))?;
+        network.net_out(rules)?;
+        slog::info!(self.logger, "net-out rules added"; "rules" => rules.len());
+        Ok(())
+    }
+
+    fn external_ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.network.as_ref().map(|_| self.host_network.as_ref().map(|host| host.external_ip()))?
+    }
+
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({
+            "network": self.network.as_ref().map(ContainerNetwork::describe),
             "handle": self.handle,
             "init_pid": self.init_pid(),
             "privileged": self.privileged,

@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,6 +41,18 @@ pub struct InitConfig {
     /// Value written to `net.ipv4.ping_group_range`, if any.
     #[serde(default)]
     pub ping_group_range: Option<String>,
+    /// Host files bound over files of the container, such as its
+    /// `/etc/hosts` and `/etc/resolv.conf`.
+    #[serde(default)]
+    pub file_binds: Vec<FileBind>,
+}
+
+/// A host file bound over a file of the container, read-write.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FileBind {
+    pub source: PathBuf,
+    /// Absolute path inside the container.
+    pub destination: String,
 }
 
 /// Character devices bound from the host into every container's `/dev`.
@@ -161,6 +173,18 @@ fn create_dir(path: &Path) -> Result<(), String> {
 
 /// Builds the container inside the new namespaces; runs as pid 1.
 fn build_container(config: &InitConfig) -> Result<(), String> {
+    // Opened in the container's mount namespace, which a bind source must
+    // belong to, but before becoming container root: as the host's root
+    // (uid 0 on the host) this process may still search the depot.
+    let mut file_binds = Vec::new();
+    for file_bind in &config.file_binds {
+        let source = fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(&file_bind.source)
+            .map_err(|error| format!("failed to open {}: {error}", file_bind.source.display()))?;
+        file_binds.push((OwnedFd::from(source), file_bind.destination.clone()));
+    }
     if !config.privileged {
         // Until now this process is the host's root, which the container's
         // namespace does not map; become container root.
@@ -192,6 +216,7 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(|error| format!("failed to chmod /tmp: {error}"))?;
     }
     bind_client_mounts(root, &config.bind_mounts)?;
+    bind_files(root, &file_binds)?;
     if !config.privileged {
         mask_paths(root)?;
         bind_cgroups(root)?;
@@ -308,6 +333,44 @@ fn mask_paths(root: &Path) -> Result<(), String> {
 /// made on the opened directory through `/proc/self/fd`. A symlink in the
 /// image therefore cannot put the mount point or a created directory on the
 /// host.
+/// Binds each opened host file over its destination, creating an empty
+/// destination file where the image has none and container root may
+/// create one.
+fn bind_files(root: &Path, file_binds: &[(OwnedFd, String)]) -> Result<(), String> {
+    if file_binds.is_empty() {
+        return Ok(());
+    }
+    let root_dir = fs::File::open(root).map_err(|error| format!("failed to open {}: {error}", root.display()))?;
+    let root_fd = super::files::Root::from_fd(root_dir.into());
+    for (source, destination) in file_binds {
+        let path = super::files::normalize(destination.as_bytes());
+        let failed = |error: std::io::Error| format!("failed to create {destination} in the container: {error}");
+        let (parent_path, name) = super::files::split_last(&path);
+        let target = match root_fd.open_path(&path, libc::O_PATH | libc::O_NOFOLLOW) {
+            Ok(target) => target,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let created = root_fd.ensure_dir(parent_path).and_then(|parent| {
+                    super::files::openat(parent.as_fd(), name, libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW, 0o644)
+                });
+                match created {
+                    Ok(file) => drop(file),
+                    // NOTE: a root filesystem that container root may not
+                    // write to, such as a raw:// host directory owned by the
+                    // host's root, keeps its own name files (or none).
+                    Err(error) if matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS)) => continue,
+                    Err(error) => return Err(failed(error)),
+                }
+                root_fd.open_path(&path, libc::O_PATH | libc::O_NOFOLLOW).map_err(failed)?
+            }
+            Err(error) => return Err(failed(error)),
+        };
+        let source_path = PathBuf::from(format!("/proc/self/fd/{}", source.as_raw_fd()));
+        let target_path = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
+        bind(&source_path, &target_path, MsFlags::empty()).map_err(|error| format!("{error} (destination {destination})"))?;
+    }
+    Ok(())
+}
+
 fn bind_client_mounts(root: &Path, mounts: &[crate::api::BindMount]) -> Result<(), String> {
     if mounts.is_empty() {
         return Ok(());

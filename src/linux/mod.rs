@@ -14,6 +14,7 @@
 //! - [`disk`]: disk limits on a size-limited filesystem, and layer usage.
 //! - [`metrics`]: metrics from cgroup counters, layers and interfaces.
 //! - [`users`]: user resolution and process environment.
+//! - [`network`]: links, firewall and NAT, name files and bandwidth.
 //! - [`syscalls`]: system calls nix does not wrap.
 
 pub mod cgroup;
@@ -23,6 +24,7 @@ pub mod exec;
 pub mod files;
 pub mod init;
 pub mod metrics;
+pub mod network;
 pub mod rootfs;
 pub mod security;
 pub mod shim;
@@ -71,6 +73,8 @@ pub struct LinuxConfig {
     pub cpu_quota_per_share: u64,
     /// CPU entitlement per share in percent; 0 derives it from the host.
     pub cpu_entitlement_per_share: f64,
+    /// Container networking; `None` leaves containers with loopback only.
+    pub network: Option<network::NetworkSettings>,
 }
 
 /// Errors of setting up the runtime itself.
@@ -82,6 +86,8 @@ pub enum LinuxError {
     Cgroups(#[from] cgroup::CgroupError),
     #[error("tag {tag:?} must be 1 to 64 characters of A-Z a-z 0-9 _ . -")]
     InvalidTag { tag: String },
+    #[error("network set-up failed")]
+    Network(#[from] network::NetworkError),
 }
 
 /// The Linux implementation of [`Runtime`].
@@ -92,6 +98,7 @@ pub struct LinuxRuntime {
     hierarchies: Vec<cgroup::Hierarchy>,
     cgroup_version: cgroup::CgroupVersion,
     userns: rootfs::UsernsCache,
+    network: Option<Arc<network::HostNetwork>>,
 }
 
 impl LinuxRuntime {
@@ -118,8 +125,15 @@ impl LinuxRuntime {
                 Err(_) => return Err(v1_error.into()),
             },
         };
+        let network = match &config.network {
+            Some(settings) => {
+                let network_logger = logger.new(slog::o!("component" => "network"));
+                Some(Arc::new(network::HostNetwork::start(settings.clone(), &config.tag, network_logger)?))
+            }
+            None => None,
+        };
         slog::info!(logger, "linux runtime ready"; "cgroup_version" => ?cgroup_version, "hierarchies" => hierarchies.len());
-        Ok(LinuxRuntime { config, logger, hierarchies, cgroup_version, userns: rootfs::UsernsCache::default() })
+        Ok(LinuxRuntime { config, logger, hierarchies, cgroup_version, userns: rootfs::UsernsCache::default(), network })
     }
 }
 

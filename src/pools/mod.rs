@@ -6,3 +6,11 @@
 pub mod port;
 pub mod subnet;
 pub mod uid;
+
+/// The addresses of the two network pool actors, which containers return
+/// their subnet and host ports to.
+#[derive(Clone)]
+pub struct NetworkPools {
+    pub subnets: actix::Addr<subnet::SubnetPool>,
+    pub ports: actix::Addr<port::PortPool>,
+}

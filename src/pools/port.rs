@@ -1,16 +1,18 @@
 //! The PortPool: hands out host ports for net-in, first in first out, so a
-//! released port is reused as late as possible.
+//! released port is reused as late as possible. A host port that a client
+//! names explicitly is reserved too, inside the range or outside it, so no
+//! two mappings share a host port.
 
 use std::collections::{BTreeSet, VecDeque};
 
 use actix::prelude::*;
 
-/// A failed port allocation.
+/// A failed port allocation. The messages are Garden's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PortError {
-    #[error("no free host port left in the pool {start}..{end}")]
+    #[error("port pool is exhausted")]
     Exhausted { start: u16, end: u32 },
-    #[error("host port {port} is not in the pool or already allocated")]
+    #[error("port already acquired: {port}")]
     Unavailable { port: u16 },
 }
 
@@ -21,13 +23,19 @@ pub struct Ports {
     end: u32,
     free: VecDeque<u16>,
     allocated: BTreeSet<u16>,
+    /// Explicit host ports outside the range, reserved while mapped.
+    outside: BTreeSet<u16>,
 }
 
 impl Ports {
     /// A pool of `size` ports from `start`; the range must end at or below 65536.
     pub fn new(start: u16, size: u32) -> Ports {
         let end = (u32::from(start) + size).min(65536);
-        Ports { start, end, free: (u32::from(start)..end).map(|port| port as u16).collect(), allocated: BTreeSet::new() }
+        Ports { start, end, free: (u32::from(start)..end).map(|port| port as u16).collect(), allocated: BTreeSet::new(), outside: BTreeSet::new() }
+    }
+
+    fn in_range(&self, port: u16) -> bool {
+        port >= self.start && u32::from(port) < self.end
     }
 
     /// Takes the port that has been free the longest.
@@ -37,8 +45,15 @@ impl Ports {
         Ok(port)
     }
 
-    /// Takes a specific port of the pool (used when state is rebuilt).
+    /// Takes a specific port: one of the pool leaves the queue, one outside
+    /// the range is only recorded. Fails when the port is already taken.
     pub fn claim(&mut self, port: u16) -> Result<(), PortError> {
+        if !self.in_range(port) {
+            if !self.outside.insert(port) {
+                return Err(PortError::Unavailable { port });
+            }
+            return Ok(());
+        }
         let position = self.free.iter().position(|&free| free == port).ok_or(PortError::Unavailable { port })?;
         self.free.remove(position);
         self.allocated.insert(port);
@@ -47,6 +62,9 @@ impl Ports {
 
     /// Puts a port at the back of the queue; a port not allocated is ignored.
     pub fn release(&mut self, port: u16) {
+        if self.outside.remove(&port) {
+            return;
+        }
         if self.allocated.remove(&port) {
             self.free.push_back(port);
         }
@@ -59,12 +77,13 @@ impl Ports {
 
 /// The pool actor.
 pub struct PortPool {
+    mailbox: crate::actors::stats::MailboxStats,
     ports: Ports,
 }
 
 impl PortPool {
     pub fn new(start: u16, size: u32) -> PortPool {
-        PortPool { ports: Ports::new(start, size) }
+        PortPool { mailbox: Default::default(), ports: Ports::new(start, size) }
     }
 }
 
@@ -81,7 +100,24 @@ impl Handler<AllocatePort> for PortPool {
     type Result = Result<u16, PortError>;
 
     fn handle(&mut self, _message: AllocatePort, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         self.ports.allocate()
+    }
+}
+
+/// Reserves a host port that the client named.
+#[derive(Message)]
+#[rtype(result = "Result<(), PortError>")]
+pub struct ClaimPort {
+    pub port: u16,
+}
+
+impl Handler<ClaimPort> for PortPool {
+    type Result = Result<(), PortError>;
+
+    fn handle(&mut self, message: ClaimPort, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        self.ports.claim(message.port)
     }
 }
 
@@ -96,22 +132,32 @@ impl Handler<ReleasePort> for PortPool {
     type Result = ();
 
     fn handle(&mut self, message: ReleasePort, _ctx: &mut Context<Self>) {
+        self.mailbox.count();
         self.ports.release(message.port);
     }
 }
 
 impl Handler<crate::actors::Introspect> for PortPool {
-    type Result = MessageResult<crate::actors::Introspect>;
+    type Result = ResponseFuture<serde_json::Value>;
 
-    fn handle(&mut self, _message: crate::actors::Introspect, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(serde_json::json!({
+    fn handle(&mut self, _message: crate::actors::Introspect, ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
+        let mailbox = crate::actors::stats::measure_mailbox(self, ctx);
+        let mut snapshot = serde_json::json!({
             "start": self.ports.start,
             "end": self.ports.end,
             "free": self.ports.free_count(),
             "allocated": self.ports.allocated.len(),
-        }))
+            "outside_range": self.ports.outside.len(),
+        });
+        Box::pin(async move {
+            snapshot["mailbox"] = mailbox.await;
+            snapshot
+        })
     }
 }
+
+crate::impl_mailbox_probe!(PortPool, mailbox);
 
 #[cfg(test)]
 mod tests {
@@ -125,7 +171,23 @@ mod tests {
         ports.release(61001);
         assert_eq!(ports.allocate().unwrap(), 61003);
         assert_eq!(ports.allocate().unwrap(), 61001);
-        assert!(matches!(ports.allocate(), Err(PortError::Exhausted { .. })));
+        let error = ports.allocate().unwrap_err();
+        assert_eq!(error.to_string(), "port pool is exhausted");
+    }
+
+    #[test]
+    fn explicit_ports_reserved() {
+        let mut ports = Ports::new(61001, 3);
+        ports.claim(61002).unwrap();
+        assert_eq!(ports.claim(61002).unwrap_err().to_string(), "port already acquired: 61002");
+        ports.claim(8080).unwrap();
+        assert_eq!(ports.claim(8080).unwrap_err().to_string(), "port already acquired: 8080");
+        assert_eq!(ports.allocate().unwrap(), 61001);
+        assert_eq!(ports.allocate().unwrap(), 61003);
+        ports.release(8080);
+        ports.claim(8080).unwrap();
+        ports.release(61002);
+        assert_eq!(ports.allocate().unwrap(), 61002);
     }
 
     #[test]

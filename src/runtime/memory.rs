@@ -357,6 +357,19 @@ impl ContainerRuntime for MemoryContainer {
         }))
     }
 
+    fn net_in(&self, host_port: u16, container_port: u16) -> Result<(), RuntimeError> {
+        self.runtime.record(format!("net-in {} host_port={host_port} container_port={container_port}", self.handle));
+        Ok(())
+    }
+
+    /// Records one line per rule, in the rule's JSON form.
+    fn net_out(&self, rules: &[crate::api::NetOutRule]) -> Result<(), RuntimeError> {
+        for rule in rules {
+            self.runtime.record(format!("net-out {} {}", self.handle, serde_json::to_string(rule).unwrap_or_default()));
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "runtime": "memory", "handle": self.handle })
     }

@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::api::{Capacity, ContainerSpec, Limits, Metrics, ProcessSpec};
+use crate::api::{Capacity, ContainerSpec, Limits, Metrics, NetOutRule, ProcessSpec};
 
 /// Everything a runtime needs to create one container. The server has
 /// already validated the spec and reserved the handle.
@@ -35,6 +35,9 @@ pub struct ContainerConfig {
     /// UidPool; `None` for a privileged container, which gets no user
     /// namespace.
     pub id_mappings: Option<IdMappings>,
+    /// The container's subnet and addresses, from the SubnetPool; `None`
+    /// gives a container without networking (loopback only).
+    pub network: Option<crate::pools::subnet::NetworkAllocation>,
 }
 
 /// One line of a `uid_map` or `gid_map`: `size` ids starting at
@@ -214,6 +217,25 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// the server tracks; the runtime reports it as `Age` and derives the
     /// CPU entitlement from it.
     fn metrics(&self, age: std::time::Duration) -> Result<Metrics, RuntimeError>;
+
+    /// Maps `host_port` on the host's external IP to `container_port` of
+    /// the container (TCP). The server has already reserved the host port.
+    /// The default only accepts the mapping.
+    fn net_in(&self, _host_port: u16, _container_port: u16) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    /// Adds outbound allow rules, all or none: one invalid rule fails the
+    /// call with nothing applied. The default only accepts the rules.
+    fn net_out(&self, _rules: &[NetOutRule]) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    /// Returns the host's external IP that net-in mappings listen on, if
+    /// the runtime gave the container a network.
+    fn external_ip(&self) -> Option<std::net::Ipv4Addr> {
+        None
+    }
 
     /// Returns a snapshot of the container's host objects for the
     /// introspection endpoint (init pid, cgroup paths and the like).

@@ -40,6 +40,15 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a test's client call may take before the test fails. It only
 /// guards against hangs; tests never assert speed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// The external IP of every test server, on a link of its network
+/// namespace (a documentation address, reachable from nowhere).
+pub const EXTERNAL_IP: &str = "198.51.100.1";
+/// Name of that link, and of its veth peer in the same namespace.
+const EXTERNAL_LINK: &str = "ext0";
+const EXTERNAL_PEER: &str = "ext1";
+/// The DNS server written into containers' `/etc/resolv.conf`; nothing
+/// answers there.
+pub const DNS_SERVER: &str = "198.51.100.53";
 /// How long cleanup waits for one API call.
 const CLEANUP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -365,21 +374,28 @@ impl TestServer {
         fs::write(&self.config, text).expect("writing the server configuration");
     }
 
-    /// Creates the network namespace with loopback up and no other link,
-    /// so the server has no route out of the machine.
+    /// Creates the network namespace with loopback up and a link
+    /// holding [`EXTERNAL_IP`], and no route out of the machine.
     fn create_netns(&mut self) {
         run_tool("ip", &["netns", "add", &self.name]);
         self.netns_created = true;
         run_tool("ip", &["-n", &self.name, "link", "set", "lo", "up"]);
+        // A veth pair with both ends in the namespace, because not every
+        // kernel has the dummy link type.
+        run_tool("ip", &["-n", &self.name, "link", "add", EXTERNAL_LINK, "type", "veth", "peer", "name", EXTERNAL_PEER]);
+        run_tool("ip", &["-n", &self.name, "addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", EXTERNAL_LINK]);
+        run_tool("ip", &["-n", &self.name, "link", "set", EXTERNAL_LINK, "up"]);
+        run_tool("ip", &["-n", &self.name, "link", "set", EXTERNAL_PEER, "up"]);
     }
 
-    // TODO: once the server has options for its external IP and DNS
-    // servers, set them here to an address of this namespace, because a
-    // namespace without a route out has no external IP to discover.
+    /// Writes the configuration. The external IP is set, because a
+    /// namespace without a route out has no external IP to discover. The
+    /// DNS server is set so that containers never get the host's resolvers.
     fn write_config(&self, rootfs: &Path, options: &ServerOptions) -> PathBuf {
         let mut config = format!(
             "bind-socket = {socket:?}\ndepot = {depot:?}\ndefault-rootfs = {rootfs:?}\n\
-             default-grace-time = {grace:?}\ntag = {tag:?}\nlog-level = \"debug\"\n",
+             default-grace-time = {grace:?}\ntag = {tag:?}\nlog-level = \"debug\"\n\
+             external-ip = \"{EXTERNAL_IP}\"\ndns-server = \"{DNS_SERVER}\"\n",
             socket = self.socket.display().to_string(),
             depot = self.depot.display().to_string(),
             rootfs = rootfs.display().to_string(),
@@ -626,6 +642,59 @@ impl TestServer {
         found
     }
 
+    /// Runs a command inside the server's network namespace and returns
+    /// its standard output.
+    pub fn in_netns(&self, program: &str, args: &[&str]) -> Result<String, String> {
+        let mut full = vec!["netns", "exec", self.name.as_str(), program];
+        full.extend_from_slice(args);
+        let output = Command::new("ip").args(&full).output().map_err(|error| format!("running ip {full:?} failed: {error}"))?;
+        if !output.status.success() {
+            return Err(format!("ip {full:?} failed with {}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim()));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Lists the server's network objects that belong to a container, in
+    /// its network namespace: links named with the tag, per-container nft
+    /// chains and map entries. Empty once every container is destroyed.
+    pub fn network_leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let prefix: String = self.tag.chars().take(8).collect();
+        match self.in_netns("ip", &["-o", "link", "show"]) {
+            Ok(links) => {
+                for line in links.lines() {
+                    let name = line.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("");
+                    if name.starts_with(&format!("{prefix}b")) || name.starts_with(&format!("{prefix}h")) {
+                        found.push(format!("link {name}"));
+                    }
+                }
+            }
+            Err(error) => found.push(error),
+        }
+        let table = format!("trellis_{}", self.tag);
+        match self.in_netns("nft", &["list", "table", "ip", &table]) {
+            Ok(text) => {
+                let mut block = "";
+                for line in text.lines().map(str::trim) {
+                    if line.starts_with("set ") || line.starts_with("map ") || line.starts_with("chain ") {
+                        block = line;
+                    }
+                    let per_container = ["chain b_", "chain c_", "chain o_", "chain n_", "jump b_", "jump c_", "jump n_"].iter().any(|needle| line.contains(needle));
+                    // The deny set is configuration; the other sets and
+                    // maps have one entry per subnet, container or port.
+                    let container_entry = line.starts_with("elements = ") && !block.starts_with("set deny");
+                    if per_container || container_entry {
+                        found.push(format!("nft: {line}"));
+                    }
+                }
+            }
+            // A server that failed before it wrote its table leaves none.
+            Err(error) if error.contains("No such file or directory") => {}
+            Err(error) => found.push(error),
+        }
+        found
+    }
+
     /// Prints what helps to understand a failure.
     fn dump_state(&self) {
         eprintln!("==== {}: state after the failure ====", self.test);
@@ -668,6 +737,7 @@ impl Drop for TestServer {
         let server_running = self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)));
         if server_running {
             problems.extend(self.destroy_remaining());
+            problems.extend(self.network_leftovers().into_iter().map(|leftover| format!("left behind after destroy: {leftover}")));
         }
         problems.extend(self.stop_server());
         if self.netns_created {

@@ -121,6 +121,8 @@ fn skeleton(runtime: &LinuxRuntime, handle: &str, container_dir: PathBuf, privil
         // teardown also removes one that create left half made.
         disk: Some(DiskImage::at(&container_dir_for_disk)).filter(DiskImage::exists),
         cpu_entitlement_per_share: runtime.config.cpu_entitlement_per_share,
+        host_network: None,
+        network: None,
     }
 }
 

@@ -1,0 +1,488 @@
+//! Container networking: a bridge per subnet, a veth pair per container,
+//! the server's nftables table, `/etc/hosts` and `/etc/resolv.conf`, and
+//! bandwidth limits with tc.
+//!
+//! - [`links`]: netlink work (rtnetlink) on the host and in containers.
+//! - [`nft`]: rendering and applying the firewall and NAT table.
+//! - [`resolv`]: the contents of the per-container name files.
+//! - [`tc`]: bandwidth limits on the host end of a container's link.
+//!
+//! [`HostNetwork`] is built once at start-up. It owns the table and
+//! counts the containers of each subnet, so a bridge goes with the last
+//! container of its subnet. [`ContainerNetwork`] is one container's part,
+//! and removes exactly what it added.
+
+pub mod links;
+pub mod nft;
+pub mod resolv;
+pub mod tc;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnetwork::Ipv4Network;
+
+use crate::api::{BandwidthLimits, NetOutRule};
+use crate::pools::subnet::NetworkAllocation;
+
+/// Largest MTU given to container links.
+pub const MAX_MTU: u32 = 1500;
+
+/// A failed network operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetworkError {
+    #[error("{operation} failed: {reason}")]
+    Netlink { operation: String, reason: String },
+    #[error("{reason}")]
+    Nft { reason: String },
+    #[error("{message}")]
+    InvalidRule { message: String },
+    #[error("networking needs {what}")]
+    Missing { what: String },
+    #[error("no external IP: set external-ip, because the host has no default route with an IPv4 address")]
+    NoExternalIp,
+    #[error("failed to {operation}: {reason}")]
+    Host { operation: String, reason: String },
+    #[error("{command} failed: {reason}")]
+    Tc { command: String, reason: String },
+}
+
+impl NetworkError {
+    /// Returns whether the client caused the error.
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(self, NetworkError::InvalidRule { .. })
+    }
+}
+
+/// The operator's network settings.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkSettings {
+    pub external_ip: Option<Ipv4Addr>,
+    pub dns_servers: Vec<Ipv4Addr>,
+    pub additional_dns_servers: Vec<Ipv4Addr>,
+    pub additional_host_entries: Vec<String>,
+    pub deny_networks: Vec<Ipv4Network>,
+    pub allow_host_access: bool,
+    /// 0 means the MTU of the interface holding the external IP.
+    pub mtu: u32,
+}
+
+/// Digits of the names derived from addresses: letters and digits only,
+/// because the names end up in interface names and nft identifiers.
+const NAME_DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+/// Returns an IPv4 address in six base-62 digits (62^6 > 2^32).
+pub fn address_id(address: Ipv4Addr) -> String {
+    let mut value = u64::from(u32::from(address));
+    let mut digits = [b'0'; 6];
+    for digit in digits.iter_mut().rev() {
+        *digit = NAME_DIGITS[(value % 62) as usize];
+        value /= 62;
+    }
+    String::from_utf8(digits.to_vec()).expect("digits are ASCII")
+}
+
+/// Returns the prefix of the server's interface names: the tag, cut to 8
+/// bytes so that prefix, kind letter and six digits fit the kernel's 15.
+///
+/// NOTE: two tags that share their first 8 bytes share this prefix, and
+/// their servers then see each other's links as their own at start-up.
+pub fn link_prefix(tag: &str) -> String {
+    tag.chars().take(8).collect()
+}
+
+/// Names of one container's host objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkNames {
+    /// The bridge of the container's subnet.
+    pub bridge: String,
+    /// The host end of the container's veth pair.
+    pub host_veth: String,
+    /// Suffix of the container's nft chains.
+    pub chain_id: String,
+}
+
+impl LinkNames {
+    pub fn new(prefix: &str, allocation: &NetworkAllocation) -> LinkNames {
+        LinkNames {
+            bridge: format!("{prefix}b{}", address_id(allocation.subnet.network())),
+            host_veth: format!("{prefix}h{}", address_id(allocation.container_ip)),
+            chain_id: address_id(allocation.container_ip),
+        }
+    }
+}
+
+/// The server's side of networking, set up at start-up.
+pub struct HostNetwork {
+    settings: NetworkSettings,
+    external_ip: Ipv4Addr,
+    mtu: u32,
+    table: String,
+    prefix: String,
+    resolv: resolv::ResolvSource,
+    /// Containers per subnet; also serialises every change of links and
+    /// of the table, so a bridge is never deleted while another create
+    /// attaches to it.
+    subnets: Mutex<HashMap<Ipv4Network, usize>>,
+    logger: slog::Logger,
+}
+
+impl HostNetwork {
+    /// Checks the host, finds the external IP and MTU, removes links left
+    /// by an earlier server with this tag and writes a fresh table.
+    pub fn start(settings: NetworkSettings, tag: &str, logger: slog::Logger) -> Result<HostNetwork, NetworkError> {
+        nft::check_available()?;
+        tc::check_available()?;
+        // Containers' traffic is routed through the host.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|error| NetworkError::Host { operation: "enable net.ipv4.ip_forward".into(), reason: error.to_string() })?;
+
+        let external_ip = match settings.external_ip {
+            Some(address) => address,
+            None => links::with_netlink(None, |handle| async move { links::default_route_source(&handle).await })?
+                .ok_or(NetworkError::NoExternalIp)?,
+        };
+        let mtu = if settings.mtu > 0 {
+            settings.mtu.min(MAX_MTU)
+        } else {
+            links::with_netlink(None, move |handle| async move { links::mtu_of_address(&handle, external_ip).await })?
+                .unwrap_or(MAX_MTU)
+                .min(MAX_MTU)
+        };
+        let resolv = resolv::ResolvSource::from_settings(&settings)?;
+        let prefix = link_prefix(tag);
+        let table = format!("trellis_{tag}");
+
+        let stale_prefix = prefix.clone();
+        let removed = links::with_netlink(None, move |handle| async move {
+            let mut removed = Vec::new();
+            for name in links::link_names(&handle).await? {
+                let ours = name.len() == stale_prefix.len() + 7
+                    && name.starts_with(&stale_prefix)
+                    && matches!(name.as_bytes()[stale_prefix.len()], b'b' | b'h' | b'p');
+                if ours {
+                    links::delete_link(&handle, &name).await?;
+                    removed.push(name);
+                }
+            }
+            Ok(removed)
+        })?;
+        if !removed.is_empty() {
+            // NOTE: restored containers would keep their links; until
+            // container state survives a restart every link is stale.
+            slog::info!(logger, "removed links of an earlier server"; "links" => removed.join(","));
+        }
+
+        probe_link_types(&prefix)?;
+        warn_about_forward_drops(&logger);
+
+        let network = HostNetwork {
+            external_ip,
+            mtu,
+            table,
+            prefix,
+            resolv,
+            subnets: Mutex::new(HashMap::new()),
+            logger,
+            settings,
+        };
+        nft::apply(&nft::table_script(&network.table_settings()))?;
+        slog::info!(network.logger, "network ready";
+            "external_ip" => %external_ip, "mtu" => mtu, "table" => &network.table,
+            "deny_networks" => network.settings.deny_networks.len());
+        Ok(network)
+    }
+
+    fn table_settings(&self) -> nft::TableSettings {
+        nft::TableSettings {
+            table: self.table.clone(),
+            bridge_prefix: format!("{}b", self.prefix),
+            external_ip: self.external_ip,
+            deny_networks: self.settings.deny_networks.clone(),
+            allow_host_access: self.settings.allow_host_access,
+            dns_servers: self.settings.dns_servers.iter().chain(&self.settings.additional_dns_servers).copied().collect(),
+            dns_through_gateway: self.resolv.uses_gateway(),
+        }
+    }
+
+    pub fn external_ip(&self) -> Ipv4Addr {
+        self.external_ip
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// Returns the `/etc/hosts` of a container.
+    pub fn hosts_file(&self, allocation: &NetworkAllocation, hostname: &str) -> String {
+        resolv::hosts_file(allocation.container_ip, hostname, &self.settings.additional_host_entries)
+    }
+
+    /// Returns the `/etc/resolv.conf` of a container.
+    pub fn resolv_conf(&self, allocation: &NetworkAllocation) -> String {
+        self.resolv.render(allocation.gateway, &self.settings.additional_dns_servers)
+    }
+
+    fn lock_subnets(&self) -> MutexGuard<'_, HashMap<Ipv4Network, usize>> {
+        self.subnets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Deletes the table, for a server that stops for good.
+    pub fn remove_table(&self) -> Result<(), NetworkError> {
+        nft::apply(&nft::delete_table_script(&self.table))
+    }
+
+    /// Connects a container whose garden-init runs as `init_pid`: bridge,
+    /// veth pair, addresses, routes and its part of the table. On failure
+    /// everything added is removed again.
+    pub fn attach(self: &Arc<Self>, handle: &str, allocation: NetworkAllocation, init_pid: i32) -> Result<ContainerNetwork, NetworkError> {
+        let container = ContainerNetwork {
+            host: self.clone(),
+            handle: handle.to_string(),
+            allocation,
+            names: LinkNames::new(&self.prefix, &allocation),
+            state: Mutex::new(AttachState::default()),
+        };
+        match container.attach(init_pid) {
+            Ok(()) => Ok(container),
+            Err(error) => {
+                if let Err(cleanup) = container.detach() {
+                    slog::warn!(self.logger, "rollback of a failed network attach left objects behind"; "handle" => handle, "error" => %cleanup);
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Checks that the kernel can create the link types containers need, by
+/// creating and deleting a bridge and a veth pair named with `prefix`.
+fn probe_link_types(prefix: &str) -> Result<(), NetworkError> {
+    let bridge = format!("{prefix}pbridge");
+    // Seven characters after the prefix, as every name of this server.
+    let veth = format!("{prefix}pvetha0");
+    let peer = format!("{prefix}pvethb0");
+    links::with_netlink(None, move |handle| async move {
+        let created = handle.link().add(rtnetlink::LinkBridge::new(&bridge).build()).execute().await;
+        links::delete_link(&handle, &bridge).await?;
+        created.map_err(|error| NetworkError::Missing { what: format!("bridge links (kernel module `bridge`): creating one failed: {error}") })?;
+        let created = handle.link().add(rtnetlink::LinkVeth::new(&veth, &peer).build()).execute().await;
+        links::delete_link(&handle, &veth).await?;
+        created.map_err(|error| NetworkError::Missing { what: format!("veth links (kernel module `veth`): creating one failed: {error}") })
+    })
+}
+
+/// Logs a warning for each forward chain of another table whose policy is
+/// drop: such a chain drops container traffic that this server's table
+/// accepts, because an nftables accept ends only its own base chain.
+fn warn_about_forward_drops(logger: &slog::Logger) {
+    let Ok(output) = std::process::Command::new("nft").args(["list", "chains"]).output() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut table = "";
+    let mut chain = "";
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("table ") {
+            table = rest.trim_end_matches('{').trim();
+        } else if let Some(rest) = line.strip_prefix("chain ") {
+            chain = rest.trim_end_matches('{').trim();
+        } else if line.contains("hook forward") && line.contains("policy drop") {
+            slog::warn!(logger, "a forward chain of another table drops packets by default, so container traffic may be dropped";
+                "table" => table, "chain" => chain);
+        }
+    }
+}
+
+/// Progress of attach, so that detach undoes exactly the steps taken.
+#[derive(Debug, Default)]
+struct AttachState {
+    /// Counted as a user of its subnet (and so of the bridge).
+    counted: bool,
+    rules_added: bool,
+    veth_created: bool,
+    host_ports: Vec<u16>,
+}
+
+/// One container's network objects.
+pub struct ContainerNetwork {
+    host: Arc<HostNetwork>,
+    handle: String,
+    allocation: NetworkAllocation,
+    names: LinkNames,
+    state: Mutex<AttachState>,
+}
+
+impl ContainerNetwork {
+    fn lock_state(&self) -> MutexGuard<'_, AttachState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn rules(&self) -> nft::ContainerRules<'_> {
+        nft::ContainerRules {
+            table: &self.host.table,
+            bridge_prefix: "",
+            id: &self.names.chain_id,
+            container_ip: self.allocation.container_ip,
+            subnet: self.allocation.subnet,
+            has_deny_networks: !self.host.settings.deny_networks.is_empty(),
+        }
+    }
+
+    fn attach(&self, init_pid: i32) -> Result<(), NetworkError> {
+        let netns_path = format!("/proc/{init_pid}/ns/net");
+        let netns = File::open(&netns_path)
+            .map_err(|error| NetworkError::Host { operation: format!("open {netns_path}"), reason: error.to_string() })?;
+        let container_netns = netns
+            .try_clone()
+            .map_err(|error| NetworkError::Host { operation: format!("duplicate the descriptor of {netns_path}"), reason: error.to_string() })?;
+        let subnet = self.allocation.subnet;
+        let gateway = self.allocation.gateway;
+        let mtu = self.host.mtu;
+        let bridge = self.names.bridge.clone();
+        let host_veth = self.names.host_veth.clone();
+
+        let mut subnets = self.host.lock_subnets();
+        let users = subnets.get(&subnet).copied().unwrap_or(0);
+        let mut state = self.lock_state();
+
+        // The bridge and the veth pair, in the server's namespace.
+        let created = links::with_netlink(None, move |handle| async move {
+            let bridge_index = links::ensure_bridge(&handle, &bridge, gateway, subnet.prefix(), mtu).await?;
+            links::create_veth(&handle, &host_veth, bridge_index, mtu, &netns).await
+        });
+        subnets.insert(subnet, users + 1);
+        state.counted = true;
+        created?;
+        state.veth_created = true;
+
+        let bridge_prefix = format!("{}b", self.host.prefix);
+        let rules = nft::ContainerRules { bridge_prefix: &bridge_prefix, ..self.rules() };
+        nft::apply(&nft::add_container_script(&rules, users == 0))?;
+        state.rules_added = true;
+        drop(state);
+        drop(subnets);
+
+        let container_ip = self.allocation.container_ip;
+        links::with_netlink(Some(container_netns), move |handle| async move {
+            links::configure_container_side(&handle, container_ip, subnet.prefix(), gateway).await
+        })
+    }
+
+    /// Maps `host_port` on the external IP to `container_port`.
+    pub fn net_in(&self, host_port: u16, container_port: u16) -> Result<(), NetworkError> {
+        let _serial = self.host.lock_subnets();
+        let mut state = self.lock_state();
+        nft::apply(&nft::net_in_script(&self.rules(), host_port, container_port))?;
+        state.host_ports.push(host_port);
+        Ok(())
+    }
+
+    /// Adds net-out rules, all or none.
+    pub fn net_out(&self, rules: &[NetOutRule]) -> Result<(), NetworkError> {
+        let script = nft::net_out_script(&self.rules(), &self.handle, rules)?;
+        if script.is_empty() {
+            return Ok(());
+        }
+        let _serial = self.host.lock_subnets();
+        nft::apply(&script)
+    }
+
+    /// Sets the bandwidth limit of the container's link in both
+    /// directions; a zero rate removes it.
+    pub fn set_bandwidth(&self, limits: &BandwidthLimits) -> Result<(), NetworkError> {
+        tc::apply(&self.names.host_veth, limits, self.host.mtu)?;
+        let burst = tc::effective_burst(limits, self.host.mtu);
+        let _serial = self.host.lock_subnets();
+        nft::apply(&nft::bandwidth_script(&self.rules(), limits.rate, burst))
+    }
+
+    /// Removes what attach, net-in and net-out added. Objects already
+    /// gone count as removed.
+    pub fn detach(&self) -> Result<(), NetworkError> {
+        let subnet = self.allocation.subnet;
+        let mut subnets = self.host.lock_subnets();
+        let mut state = self.lock_state();
+        let users = subnets.get(&subnet).copied().unwrap_or(0);
+        let last = state.counted && users <= 1;
+
+        if state.rules_added {
+            nft::apply(&nft::delete_container_script(&self.rules(), &state.host_ports, last))?;
+            state.rules_added = false;
+            state.host_ports.clear();
+        }
+        if state.veth_created || state.counted {
+            let host_veth = self.names.host_veth.clone();
+            let bridge = last.then(|| self.names.bridge.clone());
+            links::with_netlink(None, move |handle| async move {
+                links::delete_link(&handle, &host_veth).await?;
+                if let Some(bridge) = bridge {
+                    links::delete_link(&handle, &bridge).await?;
+                }
+                Ok(())
+            })?;
+            state.veth_created = false;
+        }
+        if state.counted {
+            if users <= 1 {
+                subnets.remove(&subnet);
+            } else {
+                subnets.insert(subnet, users - 1);
+            }
+            state.counted = false;
+        }
+        Ok(())
+    }
+
+    pub fn allocation(&self) -> &NetworkAllocation {
+        &self.allocation
+    }
+
+    pub fn names(&self) -> &LinkNames {
+        &self.names
+    }
+
+    /// Returns a snapshot for the introspection endpoint.
+    pub fn describe(&self) -> serde_json::Value {
+        let state = self.lock_state();
+        serde_json::json!({
+            "container_ip": self.allocation.container_ip.to_string(),
+            "gateway": self.allocation.gateway.to_string(),
+            "subnet": self.allocation.subnet.to_string(),
+            "bridge": self.names.bridge,
+            "host_veth": self.names.host_veth,
+            "host_ports": state.host_ports,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_interface_limit() {
+        let allocation = NetworkAllocation {
+            subnet: "255.255.255.252/30".parse().unwrap(),
+            gateway: "255.255.255.253".parse().unwrap(),
+            container_ip: "255.255.255.254".parse().unwrap(),
+            dynamic: false,
+        };
+        let names = LinkNames::new(&link_prefix("sixteencharacter"), &allocation);
+        assert_eq!(names.bridge.len(), 15);
+        assert_eq!(names.host_veth.len(), 15);
+        assert!(names.bridge.starts_with("sixteenc"));
+        assert_ne!(names.bridge, names.host_veth);
+    }
+
+    #[test]
+    fn address_ids_are_distinct_and_fixed_width() {
+        assert_eq!(address_id(Ipv4Addr::new(0, 0, 0, 0)), "000000");
+        assert_eq!(address_id(Ipv4Addr::new(0, 0, 0, 61)), "00000Z");
+        assert_eq!(address_id(Ipv4Addr::new(0, 0, 0, 62)), "000010");
+        assert_ne!(address_id(Ipv4Addr::new(10, 254, 0, 2)), address_id(Ipv4Addr::new(10, 254, 0, 6)));
+        assert_eq!(address_id(Ipv4Addr::new(255, 255, 255, 255)).len(), 6);
+    }
+}
