@@ -56,8 +56,15 @@ pub fn run_with_input(program: &str, args: &[&str], input: &[u8]) -> Result<(), 
     ))
 }
 
-/// A network namespace made with `ip netns add`, with only loopback up:
-/// the server inside has no route out of the machine (design section 8).
+/// The external IP the benchmark server is given: an address of its own
+/// namespace, because a namespace without a route out has none to find.
+pub const EXTERNAL_IP: &str = "198.51.100.1";
+/// The DNS server written into containers; never contacted.
+pub const DNS_SERVER: &str = "198.51.100.53";
+
+/// A network namespace made with `ip netns add`, with loopback up and a
+/// veth pair holding [`EXTERNAL_IP`], both ends inside: the server has no
+/// route out of the machine (design section 8).
 pub struct Netns {
     pub name: String,
 }
@@ -66,7 +73,11 @@ impl Netns {
     pub fn create(name: &str) -> Result<Netns, String> {
         run("ip", &["netns", "add", name])?;
         let netns = Netns { name: name.to_string() };
-        run("ip", &["-n", name, "link", "set", "lo", "up"])?;
+        let commands = format!(
+            "link set lo up\nlink add ext0 type veth peer name ext1\naddr add {EXTERNAL_IP}/24 dev ext0\n\
+             link set ext0 up\nlink set ext1 up\n"
+        );
+        run_with_input("ip", &["-n", name, "-b", "-"], commands.as_bytes())?;
         Ok(netns)
     }
 

@@ -52,7 +52,9 @@ impl Server {
             &config,
             format!(
                 "bind-socket = {socket:?}\ndepot = {depot:?}\ndefault-rootfs = {rootfs:?}\n\
-                 tag = {tag:?}\nlog-level = \"error\"\n",
+                 tag = {tag:?}\nlog-level = \"error\"\nexternal-ip = {external:?}\ndns-server = {dns:?}\n",
+                external = host::EXTERNAL_IP,
+                dns = host::DNS_SERVER,
                 socket = socket.display().to_string(),
                 depot = depot.display().to_string(),
                 rootfs = rootfs.display().to_string(),

@@ -82,6 +82,14 @@ impl ContainerState {
 /// records kept per container.
 pub const DEFAULT_MAX_FINISHED_PROCESSES: usize = 1000;
 
+/// The generations of a container's state file writes: the last one
+/// handed out and the last one on disk.
+#[derive(Debug, Default)]
+struct StateWrites {
+    next: std::sync::atomic::AtomicU64,
+    written: std::sync::Mutex<u64>,
+}
+
 /// The network part of the state file, see [`Container::network_record`].
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct NetworkRecord {
@@ -127,6 +135,8 @@ pub struct Container {
     /// Fields of the state file this server does not know, written back
     /// unchanged.
     unknown_state: BTreeMap<String, serde_json::Value>,
+    /// Orders the writes of the state file; see [`Container::persist`].
+    state_writes: Arc<StateWrites>,
     /// Ids of finished processes still in `processes`, oldest first.
     finished: VecDeque<String>,
     /// Maximum length of `finished`; zero keeps every record.
@@ -196,6 +206,7 @@ impl Container {
             process_records: BTreeMap::new(),
             id_mappings,
             unknown_state: BTreeMap::new(),
+            state_writes: Arc::default(),
             finished: VecDeque::new(),
             max_finished_processes: DEFAULT_MAX_FINISHED_PROCESSES,
             stream_table,
@@ -255,6 +266,7 @@ impl Container {
             process_records: record.processes.into_iter().map(|process| (process.id.clone(), process)).collect(),
             id_mappings: record.id_mappings,
             unknown_state: record.unknown,
+            state_writes: Arc::default(),
             stream_table,
             events: record.events,
             oom_kills: record.oom_kills,
@@ -345,13 +357,28 @@ impl Container {
 
     /// Returns a future that writes the current state file off the actor
     /// thread.
+    ///
+    /// Some handlers persist from futures that run while the actor handles
+    /// other messages, so writes can overlap. They are serialised, and a
+    /// write whose record is older than the one already on disk is skipped,
+    /// so the file always ends with the newest record.
     fn persist(&self) -> impl std::future::Future<Output = Result<(), ContainerError>> + 'static {
         let path = self.dir.join(STATE_FILE);
         let bytes = self.state_record().to_bytes();
+        let generation = self.state_writes.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let writes = self.state_writes.clone();
         async move {
             let target = path.clone();
-            tokio::task::spawn_blocking(move || write_atomically(&target, &bytes))
-                .await
+            tokio::task::spawn_blocking(move || {
+                let mut written = writes.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if *written > generation {
+                    return Ok(());
+                }
+                write_atomically(&target, &bytes)?;
+                *written = generation;
+                Ok::<(), std::io::Error>(())
+            })
+            .await
                 .map_err(|error| ContainerError::StateFile { path: path.display().to_string(), reason: error.to_string() })?
                 .map_err(|error| ContainerError::StateFile { path: path.display().to_string(), reason: error.to_string() })
         }
@@ -898,17 +925,17 @@ impl Handler<ForgetProcess> for Container {
 }
 
 impl Handler<ProcessExited> for Container {
-    type Result = ();
+    type Result = AtomicResponse<Self, ()>;
 
     /// Records the exit status in the state file, marks the process as
     /// finished and drops the oldest finished records beyond the maximum.
-    fn handle(&mut self, message: ProcessExited, ctx: &mut Context<Self>) {
+    fn handle(&mut self, message: ProcessExited, ctx: &mut Context<Self>) -> Self::Result {
         self.mailbox.count();
         // RunProcess stores the address in the same poll that starts the
         // actor, so the slot of an exiting process is always `Running`.
         let current = matches!(self.processes.get(&message.process_id), Some(ProcessSlot::Running(process)) if *process == message.process);
         if !current {
-            return;
+            return AtomicResponse::new(Box::pin(fut::ready(())));
         }
         let mut changed = false;
         if let (Some(record), Some(status)) = (self.process_records.get_mut(&message.process_id), message.exit_status) {
@@ -925,19 +952,22 @@ impl Handler<ProcessExited> for Container {
                 changed = true;
             }
         }
-        if changed && self.state != ContainerState::Destroying {
-            let write = self.persist();
-            let logger = self.logger.clone();
-            let process_id = message.process_id;
-            ctx.spawn(
-                async move {
-                    if let Err(error) = write.await {
-                        warn!(logger, "recording an exit status in the state file failed"; "process_id" => &process_id, "error" => %error);
-                    }
-                }
-                .into_actor(self),
-            );
+        if !changed || self.state == ContainerState::Destroying {
+            return AtomicResponse::new(Box::pin(fut::ready(())));
         }
+        // Atomic, like every other state file write of the actor, so two
+        // writes never race on the temporary file.
+        let write = self.persist();
+        let logger = self.logger.clone();
+        let process_id = message.process_id;
+        AtomicResponse::new(Box::pin(
+            async move {
+                if let Err(error) = write.await {
+                    warn!(logger, "recording an exit status in the state file failed"; "process_id" => &process_id, "error" => %error);
+                }
+            }
+            .into_actor(self),
+        ))
     }
 }
 

@@ -48,6 +48,9 @@ const READER_QUEUE_CHUNKS: usize = 16;
 /// Frames queued for the shim (stdin, signals, resizes).
 const SHIM_QUEUE_FRAMES: usize = 64;
 
+/// Spare buffer space kept for each read from a shim, in bytes.
+const SHIM_READ_BYTES: usize = 256 * 1024;
+
 /// How long a stream's reserved stdout and stderr readers wait for their
 /// connections before the output goes to the ring buffer instead.
 pub const EXPECTED_ATTACH_WAIT: Duration = Duration::from_secs(5);
@@ -671,6 +674,12 @@ async fn read_shim_frames(
             }
             Ok(None) => {}
             Err(error) => break ExitOutcome::Error(format!("invalid frame from the process shim: {error}")),
+        }
+        // read_buf reads only into spare capacity, so keep room for a
+        // whole frame of output: a nearly full buffer would make every
+        // read a few bytes long.
+        if buffer.capacity() - buffer.len() < SHIM_READ_BYTES {
+            buffer.reserve(SHIM_READ_BYTES);
         }
         match reader.read_buf(&mut buffer).await {
             Ok(0) => break ExitOutcome::Error("the process shim closed its connection before reporting an exit status".into()),

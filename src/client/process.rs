@@ -28,7 +28,7 @@ const MAX_ERROR_BODY_BYTES: usize = 1 << 20;
 /// from a streaming reader too.
 const STDIN_CHUNK_BYTES: usize = 32 * 1024;
 /// Output bytes read per read from an attach connection.
-const OUTPUT_CHUNK_BYTES: usize = 64 * 1024;
+const OUTPUT_CHUNK_BYTES: usize = 256 * 1024;
 
 /// A reader the client copies to the process's stdin.
 pub type StdinReader = Box<dyn AsyncRead + Send + Unpin>;
