@@ -624,3 +624,72 @@ fn pools_full_after_many_cycles() {
     let error = server.block_on(server.client.net_in(&handles[0], 0, 81)).unwrap_err();
     assert!(error.to_string().contains("port pool is exhausted"), "{error}");
 }
+
+#[test]
+fn restart_keeps_container_network() {
+    let Some(mut server) = TestServer::start_with("restart_keeps_container_network", deny_all()) else { return };
+    let mut outside = OutsideHost::create(&server);
+    let _allowed = outside.serve(7001, b"reply\n");
+    let handle = server.create("kept");
+    let rule = NetOutRule {
+        protocol: PROTOCOL_TCP,
+        networks: vec![single(OUTSIDE)],
+        ports: vec![PortRange { start: 7001, end: 7001 }],
+        ..NetOutRule::default()
+    };
+    server.block_on(server.client.net_out(&handle, &rule)).expect("net out");
+    let mapped = server.block_on(server.client.net_in(&handle, 0, 8080)).expect("net in");
+    assert!(tcp_reaches(&server, &handle, OUTSIDE, 7001), "the rule's port is closed before the restart");
+
+    server.restart();
+
+    // The firewall table starts empty, so these pass only when the server
+    // put the container's rules back.
+    assert!(tcp_reaches(&server, &handle, OUTSIDE, 7001), "the net-out rule is gone after the restart");
+    assert!(!pings(&server, &handle, OUTSIDE), "the deny list no longer applies after the restart");
+
+    let listen = "sleep 600 | nc -l -p 8080 > /tmp/after-restart 2>/dev/null &";
+    let started = server.run_command(&handle, "/bin/sh", &["-c", listen]);
+    assert_eq!(started.status, 0, "starting the listener: {}", started.stderr_text());
+    let target: SocketAddr = format!("{EXTERNAL_IP}:{}", mapped.host_port).parse().unwrap();
+    let sent = in_server_netns(&server, move || -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut stream = loop {
+            match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(error) => return Err(format!("connecting to {target} failed: {error}")),
+            }
+        };
+        stream.write_all(b"mapped after restart").map_err(|error| error.to_string())?;
+        stream.shutdown(Shutdown::Write).map_err(|error| error.to_string())
+    });
+    sent.expect("net-in after the restart");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let received = server.run_command(&handle, "/bin/cat", &["/tmp/after-restart"]).stdout_text();
+        if received == "mapped after restart" || Instant::now() >= deadline {
+            assert_eq!(received, "mapped after restart", "the net-in mapping after the restart");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!server.log_text().contains("removed orphan link"), "start-up removed a restored container's link");
+
+    server.block_on(server.client.destroy(&handle)).expect("destroy");
+    assert_eq!(server.network_leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn restart_removes_links_of_lost_containers() {
+    let Some(mut server) = TestServer::start("restart_removes_links_of_lost_containers") else { return };
+    let handle = server.create("lost");
+    // The state file is what makes a container restorable; without it the
+    // container's links belong to no one after the restart.
+    let state_file = server.depot.join(&handle).join("container.json");
+    std::fs::remove_file(&state_file).expect("removing the state file");
+    server.restart();
+    let log = server.log_text();
+    assert!(log.contains("removed orphan link"), "the links of the lost container were not removed:\n{log}");
+    assert_eq!(server.network_leftovers(), Vec::<String>::new());
+}

@@ -97,6 +97,8 @@ pub struct NetworkRecord {
     pub allocation: Option<NetworkAllocation>,
     #[serde(default)]
     pub mapped_ports: Vec<PortMapping>,
+    #[serde(default)]
+    pub net_out: Vec<NetOutRule>,
 }
 
 impl NetworkRecord {
@@ -157,6 +159,11 @@ pub struct Container {
     network: Option<NetworkAllocation>,
     /// Net-in mappings, whose host ports destroy returns to the pool.
     mapped_ports: Vec<PortMapping>,
+    /// Every net-out rule added, in order, for the state file.
+    net_out_rules: Vec<NetOutRule>,
+    /// Set for a container restored after a restart, whose net-in mappings
+    /// and net-out rules the runtime applies again once the actor starts.
+    replay_network: bool,
     external_ip: String,
     pools: NetworkPools,
 }
@@ -217,6 +224,8 @@ impl Container {
             mailbox: MailboxStats::default(),
             network,
             mapped_ports: Vec::new(),
+            net_out_rules: Vec::new(),
+            replay_network: false,
             external_ip,
             pools,
         }
@@ -275,20 +284,56 @@ impl Container {
             mailbox: MailboxStats::default(),
             finished: VecDeque::new(),
             max_finished_processes: DEFAULT_MAX_FINISHED_PROCESSES,
+            replay_network: network.allocation.is_some(),
             network: network.allocation,
             mapped_ports: network.mapped_ports,
+            net_out_rules: network.net_out,
             external_ip,
             pools,
         }
     }
 
-    /// The `network` field of the state file: the subnet allocation and the
-    /// net-in mappings, which a restarted server gives back to its pools.
+    /// Applies the net-in mappings and net-out rules of a restored container
+    /// again, because the server's firewall table starts empty. The actor
+    /// takes no other message until they are in place.
+    fn start_network_replay(&mut self, ctx: &mut Context<Self>) {
+        let runtime = self.runtime.clone();
+        let mappings = self.mapped_ports.clone();
+        let rules = self.net_out_rules.clone();
+        let logger = self.logger.clone();
+        let replay = async move {
+            let replayed = blocking(move || {
+                for mapping in &mappings {
+                    let (Ok(host_port), Ok(container_port)) = (u16::try_from(mapping.host_port), u16::try_from(mapping.container_port)) else {
+                        continue;
+                    };
+                    runtime.net_in(host_port, container_port)?;
+                }
+                if !rules.is_empty() {
+                    runtime.net_out(&rules)?;
+                }
+                Ok(())
+            })
+            .await;
+            match replayed {
+                Ok(()) => info!(logger, "network rules restored"),
+                Err(error) => warn!(logger, "restoring the container's net-in and net-out rules failed"; "error" => %error),
+            }
+        };
+        ctx.wait(replay.into_actor(self));
+    }
+
+    /// Returns the `network` field of the state file: the subnet allocation,
+    /// net-in mappings and net-out rules that a restarted server restores.
     fn network_record(&self) -> Option<serde_json::Value> {
-        if self.network.is_none() && self.mapped_ports.is_empty() {
+        if self.network.is_none() && self.mapped_ports.is_empty() && self.net_out_rules.is_empty() {
             return None;
         }
-        let record = NetworkRecord { allocation: self.network, mapped_ports: self.mapped_ports.clone() };
+        let record = NetworkRecord {
+            allocation: self.network,
+            mapped_ports: self.mapped_ports.clone(),
+            net_out: self.net_out_rules.clone(),
+        };
         serde_json::to_value(record).ok()
     }
 
@@ -413,6 +458,10 @@ impl Actor for Container {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.replay_network {
+            self.replay_network = false;
+            self.start_network_replay(ctx);
+        }
         // Opening the watch only opens cgroup files, cheap enough for the
         // actor thread.
         let watch = match self.runtime.watch_oom() {
@@ -710,6 +759,7 @@ impl Handler<NetIn> for Container {
     type Result = AtomicResponse<Self, Result<NetInResponse, ContainerError>>;
 
     fn handle(&mut self, message: NetIn, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         let checked = self.check_not_destroying().and_then(|()| {
             Ok((net_in_port(message.host_port, "host")?, net_in_port(message.container_port, "container")?))
         });
@@ -759,16 +809,26 @@ pub struct NetOut {
 }
 
 impl Handler<NetOut> for Container {
-    type Result = ResponseFuture<Result<(), ContainerError>>;
+    type Result = AtomicResponse<Self, Result<(), ContainerError>>;
 
     fn handle(&mut self, message: NetOut, _ctx: &mut Context<Self>) -> Self::Result {
+        self.mailbox.count();
         if let Err(error) = self.check_not_destroying() {
-            return Box::pin(std::future::ready(Err(error)));
+            return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
-        // NOTE: net-out rules are applied but not written to the state
-        // file, so a server that restores containers cannot replay them.
         let runtime = self.runtime.clone();
-        Box::pin(async move { blocking(move || runtime.net_out(&message.rules)).await })
+        let rules = message.rules;
+        let applied = rules.clone();
+        let apply = async move { blocking(move || runtime.net_out(&applied)).await };
+        AtomicResponse::new(Box::pin(apply.into_actor(self).then(move |result, container, _| {
+            // The rules are kept in the state file, so a restarted server
+            // applies them again.
+            let persist = result.map(|()| {
+                container.net_out_rules.extend(rules);
+                container.persist()
+            });
+            async move { persist?.await }.into_actor(container)
+        })))
     }
 }
 

@@ -168,12 +168,13 @@ impl Registry {
             self.destroy_at_startup(handle, dir, "its destroy was under way when the previous server stopped");
             return Restore::Destroyed;
         }
+        let network = container::NetworkRecord::from_record(record.network.as_ref());
         let config = ContainerConfig {
             handle: handle.to_string(),
             spec: record.spec.clone(),
             container_dir: dir.to_path_buf(),
             id_mappings: record.id_mappings.clone(),
-            network: None,
+            network: network.allocation,
         };
         let restored = match self.runtime.restore(&config) {
             Ok(restored) => restored,
@@ -190,7 +191,6 @@ impl Registry {
 
         // The pools take back the subnet and host ports before the listener
         // is bound, so no request can be given them first.
-        let network = container::NetworkRecord::from_record(record.network.as_ref());
         if let Some(allocation) = network.allocation {
             self.network_pools.subnets.do_send(ClaimNetwork { allocation });
         }
@@ -199,10 +199,6 @@ impl Registry {
                 self.network_pools.ports.do_send(ClaimPort { port });
             }
         }
-        // NOTE: the links and firewall rules of a restored container are not
-        // rebuilt yet: the network runtime's start-up removes them, so a
-        // restored container keeps its addresses in Info but loses its
-        // network until it is recreated.
         let privileged = record.spec.privileged;
         let grace_time = record.grace_time;
         let processes = restored.container.reattach_processes();

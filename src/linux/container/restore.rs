@@ -153,6 +153,18 @@ pub(in crate::linux) fn restore(runtime: &LinuxRuntime, config: &ContainerConfig
     let init = open_init(&record);
     let init_alive = init.is_some();
     *container.init.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()) = init;
+    if let (true, Some(host_network), Some(allocation)) = (init_alive, &runtime.network, config.network) {
+        // The links survived the restart; the fresh firewall table needs
+        // the container's rules again, and the caller replays its net-in
+        // and net-out rules.
+        let network = host_network.reattach(&config.handle, allocation, record.init_pid)?;
+        let bandwidth = &config.spec.limits.bandwidth_limits;
+        if bandwidth.rate > 0 {
+            network.set_bandwidth(bandwidth)?;
+        }
+        container.host_network = Some(host_network.clone());
+        container.network = Some(network);
+    }
     Ok(RestoredContainer { container: std::sync::Arc::new(container), init_alive })
 }
 
@@ -221,6 +233,12 @@ pub(in crate::linux) fn remove_orphans(runtime: &LinuxRuntime, owned: &BTreeSet<
         match container.teardown(false) {
             Ok(()) => report.push(format!("removed orphan cgroup {name} in {} hierarchies", container.cgroup.dirs.len())),
             Err(error) => report.push(format!("failed to remove orphan cgroup {name}: {error}")),
+        }
+    }
+    if let Some(network) = &runtime.network {
+        match network.remove_unclaimed_links() {
+            Ok(links) => report.extend(links.into_iter().map(|link| format!("removed orphan link {link}"))),
+            Err(error) => report.push(format!("failed to remove orphan links: {error}")),
         }
     }
     report

@@ -17,7 +17,7 @@ pub mod nft;
 pub mod resolv;
 pub mod tc;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -126,11 +126,14 @@ pub struct HostNetwork {
     /// of the table, so a bridge is never deleted while another create
     /// attaches to it.
     subnets: Mutex<HashMap<Ipv4Network, usize>>,
+    /// Links of this tag found at start-up that no restored container has
+    /// claimed yet.
+    startup_links: Mutex<HashSet<String>>,
     logger: slog::Logger,
 }
 
 impl HostNetwork {
-    /// Checks the host, finds the external IP and MTU, removes links left
+    /// Checks the host, finds the external IP and MTU, notes the links left
     /// by an earlier server with this tag and writes a fresh table.
     pub fn start(settings: NetworkSettings, tag: &str, logger: slog::Logger) -> Result<HostNetwork, NetworkError> {
         nft::check_available()?;
@@ -155,25 +158,14 @@ impl HostNetwork {
         let prefix = link_prefix(tag);
         let table = format!("trellis_{tag}");
 
+        // Links of this tag that exist now belong to containers of an
+        // earlier server. Restore claims those of the containers it brings
+        // back, and `remove_unclaimed_links` deletes the rest.
         let stale_prefix = prefix.clone();
-        let removed = links::with_netlink(None, move |handle| async move {
-            let mut removed = Vec::new();
-            for name in links::link_names(&handle).await? {
-                let ours = name.len() == stale_prefix.len() + 7
-                    && name.starts_with(&stale_prefix)
-                    && matches!(name.as_bytes()[stale_prefix.len()], b'b' | b'h' | b'p');
-                if ours {
-                    links::delete_link(&handle, &name).await?;
-                    removed.push(name);
-                }
-            }
-            Ok(removed)
+        let found = links::with_netlink(None, move |handle| async move {
+            let names = links::link_names(&handle).await?;
+            Ok(names.into_iter().filter(|name| is_container_link(&stale_prefix, name)).collect::<Vec<_>>())
         })?;
-        if !removed.is_empty() {
-            // NOTE: restored containers would keep their links; until
-            // container state survives a restart every link is stale.
-            slog::info!(logger, "removed links of an earlier server"; "links" => removed.join(","));
-        }
 
         probe_link_types(&prefix)?;
         warn_about_forward_drops(&logger);
@@ -185,6 +177,7 @@ impl HostNetwork {
             prefix,
             resolv,
             subnets: Mutex::new(HashMap::new()),
+            startup_links: Mutex::new(found.into_iter().collect()),
             logger,
             settings,
         };
@@ -234,6 +227,68 @@ impl HostNetwork {
         nft::apply(&nft::delete_table_script(&self.table))
     }
 
+    /// Reconnects a container restored after a restart. Its bridge and veth
+    /// pair still exist, so only its part of the fresh table is added; a
+    /// container whose host veth is gone is connected as new.
+    pub fn reattach(self: &Arc<Self>, handle: &str, allocation: NetworkAllocation, init_pid: i32) -> Result<ContainerNetwork, NetworkError> {
+        let names = LinkNames::new(&self.prefix, &allocation);
+        let veth_exists = {
+            let mut startup_links = self.startup_links.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let exists = startup_links.remove(&names.host_veth);
+            startup_links.remove(&names.bridge);
+            exists
+        };
+        if !veth_exists {
+            return self.attach(handle, allocation, init_pid);
+        }
+        let container = ContainerNetwork {
+            host: self.clone(),
+            handle: handle.to_string(),
+            allocation,
+            names,
+            state: Mutex::new(AttachState::default()),
+        };
+        let mut subnets = self.lock_subnets();
+        let users = subnets.get(&allocation.subnet).copied().unwrap_or(0);
+        let mut state = container.lock_state();
+        state.veth_created = true;
+        subnets.insert(allocation.subnet, users + 1);
+        state.counted = true;
+        let bridge_prefix = format!("{}b", self.prefix);
+        let rules = nft::ContainerRules { bridge_prefix: &bridge_prefix, ..container.rules() };
+        let added = nft::apply(&nft::add_container_script(&rules, users == 0));
+        state.rules_added = added.is_ok();
+        drop(state);
+        drop(subnets);
+        if let Err(error) = added {
+            if let Err(cleanup) = container.detach() {
+                slog::warn!(self.logger, "rollback of a failed network reattach left objects behind"; "handle" => handle, "error" => %cleanup);
+            }
+            return Err(error);
+        }
+        Ok(container)
+    }
+
+    /// Deletes the links found at start-up that no restored container
+    /// claimed, and returns their names.
+    pub fn remove_unclaimed_links(&self) -> Result<Vec<String>, NetworkError> {
+        let unclaimed: Vec<String> = {
+            let mut startup_links = self.startup_links.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            startup_links.drain().collect()
+        };
+        if unclaimed.is_empty() {
+            return Ok(unclaimed);
+        }
+        // Held so that no create attaches to a bridge being deleted.
+        let _serial = self.lock_subnets();
+        links::with_netlink(None, move |handle| async move {
+            for name in &unclaimed {
+                links::delete_link(&handle, name).await?;
+            }
+            Ok(unclaimed)
+        })
+    }
+
     /// Connects a container whose garden-init runs as `init_pid`: bridge,
     /// veth pair, addresses, routes and its part of the table. On failure
     /// everything added is removed again.
@@ -255,6 +310,12 @@ impl HostNetwork {
             }
         }
     }
+}
+
+/// Returns whether `name` is a bridge or host veth made by a server whose
+/// link names start with `prefix`.
+fn is_container_link(prefix: &str, name: &str) -> bool {
+    name.len() == prefix.len() + 7 && name.starts_with(prefix) && matches!(name.as_bytes()[prefix.len()], b'b' | b'h')
 }
 
 /// Checks that the kernel can create the link types containers need, by
