@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::{command_spec, SharedOutput, TestServer};
-use trellis::api::{ContainerSpec, MemoryLimits, ProcessSpec};
+use trellis::api::{ContainerSpec, MemoryLimits, NetOutRule, ProcessSpec};
 use trellis::client::ProcessIo;
 
 /// Fault point variable of the server (see `trellis::state`).
@@ -679,4 +679,39 @@ fn restart_keeps_network_allocations() {
     assert_ne!(other.container_ip, before.container_ip, "the restored subnet is not given out again");
     let error = server.block_on(server.client.net_in(&second, mapping.host_port, 80)).unwrap_err();
     assert!(error.to_string().contains("already acquired"), "{error}");
+}
+
+#[test]
+fn crash_during_net_in_and_out() {
+    let Some(mut server) = TestServer::start("crash_during_net_in_and_out") else { return };
+    let handle = server.create("crash-net");
+    // The rules are in the kernel when the server dies, but not in the
+    // state file; the restarted server's fresh firewall table has neither.
+    crash_at(&mut server, "net-in.after-apply", |server| {
+        assert!(server.block_on(server.client.net_in(&handle, 0, 8080)).is_err(), "net-in must fail when the server aborts");
+    });
+    let info = server.block_on(server.client.info(&handle)).unwrap();
+    assert_eq!(info.mapped_ports.unwrap_or_default(), Vec::new(), "a mapping the server never recorded is not reported");
+    let table = format!("trellis_{}", server.tag);
+    let rules = server.in_netns("nft", &["list", "table", "ip", &table]).unwrap();
+    assert!(!rules.contains("dport 61001"), "the unrecorded mapping is still in the table:\n{rules}");
+    let mapped = server.block_on(server.client.net_in(&handle, 0, 8080)).expect("net-in after the crash");
+    assert_eq!(mapped.host_port, 61001, "the port of the lost mapping is free again");
+
+    let rule = NetOutRule {
+        protocol: trellis::api::PROTOCOL_TCP,
+        networks: vec![trellis::api::IpRange { start: Some("192.0.2.9".parse().unwrap()), end: Some("192.0.2.9".parse().unwrap()) }],
+        ..NetOutRule::default()
+    };
+    crash_at(&mut server, "net-out.after-apply", |server| {
+        assert!(server.block_on(server.client.net_out(&handle, &rule)).is_err(), "net-out must fail when the server aborts");
+    });
+    let rules = server.in_netns("nft", &["list", "table", "ip", &table]).unwrap();
+    assert!(!rules.contains("192.0.2.9"), "the unrecorded net-out rule is still in the table:\n{rules}");
+    assert!(rules.contains("dport 61001"), "the recorded mapping is back in the table:\n{rules}");
+    server.block_on(server.client.net_out(&handle, &rule)).expect("net-out after the crash");
+
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+    assert_eq!(server.network_leftovers(), Vec::<String>::new());
 }

@@ -781,6 +781,7 @@ impl Handler<NetIn> for Container {
                 ports.do_send(ReleasePort { port: host_port });
                 return Err(error);
             }
+            crate::state::fault_point("net-in.after-apply");
             Ok((host_port, container_port))
         };
         AtomicResponse::new(Box::pin(map.into_actor(self).then(|result, container, _| {
@@ -819,7 +820,11 @@ impl Handler<NetOut> for Container {
         let runtime = self.runtime.clone();
         let rules = message.rules;
         let applied = rules.clone();
-        let apply = async move { blocking(move || runtime.net_out(&applied)).await };
+        let apply = async move {
+            blocking(move || runtime.net_out(&applied)).await?;
+            crate::state::fault_point("net-out.after-apply");
+            Ok::<(), ContainerError>(())
+        };
         AtomicResponse::new(Box::pin(apply.into_actor(self).then(move |result, container, _| {
             // The rules are kept in the state file, so a restarted server
             // applies them again.
