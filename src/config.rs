@@ -246,6 +246,7 @@ impl Config {
             let text = match value {
                 toml::Value::String(text) => text.clone(),
                 toml::Value::Integer(number) => number.to_string(),
+                toml::Value::Float(number) => number.to_string(),
                 toml::Value::Boolean(flag) => flag.to_string(),
                 toml::Value::Array(items) if LIST_KEYS.contains(&key.as_str()) => {
                     let mut texts = Vec::new();
@@ -385,6 +386,10 @@ impl Config {
             Some(value) => format!("{key} = {value}"),
             None => format!("# {key} is not set"),
         };
+        fn list<T: ToString>(items: &[T]) -> String {
+            let items: Vec<String> = items.iter().map(|item| toml::Value::String(item.to_string()).to_string()).collect();
+            format!("[{}]", items.join(", "))
+        }
         let lines = [
             format!("bind-ip = {}", quoted(&self.bind_ip.to_string())),
             format!("bind-port = {}", self.bind_port),
@@ -410,6 +415,17 @@ impl Config {
             optional("gid-map-length", self.gid_map_length.map(|length| length.to_string())),
             format!("cleanup-process-dirs-on-wait = {}", self.cleanup_process_dirs_on_wait),
             format!("no-new-privileges = {}", self.no_new_privileges),
+            format!("max-finished-processes = {}", self.max_finished_processes),
+            format!("cpu-quota-per-share = {}", self.cpu_quota_per_share),
+            format!("cpu-entitlement-per-share = {}", self.cpu_entitlement_per_share),
+            format!("destroy-containers-on-startup = {}", self.destroy_containers_on_startup),
+            optional("external-ip", self.external_ip.map(|address| quoted(&address.to_string()))),
+            format!("dns-server = {}", list(&self.dns_servers)),
+            format!("additional-dns-server = {}", list(&self.additional_dns_servers)),
+            format!("additional-host-entry = {}", list(&self.additional_host_entries)),
+            format!("deny-network = {}", list(&self.deny_networks)),
+            format!("allow-host-access = {}", self.allow_host_access),
+            format!("mtu = {}", self.mtu),
         ];
         let mut text = lines.join("\n");
         text.push('\n');
@@ -474,16 +490,10 @@ fn parse_path(text: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// Parses a level with the names `POST /log-level` takes, so the flag, the
+/// file and the debug listener agree.
 fn parse_level(text: &str) -> Result<slog::Level, String> {
-    match text {
-        "trace" => Ok(slog::Level::Trace),
-        "debug" => Ok(slog::Level::Debug),
-        "info" => Ok(slog::Level::Info),
-        "warn" | "warning" => Ok(slog::Level::Warning),
-        "error" => Ok(slog::Level::Error),
-        "critical" | "fatal" => Ok(slog::Level::Critical),
-        _ => Err(format!("`{text}` is not one of trace, debug, info, warn, error, critical")),
-    }
+    crate::logging::parse_level(text)
 }
 
 /// Returns the name of `level` that [`parse_level`] reads back.
@@ -660,6 +670,24 @@ mod tests {
         assert_eq!(config.deny_networks[1].to_string(), "10.0.0.0/8");
         assert!(config.allow_host_access);
         assert_eq!(config.mtu, 1400);
+    }
+
+    #[test]
+    fn printed_config_has_every_key_and_reads_back() {
+        let config = load(
+            "bind-port = 7001\nmtu = 1400\ndeny-network = [\"192.0.2.0/24\", \"198.51.100.7/32\"]\n\
+             dns-server = \"198.51.100.53\"\nexternal-ip = \"198.51.100.1\"\nallow-host-access = true\n\
+             max-finished-processes = 5\ncpu-entitlement-per-share = 1.5\ncpu-quota-per-share = 2000\n\
+             destroy-containers-on-startup = true\nadditional-host-entry = \"192.0.2.9 outside\"\n",
+        )
+        .unwrap();
+        let printed = config.to_toml();
+        for key in KEYS {
+            let shown = printed.lines().any(|line| line.starts_with(&format!("{key} = ")) || line == format!("# {key} is not set"));
+            assert!(shown, "--print-config leaves out {key}:\n{printed}");
+        }
+        let read_back = Config::from_toml(&printed, Path::new("printed.toml")).unwrap();
+        assert_eq!(read_back, config);
     }
 
     #[test]

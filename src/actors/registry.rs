@@ -641,7 +641,8 @@ impl Handler<Introspect> for Registry {
                 };
                 containers.push(serde_json::json!({ "handle": handle, "entry": entry_state, "container": detail }));
             }
-            serde_json::json!({ "count": containers.len(), "containers": containers, "mailbox": mailbox.await })
+            let handles: Vec<serde_json::Value> = containers.iter().map(|entry| entry["handle"].clone()).collect();
+            serde_json::json!({ "count": containers.len(), "handles": handles, "containers": containers, "mailbox": mailbox.await })
         })
     }
 }

@@ -116,22 +116,25 @@ pub struct ServerArgs {
     /// restoring them (default false).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub destroy_containers_on_startup: Option<String>,
-    /// Address that net-in maps and outbound traffic is masqueraded to
-    /// (default: found by a route lookup).
+    /// Address that net-in mappings are reached on and Info reports as the
+    /// external IP (default: the source address of the host's default route).
     #[arg(long, value_name = "IP")]
     pub external_ip: Option<String>,
-    /// Name servers for containers, comma-separated (default: from the host).
-    #[arg(long, value_name = "IPS")]
-    pub dns_server: Option<String>,
-    /// Name servers appended for containers, comma-separated.
-    #[arg(long, value_name = "IPS")]
-    pub additional_dns_server: Option<String>,
-    /// Lines appended to each container's /etc/hosts, comma-separated.
-    #[arg(long, value_name = "LINES")]
-    pub additional_host_entry: Option<String>,
-    /// Networks containers may not reach without a net-out rule, comma-separated CIDRs.
-    #[arg(long, value_name = "CIDRS")]
-    pub deny_network: Option<String>,
+    /// Name server for containers; repeat the option or separate addresses
+    /// with commas for several (default: the host's usable ones).
+    #[arg(long, value_name = "IP", action = clap::ArgAction::Append)]
+    pub dns_server: Vec<String>,
+    /// Name server appended after the others; repeatable, or comma-separated.
+    #[arg(long, value_name = "IP", action = clap::ArgAction::Append)]
+    pub additional_dns_server: Vec<String>,
+    /// Line appended to each container's /etc/hosts, such as
+    /// "192.0.2.9 db"; repeatable, or comma-separated.
+    #[arg(long, value_name = "LINE", action = clap::ArgAction::Append)]
+    pub additional_host_entry: Vec<String>,
+    /// Network (CIDR) containers may not reach without a net-out rule;
+    /// repeatable, or comma-separated (default: none).
+    #[arg(long, value_name = "CIDR", action = clap::ArgAction::Append)]
+    pub deny_network: Vec<String>,
     /// Let containers reach the host's own addresses (default false).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub allow_host_access: Option<String>,
@@ -145,8 +148,8 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    fn overrides(&self) -> Vec<(&'static str, &String)> {
-        let pairs: [(&'static str, &Option<String>); 32] = [
+    fn overrides(&self) -> Vec<(&'static str, String)> {
+        let pairs: [(&'static str, &Option<String>); 28] = [
             ("bind-ip", &self.bind_ip),
             ("bind-port", &self.bind_port),
             ("bind-socket", &self.bind_socket),
@@ -173,14 +176,25 @@ impl ServerArgs {
             ("cpu-entitlement-per-share", &self.cpu_entitlement_per_share),
             ("destroy-containers-on-startup", &self.destroy_containers_on_startup),
             ("external-ip", &self.external_ip),
+            ("allow-host-access", &self.allow_host_access),
+            ("mtu", &self.mtu),
+        ];
+        let mut overrides: Vec<(&'static str, String)> =
+            pairs.into_iter().filter_map(|(key, value)| value.clone().map(|value| (key, value))).collect();
+        // A repeated list option gives one comma-separated value, as the
+        // configuration file's list keys take.
+        let lists: [(&'static str, &Vec<String>); 4] = [
             ("dns-server", &self.dns_server),
             ("additional-dns-server", &self.additional_dns_server),
             ("additional-host-entry", &self.additional_host_entry),
             ("deny-network", &self.deny_network),
-            ("allow-host-access", &self.allow_host_access),
-            ("mtu", &self.mtu),
         ];
-        pairs.into_iter().filter_map(|(key, value)| value.as_ref().map(|value| (key, value))).collect()
+        for (key, values) in lists {
+            if !values.is_empty() {
+                overrides.push((key, values.join(",")));
+            }
+        }
+        overrides
     }
 }
 
@@ -191,7 +205,7 @@ pub fn load_config(args: &ServerArgs) -> Result<Config, ConfigError> {
         None => Config::default(),
     };
     for (key, value) in args.overrides() {
-        config.set("command line", key, value)?;
+        config.set("command line", key, &value)?;
     }
     config.validate("command line")?;
     Ok(config)
@@ -314,5 +328,31 @@ async fn wait_for_stop_signal() -> &'static str {
     tokio::select! {
         _ = terminate.recv() => "SIGTERM",
         _ = interrupt.recv() => "SIGINT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    fn config_from(args: &[&str]) -> Config {
+        let wrapper = Wrapper::try_parse_from(std::iter::once("server").chain(args.iter().copied())).expect("the flags parse");
+        load_config(&wrapper.server).expect("the flags are valid")
+    }
+
+    #[test]
+    fn list_flags_repeat_and_split() {
+        let config = config_from(&["--deny-network", "192.0.2.0/24", "--deny-network", "198.51.100.7/32,198.51.100.8/32"]);
+        let denied: Vec<String> = config.deny_networks.iter().map(ToString::to_string).collect();
+        assert_eq!(denied, ["192.0.2.0/24", "198.51.100.7/32", "198.51.100.8/32"]);
+        let config = config_from(&["--dns-server", "198.51.100.53", "--dns-server", "198.51.100.54"]);
+        assert_eq!(config.dns_servers.len(), 2);
     }
 }

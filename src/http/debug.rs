@@ -155,6 +155,7 @@ async fn debug_vars(state: web::Data<DebugState>) -> HttpResponse {
         "backingStores": 0,
         "containers": gauges.containers_by_state.values().sum::<u64>(),
         "processes": gauges.processes,
+        "runningProcesses": gauges.running_processes,
         "requests": totals.by_route,
         "clientErrors": totals.client_errors,
         "serverErrors": totals.server_errors,

@@ -172,6 +172,8 @@ impl Metrics {
 
         family(&mut text, "trellis_processes", "gauge", "Processes known to the server, finished ones included until they are forgotten.", None);
         let _ = writeln!(text, "trellis_processes {}", gauges.processes);
+        family(&mut text, "trellis_processes_running", "gauge", "Processes that have not exited yet.", None);
+        let _ = writeln!(text, "trellis_processes_running {}", gauges.running_processes);
 
         family(&mut text, "trellis_pool_size", "gauge", "Number of items a resource pool can hand out.", None);
         for (pool, usage) in &gauges.pools {
@@ -227,6 +229,8 @@ impl PoolUsage {
 pub struct ActorGauges {
     pub containers_by_state: BTreeMap<String, u64>,
     pub processes: u64,
+    /// Processes that have not exited, those still starting included.
+    pub running_processes: u64,
     pub pools: BTreeMap<String, PoolUsage>,
 }
 
@@ -248,6 +252,7 @@ impl ActorGauges {
             *self.containers_by_state.entry(state.to_string()).or_default() += 1;
             let processes = container.get("processes").and_then(serde_json::Value::as_array);
             self.processes += processes.map_or(0, |list| list.len() as u64);
+            self.running_processes += processes.map_or(0, |list| list.iter().filter(|process| process["exit"].is_null()).count() as u64);
         }
     }
 }
@@ -325,7 +330,7 @@ mod tests {
     #[test]
     fn registry_snapshot_counts_states() {
         let registry = serde_json::json!({ "containers": [
-            { "handle": "a", "entry": "ready", "container": { "state": "active", "processes": [{}, {}] } },
+            { "handle": "a", "entry": "ready", "container": { "state": "active", "processes": [{ "exit": null }, { "exit": { "exit_status": 0 } }] } },
             { "handle": "b", "entry": "creating", "container": null },
             { "handle": "c", "entry": "ready", "container": { "state": "stopped", "processes": [] } },
         ]});
@@ -336,5 +341,6 @@ mod tests {
         assert_eq!(gauges.containers_by_state["stopped"], 1);
         assert_eq!(gauges.containers_by_state["destroying"], 0);
         assert_eq!(gauges.processes, 2);
+        assert_eq!(gauges.running_processes, 1);
     }
 }
