@@ -125,10 +125,34 @@ fn shm_writes_count_against_memory() {
     assert_eq!(fits.status, 0, "58 MiB in /dev/shm fits: {}", fits.stderr_text());
     let removed = server.run_command(&handle, "rm", &["/dev/shm/fits"]);
     assert_eq!(removed.status, 0);
-
     let past = server.run_command(&handle, "dd", &["if=/dev/zero", "of=/dev/shm/past", "bs=1M", "count=65"]);
     assert_ne!(past.status, 0, "65 MiB in /dev/shm exceeds a 64 MiB limit");
     server.block_on(server.client.destroy(&handle)).unwrap();
+
+    // The file's pages belong to no process, so the kernel kills a
+    // process of the container; garden-init must not be the one, in a
+    // fresh container too. Container processes are marked as the kernel's
+    // first choice, which decides it in release builds, where garden-init
+    // maps fewer pages than the debug build's.
+    let plain = server.create("score");
+    let score = server.run_command(&plain, "cat", &["/proc/self/oom_score_adj"]);
+    assert_eq!(score.stdout_text().trim(), "500", "container processes carry the OOM score adjustment");
+    server.block_on(server.client.destroy(&plain)).unwrap();
+    for round in 0..3 {
+        let handle = create_with(&server, &format!("shm-fresh{round}"), memory_limit(64 * MIB));
+        let snapshot = server.introspect();
+        let entry = snapshot["registry"]["containers"]
+            .as_array()
+            .and_then(|containers| containers.iter().find(|entry| entry["handle"] == handle.as_str()))
+            .cloned()
+            .expect("the container is in the snapshot");
+        let init_pid = entry["container"]["runtime"]["init_pid"].as_i64().expect("the snapshot names garden-init's pid");
+        let past = server.run_command(&handle, "dd", &["if=/dev/zero", "of=/dev/shm/past", "bs=1M", "count=65"]);
+        assert_ne!(past.status, 0, "65 MiB in /dev/shm exceeds a 64 MiB limit");
+        let comm = std::fs::read_to_string(format!("/proc/{init_pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "garden-init", "round {round}: garden-init was killed by the out-of-memory killer");
+        server.block_on(server.client.destroy(&handle)).unwrap();
+    }
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
 
@@ -183,6 +207,15 @@ fn limits_read_back_exactly() {
     let metrics = server.block_on(server.client.metrics(&handle)).unwrap();
     assert!(metrics.memory_stat.hierarchical_memory_limit >= 1 << 62, "{:?}", metrics.memory_stat.hierarchical_memory_limit);
     server.block_on(server.client.destroy(&handle)).unwrap();
+
+    // A pid limit beyond the kernel's largest pid count is written as no
+    // limit, and reads back as it was set.
+    let huge = create_with(&server, "huge-pids", Limits { pid_limits: PidLimits { max: u64::MAX }, ..Limits::default() });
+    let output = server.run_command(&huge, "echo", &["runs"]);
+    assert_eq!(output.stdout_text(), "runs\n", "{}", output.stderr_text());
+    let metrics = server.block_on(server.client.metrics(&huge)).unwrap();
+    assert_eq!(metrics.pid_stat.max, u64::MAX);
+    server.block_on(server.client.destroy(&huge)).unwrap();
 }
 
 #[test]

@@ -73,7 +73,8 @@ impl OomWatcher {
         let stop = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
         Ok(OomWatcher {
             handle: handle.to_string(),
-            logger: logger.new(o!("handle" => handle.to_string())),
+            // The container's logger already carries the handle.
+            logger: logger.clone(),
             mailbox: MailboxStats::default(),
             recipient,
             recorded,

@@ -285,7 +285,7 @@ impl ContainerCgroup {
                         write_v1_memory(dir, memory, old_memory != 0 && memory > old_memory)?;
                     }
                     if pids > 0 && dir.join("pids.max").exists() {
-                        write_control(dir, "pids.max", &pids.to_string())?;
+                        write_control(dir, "pids.max", &pids_max_value(pids))?;
                     }
                     if shares > 0 && dir.join("cpu.shares").exists() {
                         write_control(dir, "cpu.shares", &shares.to_string())?;
@@ -305,7 +305,7 @@ impl ContainerCgroup {
                         }
                     }
                     if pids > 0 {
-                        write_control(dir, "pids.max", &pids.to_string())?;
+                        write_control(dir, "pids.max", &pids_max_value(pids))?;
                     }
                     if shares > 0 && dir.join("cpu.weight").exists() {
                         write_control(dir, "cpu.weight", &v2_weight(shares).to_string())?;
@@ -831,6 +831,20 @@ fn enable_v2_controllers(parent: &Path) -> Result<(), CgroupError> {
     write_control(parent, "cgroup.subtree_control", &wanted.join(" "))
 }
 
+/// The kernel's largest pid count (`PID_MAX_LIMIT` on 64-bit Linux);
+/// `pids.max` rejects larger numbers.
+const PID_MAX_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// Returns what `pids.max` gets for a limit of `pids`: the number, or `max`
+/// for a limit the kernel cannot hold, which no container could reach.
+fn pids_max_value(pids: u64) -> String {
+    if pids >= PID_MAX_LIMIT {
+        "max".to_string()
+    } else {
+        pids.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1045,6 +1059,8 @@ mod tests {
         cgroup.update_limits(&current, &requested).unwrap();
         assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), i64::MAX.to_string());
         assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "10");
+        assert_eq!(pids_max_value(u64::MAX), "max");
+        assert_eq!(pids_max_value(PID_MAX_LIMIT - 1), (PID_MAX_LIMIT - 1).to_string());
     }
 
     #[test]

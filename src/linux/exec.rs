@@ -98,6 +98,10 @@ pub fn run_child(setup: &ChildSetup<'_>) -> ChildError {
 
 enum Never {}
 
+/// `oom_score_adj` of every process started in a container (the range is
+/// -1000 to 1000).
+const CONTAINER_OOM_SCORE_ADJ: &str = "500";
+
 fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
     // The shim ignores SIGPIPE (Rust's runtime does); an ignored signal
     // would survive execve, so restore the default.
@@ -116,6 +120,15 @@ fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
             .and_then(|mut file| file.write_all(b"0"))
             .map_err(|error| ChildError::other(format!("failed to join cgroup {}: {error}", dir.display())))?;
     }
+
+    // Container processes are the kernel's first choice when the
+    // container runs out of memory, before garden-init. Memory that belongs
+    // to no process, such as files in /dev/shm, would otherwise make the
+    // OOM killer pick garden-init, whose re-executed server binary maps
+    // more pages than a typical process, and the container would die.
+    // Lowering garden-init's score instead would need CAP_SYS_RESOURCE.
+    fs::write("/proc/self/oom_score_adj", CONTAINER_OOM_SCORE_ADJ)
+        .map_err(|error| ChildError::other(format!("failed to set the OOM score adjustment: {error}")))?;
 
     // Rlimits are set before joining the user namespace: raising a hard
     // limit above the server's needs CAP_SYS_RESOURCE in the host's one.
