@@ -206,9 +206,10 @@ pub struct ContainerArgs {
     /// Default: the server's default grace time.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub grace_time: Option<Duration>,
-    /// Address of the container, as an IPv4 address or a subnet in CIDR
-    /// form (such as 10.254.0.5 or 10.254.0.4/30). Default: the next free
-    /// subnet of the server's pool.
+    /// Static subnet of the container, outside the server's dynamic pool:
+    /// `IP/PREFIX` takes that address (the network address takes the next
+    /// free one), and a bare IPv4 address means IP/30. Default: the next
+    /// free /30 block of the server's pool.
     #[arg(long, value_name = "CIDR_OR_IP", value_parser = parse_network)]
     pub network: Option<String>,
     /// Memory limit, in bytes (suffixes K, M, G for KiB, MiB, GiB).
@@ -709,7 +710,7 @@ fn parse_network(text: &str) -> Result<String, String> {
     if valid {
         Ok(text.to_string())
     } else {
-        Err(format!("invalid network {text:?}: expected an IPv4 address or CIDR subnet, such as 10.254.0.5 or 10.254.0.4/30"))
+        Err(format!("invalid network {text:?}: expected an IPv4 address or CIDR subnet, such as 10.77.0.9 or 10.77.0.0/24"))
     }
 }
 
