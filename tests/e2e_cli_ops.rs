@@ -1,7 +1,8 @@
-//! The `trellis` client commands for operators, through the real binary:
-//! tables and `--json`, limits, create with a network, limits, port
-//! mappings and a bind mount, net-out rules with ICMP and in bulk, stream
-//! in and out of a directory with progress, help texts, `--print-config`, and clear errors for an
+//! The `trellis` client commands for operators, through the real binary.
+//! The tests cover tables and `--json`, limits, create with a network,
+//! limits, port mappings and a bind mount, and net-out rules with ICMP and
+//! in bulk. They also cover stream in and out of a directory with
+//! progress, help texts, `--print-config`, and clear errors for an
 //! unreachable server or a typo in the configuration.
 
 mod support;
@@ -119,7 +120,7 @@ fn create_sets_network_limits_and_net_in() {
 
     let limits = json(&success(&server, &["limits", &handle, "--json"]));
     assert_eq!(limits["memory"]["limit_in_bytes"], 64 << 20, "{limits}");
-    // The server reports CPU shares in either field.
+    // The server may report shares set as `weight` in `limit_in_shares`.
     let shares = limits["cpu"]["weight"].as_u64().max(limits["cpu"]["limit_in_shares"].as_u64());
     assert_eq!(shares, Some(512), "{limits}");
     assert_eq!(limits["bandwidth"]["rate"], 1 << 20, "{limits}");
@@ -241,8 +242,15 @@ fn net_out_icmp_and_bulk_rules() {
     assert!(text(&rejected.stderr).contains("invalid protocol: 4"), "{}", text(&rejected.stderr));
     assert_eq!(chain_rules(&server, &chain).len(), count, "rejected input changed the chain");
 
-    let unknown = trellis(&server, &["bulk-net-out", "no-such-container", "--rules", "/dev/null"]);
+    let empty = trellis(&server, &["bulk-net-out", &handle, "--rules", "/dev/null"]);
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(text(&empty.stderr).starts_with("trellis: invalid rules file /dev/null: "), "{}", text(&empty.stderr));
+
+    std::fs::write(&file, rules_json).unwrap();
+    let unknown = trellis(&server, &["bulk-net-out", "no-such-container", "--rules", file.to_str().unwrap()]);
     assert_eq!(unknown.status.code(), Some(1));
+    assert_eq!(text(&unknown.stderr), "trellis: unknown handle: no-such-container\n");
+    assert_eq!(chain_rules(&server, &chain).len(), count);
 
     success(&server, &["destroy", &handle]);
     assert_eq!(server.leftovers(), Vec::<String>::new());
@@ -347,14 +355,17 @@ fn help_names_units() {
     assert!(limits.contains("in bytes"), "{limits}");
     assert!(limits.contains("cgroup shares"), "{limits}");
     assert!(help(&["stream-in", "--help"]).contains("--progress"));
+
     let create = help(&["create", "--help"]);
     for option in ["--network", "--memory <BYTES>", "--pids <COUNT>", "--disk-scope", "--net-in <HOST:CONTAINER>", "--bind-mount"] {
         assert!(create.contains(option), "create --help lacks {option}:\n{create}");
     }
     assert!(create.contains("[HANDLE]  Handle of the new container"), "{create}");
+
     let net_out = help(&["net-out", "--help"]);
     assert!(net_out.contains("--icmp-type <TYPE>"), "{net_out}");
     assert!(net_out.contains("--icmp-code <CODE>"), "{net_out}");
+
     // Every positional argument of every command has help text.
     for command in ["info", "grace-time", "net-in", "bulk-net-out", "attach", "stop", "destroy", "metrics"] {
         let usage = help(&[command, "--help"]);
@@ -364,6 +375,7 @@ fn help_names_units() {
             assert!(line.trim().contains("  "), "{command}: an argument without help: {line:?}");
         }
     }
+
     let server = help(&["server", "--help"]);
     assert!(server.contains("--print-config"), "{server}");
     assert!(server.contains("0 picks a free port"), "{server}");

@@ -228,15 +228,16 @@ pub struct ContainerArgs {
     /// Hard limit on inodes (files and directories), a count.
     #[arg(long, value_name = "COUNT")]
     pub disk_inodes: Option<u64>,
-    /// What the disk limits count: total (the image plus what the
-    /// container writes) or exclusive (only what it writes).
+    /// Scope of the disk limits: total (the image plus what the container
+    /// writes) or exclusive (only what it writes).
     #[arg(long, value_name = "SCOPE", value_parser = commands::parse_disk_scope)]
     pub disk_scope: Option<u8>,
     /// Bandwidth rate, in bytes per second (suffixes K, M, G); needs
     /// --bandwidth-burst.
     #[arg(long, value_name = "BYTES_PER_SECOND", value_parser = commands::parse_size, requires = "bandwidth_burst")]
     pub bandwidth_rate: Option<u64>,
-    /// Bandwidth burst, in bytes (suffixes K, M, G).
+    /// Bandwidth burst, in bytes (suffixes K, M, G); needs
+    /// --bandwidth-rate.
     #[arg(long, value_name = "BYTES", value_parser = commands::parse_size, requires = "bandwidth_rate")]
     pub bandwidth_burst: Option<u64>,
     /// Forward a host port to a container port, as HOST:CONTAINER; host
@@ -276,8 +277,8 @@ impl ContainerArgs {
             || self.bandwidth_rate.is_some()
     }
 
-    /// Returns the limits the options set; unset ones stay 0, which Garden
-    /// reads as no limit.
+    /// Builds the spec's limits from the options. Unset limits stay 0,
+    /// which Garden reads as no limit.
     fn limits(&self) -> Limits {
         Limits {
             bandwidth_limits: BandwidthLimits {
@@ -704,7 +705,8 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Checks a container network: an IPv4 address, or a subnet in CIDR form.
+/// Validates a container network: an IPv4 address, or a subnet in CIDR
+/// form. The server checks that it lies outside its dynamic pool.
 fn parse_network(text: &str) -> Result<String, String> {
     let valid = text.parse::<std::net::Ipv4Addr>().is_ok() || text.parse::<ipnetwork::Ipv4Network>().is_ok();
     if valid {
