@@ -151,7 +151,13 @@ fn create_sets_network_limits_and_net_in() {
     assert!(text(&overlap.stderr).contains("overlaps the dynamic allocation range"), "{}", text(&overlap.stderr));
     assert_eq!(success(&server, &["list", "--quiet"]), format!("{handle}\n"), "a rejected create left a container");
 
-    success(&server, &["destroy", &handle]);
+    let disk = server.unique_handle("disk");
+    success(&server, &["create", &disk, "--disk", "10M", "--disk-scope", "exclusive"]);
+    let limits = json(&success(&server, &["limits", &disk, "--json"]));
+    assert_eq!(limits["disk"]["byte_hard"], 10 << 20, "{limits}");
+    assert_eq!(limits["disk"]["scope"], 1, "exclusive is scope 1: {limits}");
+
+    success(&server, &["destroy", &handle, &disk]);
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
 
@@ -367,12 +373,17 @@ fn help_names_units() {
     assert!(net_out.contains("--icmp-code <CODE>"), "{net_out}");
 
     // Every positional argument of every command has help text.
-    for command in ["info", "grace-time", "net-in", "bulk-net-out", "attach", "stop", "destroy", "metrics"] {
-        let usage = help(&[command, "--help"]);
-        let arguments = usage.split("Arguments:").nth(1).unwrap_or_else(|| panic!("{command} has no arguments:\n{usage}"));
+    #[rustfmt::skip]
+    let commands: [&[&str]; 10] = [
+        &["info"], &["grace-time"], &["net-in"], &["bulk-net-out"], &["attach"], &["stop"], &["destroy"], &["metrics"],
+        &["properties", "get"], &["properties", "set"],
+    ];
+    for command in commands {
+        let usage = help(&[command, &["--help"]].concat());
+        let arguments = usage.split("Arguments:").nth(1).unwrap_or_else(|| panic!("{command:?} has no arguments:\n{usage}"));
         let arguments = arguments.split("Options:").next().unwrap();
         for line in arguments.lines().filter(|line| line.trim_start().starts_with('<') || line.trim_start().starts_with('[')) {
-            assert!(line.trim().contains("  "), "{command}: an argument without help: {line:?}");
+            assert!(line.trim().contains("  "), "{command:?}: an argument without help: {line:?}");
         }
     }
 
