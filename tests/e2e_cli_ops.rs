@@ -1,5 +1,7 @@
-//! The `trellis` client commands for operators, through the real binary:
-//! tables and `--json`, limits, stream in and out of a directory with
+//! The `trellis` client commands for operators, through the real binary.
+//! The tests cover tables and `--json`, limits, create with a network,
+//! limits, port mappings and a bind mount, and net-out rules with ICMP and
+//! in bulk. They also cover stream in and out of a directory with
 //! progress, help texts, `--print-config`, and clear errors for an
 //! unreachable server or a typo in the configuration.
 
@@ -89,6 +91,175 @@ fn tables_and_json_output() {
     let missing = trellis(&server, &["info", "no-such-container"]);
     assert_eq!(missing.status.code(), Some(1));
     assert_eq!(text(&missing.stderr), "trellis: unknown handle: no-such-container\n");
+}
+
+#[test]
+fn create_sets_network_limits_and_net_in() {
+    let Some(server) = TestServer::start("create_sets_network_limits_and_net_in") else { return };
+    let handle = server.unique_handle("spec");
+    let shared = tempfile::Builder::new().prefix("trellis-test-cli-mount").tempdir().unwrap();
+    std::fs::write(shared.path().join("note.txt"), "from the host\n").unwrap();
+    let mount = format!("{}:/mnt/shared:ro", shared.path().display());
+    #[rustfmt::skip]
+    let created = success(&server, &[
+        "create", &handle, "--network", "10.77.0.9/24", "--memory", "64M", "--cpu-shares", "512", "--pids", "40",
+        "--bandwidth-rate", "1M", "--bandwidth-burst", "64K", "--net-in", "0:8080", "--net-in", "61010:22",
+        "--env", "GREETING=hello", "--grace-time", "1h", "--bind-mount", &mount,
+    ]);
+    assert_eq!(created, format!("{handle}\n"));
+
+    let info = json(&success(&server, &["info", &handle, "--json"]));
+    assert_eq!(info["ContainerIP"], "10.77.0.9", "{info}");
+    assert_eq!(info["HostIP"], "10.77.0.1", "{info}");
+    let ports = info["MappedPorts"].as_array().unwrap_or_else(|| panic!("no mapped ports: {info}"));
+    assert_eq!(ports.len(), 2, "{info}");
+    assert_eq!(ports[0]["ContainerPort"], 8080, "{info}");
+    assert!(ports[0]["HostPort"].as_u64().is_some_and(|port| port >= 61001), "the pool picks the host port: {info}");
+    assert_eq!(ports[1]["HostPort"], 61010, "{info}");
+    assert_eq!(ports[1]["ContainerPort"], 22, "{info}");
+
+    let limits = json(&success(&server, &["limits", &handle, "--json"]));
+    assert_eq!(limits["memory"]["limit_in_bytes"], 64 << 20, "{limits}");
+    // The server may report shares set as `weight` in `limit_in_shares`.
+    let shares = limits["cpu"]["weight"].as_u64().max(limits["cpu"]["limit_in_shares"].as_u64());
+    assert_eq!(shares, Some(512), "{limits}");
+    assert_eq!(limits["bandwidth"]["rate"], 1 << 20, "{limits}");
+    assert_eq!(limits["bandwidth"]["burst"], 64 << 10, "{limits}");
+    let metrics = json(&success(&server, &["metrics", &handle, "--json"]));
+    assert_eq!(metrics["PidStat"]["Max"], 40, "{metrics}");
+
+    let environment = success(&server, &["run", "--handle", &handle, "--", "sh", "-c", "echo $GREETING"]);
+    assert_eq!(environment, "hello\n");
+    let mounted = success(&server, &["run", "--handle", &handle, "--", "cat", "/mnt/shared/note.txt"]);
+    assert_eq!(mounted, "from the host\n");
+    let write = trellis(&server, &["run", "--handle", &handle, "--", "touch", "/mnt/shared/new"]);
+    assert_ne!(write.status.code(), Some(0), "a read-only bind mount was writable");
+
+    // Limits need a new container; run with --handle rejects them.
+    let run = trellis(&server, &["run", "--handle", &handle, "--memory", "1M", "--", "true"]);
+    assert_eq!(run.status.code(), Some(125));
+    assert!(text(&run.stderr).contains("need a new container, not --handle"), "{}", text(&run.stderr));
+
+    let bad_pair = trellis(&server, &["create", "--net-in", "8080"]);
+    assert_eq!(bad_pair.status.code(), Some(2));
+    assert!(text(&bad_pair.stderr).contains("invalid port mapping \"8080\": expected HOST:CONTAINER"), "{}", text(&bad_pair.stderr));
+    let bad_network = trellis(&server, &["create", "--network", "10.77.0"]);
+    assert_eq!(bad_network.status.code(), Some(2));
+    assert!(text(&bad_network.stderr).contains("invalid network \"10.77.0\""), "{}", text(&bad_network.stderr));
+    let overlap = trellis(&server, &["create", "--network", "10.254.1.0/24"]);
+    assert_eq!(overlap.status.code(), Some(1));
+    assert!(text(&overlap.stderr).contains("overlaps the dynamic allocation range"), "{}", text(&overlap.stderr));
+    assert_eq!(success(&server, &["list", "--quiet"]), format!("{handle}\n"), "a rejected create left a container");
+
+    let disk = server.unique_handle("disk");
+    success(&server, &["create", &disk, "--disk", "10M", "--disk-scope", "exclusive"]);
+    let limits = json(&success(&server, &["limits", &disk, "--json"]));
+    assert_eq!(limits["disk"]["byte_hard"], 10 << 20, "{limits}");
+    assert_eq!(limits["disk"]["scope"], 1, "exclusive is scope 1: {limits}");
+
+    success(&server, &["destroy", &handle, &disk]);
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}
+
+/// Returns the accept rules of the server's nft chain `chain`, one per line.
+fn chain_rules(server: &TestServer, chain: &str) -> Vec<String> {
+    let table = format!("trellis_{}", server.tag);
+    let listing = server.in_netns("nft", &["list", "chain", "ip", &table, chain]).expect("listing the chain");
+    listing.lines().map(str::trim).filter(|line| line.ends_with("accept")).map(String::from).collect()
+}
+
+/// Returns the suffix of a container's chain names: its address in six
+/// base-62 digits, as the server names them.
+fn chain_id(container_ip: &str) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut value = u64::from(u32::from(container_ip.parse::<std::net::Ipv4Addr>().unwrap()));
+    let mut digits = [b'0'; 6];
+    for digit in digits.iter_mut().rev() {
+        *digit = DIGITS[(value % 62) as usize];
+        value /= 62;
+    }
+    String::from_utf8(digits.to_vec()).unwrap()
+}
+
+#[test]
+fn net_out_icmp_and_bulk_rules() {
+    let Some(server) = TestServer::start("net_out_icmp_and_bulk_rules") else { return };
+    let handle = server.unique_handle("netout");
+    success(&server, &["create", &handle]);
+    let info = json(&success(&server, &["info", &handle, "--json"]));
+    let chain = format!("o_{}", chain_id(info["ContainerIP"].as_str().unwrap()));
+    let before = chain_rules(&server, &chain).len();
+
+    #[rustfmt::skip]
+    success(&server, &["net-out", &handle, "--protocol", "icmp", "--network", "192.0.2.7", "--icmp-type", "8", "--icmp-code", "0"]);
+    let rules = chain_rules(&server, &chain);
+    assert_eq!(rules.len(), before + 1, "{rules:?}");
+    let icmp = rules.last().unwrap();
+    assert!(icmp.contains("192.0.2.7"), "{icmp}");
+    assert!(icmp.contains("icmp type echo-request"), "{icmp}");
+    assert!(icmp.contains("icmp code"), "{icmp}");
+
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("rules.json");
+    let rules_json = r#"[
+        {"protocol": 1, "networks": [{"start": "198.51.100.10", "end": "198.51.100.20"}], "ports": [{"start": 8000, "end": 8080}]},
+        {"protocol": 3, "networks": [{"start": "198.51.100.30", "end": "198.51.100.30"}], "icmps": {"type": 0}}
+    ]"#;
+    std::fs::write(&file, rules_json).unwrap();
+    success(&server, &["bulk-net-out", &handle, "--rules", file.to_str().unwrap()]);
+    let rules = chain_rules(&server, &chain);
+    assert_eq!(rules.len(), before + 3, "{rules:?}");
+    assert!(rules.iter().any(|rule| rule.contains("198.51.100.10-198.51.100.20") && rule.contains("8000-8080")), "{rules:?}");
+    assert!(rules.iter().any(|rule| rule.contains("198.51.100.30") && rule.contains("icmp type echo-reply")), "{rules:?}");
+
+    let piped = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["bulk-net-out", &handle, "--rules", "-"])
+        .env("TRELLIS_TARGET", &server.socket)
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(piped.status.success(), "{}", text(&piped.stderr));
+    assert_eq!(chain_rules(&server, &chain).len(), before + 5, "the rules from stdin were not added");
+
+    // Bad input leaves the chain as it was.
+    let count = before + 5;
+    let tcp_icmp = trellis(&server, &["net-out", &handle, "--protocol", "tcp", "--icmp-type", "8"]);
+    assert_eq!(tcp_icmp.status.code(), Some(1));
+    assert_eq!(text(&tcp_icmp.stderr), "trellis: invalid --icmp-type: ICMP options need --protocol icmp, not tcp\n");
+    let code_alone = trellis(&server, &["net-out", &handle, "--protocol", "icmp", "--icmp-code", "0"]);
+    assert_eq!(code_alone.status.code(), Some(2));
+    assert!(text(&code_alone.stderr).contains("--icmp-type"), "{}", text(&code_alone.stderr));
+
+    std::fs::write(&file, r#"[{"protocol": 1, "ports": [{"start": 80"#).unwrap();
+    let malformed = trellis(&server, &["bulk-net-out", &handle, "--rules", file.to_str().unwrap()]);
+    assert_eq!(malformed.status.code(), Some(1));
+    let stderr = text(&malformed.stderr);
+    assert!(stderr.starts_with(&format!("trellis: invalid rules file {}: ", file.display())), "{stderr}");
+    assert!(stderr.trim_end().ends_with("expected a JSON array of net-out rules"), "{stderr}");
+
+    let missing = trellis(&server, &["bulk-net-out", &handle, "--rules", "/no/such/rules.json"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).starts_with("trellis: cannot read the rules file /no/such/rules.json: "), "{}", text(&missing.stderr));
+
+    // The server checks each rule and adds none when one is invalid.
+    std::fs::write(&file, r#"[{"protocol": 1, "ports": [{"start": 80, "end": 80}]}, {"protocol": 4}]"#).unwrap();
+    let rejected = trellis(&server, &["bulk-net-out", &handle, "--rules", file.to_str().unwrap()]);
+    assert_eq!(rejected.status.code(), Some(1));
+    assert!(text(&rejected.stderr).contains("invalid protocol: 4"), "{}", text(&rejected.stderr));
+    assert_eq!(chain_rules(&server, &chain).len(), count, "rejected input changed the chain");
+
+    let empty = trellis(&server, &["bulk-net-out", &handle, "--rules", "/dev/null"]);
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(text(&empty.stderr).starts_with("trellis: invalid rules file /dev/null: "), "{}", text(&empty.stderr));
+
+    std::fs::write(&file, rules_json).unwrap();
+    let unknown = trellis(&server, &["bulk-net-out", "no-such-container", "--rules", file.to_str().unwrap()]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert_eq!(text(&unknown.stderr), "trellis: unknown handle: no-such-container\n");
+    assert_eq!(chain_rules(&server, &chain).len(), count);
+
+    success(&server, &["destroy", &handle]);
+    assert_eq!(server.leftovers(), Vec::<String>::new());
 }
 
 /// Writes a directory tree with a nested file, a 3 MiB file and a link.
@@ -183,13 +354,39 @@ fn help_names_units() {
         text(&output.stdout)
     };
     let top = help(&["--help"]);
-    for command in ["capacity", "list", "info", "bulk-info", "metrics", "limits", "grace-time", "net-in", "net-out", "stream-in", "stream-out", "run", "attach", "stop", "destroy", "properties", "server"] {
+    for command in ["capacity", "list", "info", "bulk-info", "metrics", "limits", "grace-time", "net-in", "net-out", "bulk-net-out", "stream-in", "stream-out", "run", "attach", "stop", "destroy", "properties", "server"] {
         assert!(top.contains(&format!("  {command}")), "--help lacks {command}:\n{top}");
     }
     let limits = help(&["limits", "--help"]);
     assert!(limits.contains("in bytes"), "{limits}");
     assert!(limits.contains("cgroup shares"), "{limits}");
     assert!(help(&["stream-in", "--help"]).contains("--progress"));
+
+    let create = help(&["create", "--help"]);
+    for option in ["--network", "--memory <BYTES>", "--pids <COUNT>", "--disk-scope", "--net-in <HOST:CONTAINER>", "--bind-mount"] {
+        assert!(create.contains(option), "create --help lacks {option}:\n{create}");
+    }
+    assert!(create.contains("[HANDLE]  Handle of the new container"), "{create}");
+
+    let net_out = help(&["net-out", "--help"]);
+    assert!(net_out.contains("--icmp-type <TYPE>"), "{net_out}");
+    assert!(net_out.contains("--icmp-code <CODE>"), "{net_out}");
+
+    // Every positional argument of every command has help text.
+    #[rustfmt::skip]
+    let commands: [&[&str]; 10] = [
+        &["info"], &["grace-time"], &["net-in"], &["bulk-net-out"], &["attach"], &["stop"], &["destroy"], &["metrics"],
+        &["properties", "get"], &["properties", "set"],
+    ];
+    for command in commands {
+        let usage = help(&[command, &["--help"]].concat());
+        let arguments = usage.split("Arguments:").nth(1).unwrap_or_else(|| panic!("{command:?} has no arguments:\n{usage}"));
+        let arguments = arguments.split("Options:").next().unwrap();
+        for line in arguments.lines().filter(|line| line.trim_start().starts_with('<') || line.trim_start().starts_with('[')) {
+            assert!(line.trim().contains("  "), "{command:?}: an argument without help: {line:?}");
+        }
+    }
+
     let server = help(&["server", "--help"]);
     assert!(server.contains("--print-config"), "{server}");
     assert!(server.contains("0 picks a free port"), "{server}");

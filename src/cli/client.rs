@@ -5,7 +5,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::api::{ContainerSpec, ImageRef, ProcessSpec, TtySpec, WindowSize};
+use crate::api::{
+    BandwidthLimits, BindMount, ContainerSpec, CpuLimits, DiskLimits, ImageRef, Limits, MemoryLimits, NetIn, PidLimits,
+    ProcessSpec, TtySpec, WindowSize, BIND_MOUNT_MODE_RO, BIND_MOUNT_MODE_RW,
+};
 use super::output::OutputArgs;
 use super::{commands, files};
 use crate::client::{Client, ClientError, ProcessController, ProcessIo, Signal, Target};
@@ -59,6 +62,7 @@ pub enum ClientCommand {
     },
     /// Print a container's state, addresses, processes and properties.
     Info {
+        /// Handle of the container.
         handle: String,
         #[command(flatten)]
         output: OutputArgs,
@@ -67,6 +71,7 @@ pub enum ClientCommand {
     },
     /// Print the info of several containers in one request.
     BulkInfo {
+        /// Handles of the containers.
         #[arg(required = true)]
         handles: Vec<String>,
         #[command(flatten)]
@@ -76,6 +81,8 @@ pub enum ClientCommand {
     },
     /// Print memory, CPU time and disk usage of one or more containers.
     Metrics {
+        /// Handles of the containers; one handle uses the single-container
+        /// route, several use the bulk route.
         #[arg(required = true)]
         handles: Vec<String>,
         #[command(flatten)]
@@ -88,6 +95,7 @@ pub enum ClientCommand {
     /// Set a container's grace time: the idle time after which the server
     /// destroys it.
     GraceTime {
+        /// Handle of the container.
         handle: String,
         /// A duration such as 30s, 5m or 1h30m (units ns, us, ms, s, m, h);
         /// 0 means never.
@@ -98,6 +106,7 @@ pub enum ClientCommand {
     },
     /// Forward a host port to a port of the container.
     NetIn {
+        /// Handle of the container.
         handle: String,
         /// Host port; 0 lets the server pick one from its pool.
         #[arg(long, default_value_t = 0)]
@@ -112,6 +121,9 @@ pub enum ClientCommand {
     },
     /// Allow outbound traffic from the container.
     NetOut(Box<commands::NetOutArgs>),
+    /// Allow outbound traffic by several rules from a JSON file, sent in
+    /// one request: the server adds all of them or none.
+    BulkNetOut(Box<commands::BulkNetOutArgs>),
     /// Copy a local file or directory (or a tar archive) into a container.
     StreamIn(Box<files::StreamInArgs>),
     /// Copy a file or directory out of a container.
@@ -128,7 +140,10 @@ pub enum ClientCommand {
     /// Attach to a running process, stream its output and exit with its
     /// exit code (125 when a request fails).
     Attach {
+        /// Handle of the container.
         handle: String,
+        /// Id of the process, as `run` printed or was given with
+        /// --process-id.
         process_id: String,
         /// Also forward this terminal's stdin to the process; its end of
         /// file closes the process's stdin.
@@ -140,6 +155,7 @@ pub enum ClientCommand {
     /// Stop every process in a container: SIGTERM, then SIGKILL after the
     /// server's timeout (10 seconds in Garden's reference backend).
     Stop {
+        /// Handle of the container.
         handle: String,
         /// Send SIGKILL at once instead of SIGTERM first.
         #[arg(long)]
@@ -149,6 +165,8 @@ pub enum ClientCommand {
     },
     /// Destroy containers and everything running in them.
     Destroy {
+        /// Handles of the containers, destroyed in order; the first failure
+        /// stops the command.
         #[arg(required = true)]
         handles: Vec<String>,
         #[command(flatten)]
@@ -188,6 +206,50 @@ pub struct ContainerArgs {
     /// Default: the server's default grace time.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub grace_time: Option<Duration>,
+    /// Static subnet of the container, outside the server's dynamic pool:
+    /// `IP/PREFIX` takes that address (the network address takes the next
+    /// free one), and a bare IPv4 address means IP/30. Default: the next
+    /// free /30 block of the server's pool.
+    #[arg(long, value_name = "CIDR_OR_IP", value_parser = parse_network)]
+    pub network: Option<String>,
+    /// Memory limit, in bytes (suffixes K, M, G for KiB, MiB, GiB).
+    #[arg(long, value_name = "BYTES", value_parser = commands::parse_size)]
+    pub memory: Option<u64>,
+    /// CPU weight, in cgroup shares (2 to 262144; the kernel's default is
+    /// 1024).
+    #[arg(long, value_name = "SHARES")]
+    pub cpu_shares: Option<u64>,
+    /// Maximum number of processes and threads in the container, a count.
+    #[arg(long, value_name = "COUNT")]
+    pub pids: Option<u64>,
+    /// Hard disk limit, in bytes (suffixes K, M, G).
+    #[arg(long, visible_alias = "disk-bytes", value_name = "BYTES", value_parser = commands::parse_size)]
+    pub disk: Option<u64>,
+    /// Hard limit on inodes (files and directories), a count.
+    #[arg(long, value_name = "COUNT")]
+    pub disk_inodes: Option<u64>,
+    /// Scope of the disk limits: total (the image plus what the container
+    /// writes) or exclusive (only what it writes).
+    #[arg(long, value_name = "SCOPE", value_parser = commands::parse_disk_scope)]
+    pub disk_scope: Option<u8>,
+    /// Bandwidth rate, in bytes per second (suffixes K, M, G); needs
+    /// --bandwidth-burst.
+    #[arg(long, value_name = "BYTES_PER_SECOND", value_parser = commands::parse_size, requires = "bandwidth_burst")]
+    pub bandwidth_rate: Option<u64>,
+    /// Bandwidth burst, in bytes (suffixes K, M, G); needs
+    /// --bandwidth-rate.
+    #[arg(long, value_name = "BYTES", value_parser = commands::parse_size, requires = "bandwidth_rate")]
+    pub bandwidth_burst: Option<u64>,
+    /// Forward a host port to a container port, as HOST:CONTAINER; host
+    /// port 0 lets the server pick one, container port 0 means the same as
+    /// the host port. Repeat for several.
+    #[arg(long = "net-in", value_name = "HOST:CONTAINER", value_parser = commands::parse_net_in)]
+    pub net_in: Vec<NetIn>,
+    /// Mount a directory or file of the server host into the container, as
+    /// SRC:DST, read-write, or SRC:DST:ro, read-only. Both paths are
+    /// absolute. Repeat for several.
+    #[arg(long = "bind-mount", value_name = "SRC:DST[:ro]", value_parser = parse_bind_mount)]
+    pub bind_mounts: Vec<BindMount>,
 }
 
 impl ContainerArgs {
@@ -199,6 +261,47 @@ impl ContainerArgs {
             || self.rootfs.is_some()
             || self.image.is_some()
             || self.grace_time.is_some()
+            || self.network.is_some()
+            || self.sets_limits()
+            || !self.net_in.is_empty()
+            || !self.bind_mounts.is_empty()
+    }
+
+    fn sets_limits(&self) -> bool {
+        self.memory.is_some()
+            || self.cpu_shares.is_some()
+            || self.pids.is_some()
+            || self.disk.is_some()
+            || self.disk_inodes.is_some()
+            || self.disk_scope.is_some()
+            || self.bandwidth_rate.is_some()
+    }
+
+    /// Builds the spec's limits from the options. Unset limits stay 0,
+    /// which Garden reads as no limit.
+    fn limits(&self) -> Limits {
+        Limits {
+            bandwidth_limits: BandwidthLimits {
+                rate: self.bandwidth_rate.unwrap_or(0),
+                burst: self.bandwidth_burst.unwrap_or(0),
+            },
+            cpu_limits: CpuLimits {
+                weight: self.cpu_shares.unwrap_or(0),
+                limit_in_shares: 0,
+            },
+            disk_limits: DiskLimits {
+                byte_hard: self.disk.unwrap_or(0),
+                inode_hard: self.disk_inodes.unwrap_or(0),
+                scope: self.disk_scope.unwrap_or(0),
+                ..DiskLimits::default()
+            },
+            memory_limits: MemoryLimits {
+                limit_in_bytes: self.memory.unwrap_or(0),
+            },
+            pid_limits: PidLimits {
+                max: self.pids.unwrap_or(0),
+            },
+        }
     }
 }
 
@@ -263,13 +366,33 @@ pub struct RunArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum PropertiesCommand {
     /// Print every property as KEY=VALUE lines.
-    List { handle: String },
+    List {
+        /// Handle of the container.
+        handle: String,
+    },
     /// Print one property's value.
-    Get { handle: String, key: String },
+    Get {
+        /// Handle of the container.
+        handle: String,
+        /// Name of the property.
+        key: String,
+    },
     /// Set one property.
-    Set { handle: String, key: String, value: String },
+    Set {
+        /// Handle of the container.
+        handle: String,
+        /// Name of the property.
+        key: String,
+        /// New value of the property.
+        value: String,
+    },
     /// Remove one property.
-    Remove { handle: String, key: String },
+    Remove {
+        /// Handle of the container.
+        handle: String,
+        /// Name of the property.
+        key: String,
+    },
 }
 
 /// Runs one client subcommand.
@@ -314,6 +437,7 @@ async fn dispatch(command: ClientCommand) -> ExitCode {
             commands::net_in(&target, &handle, host_port, container_port, output).await
         }
         ClientCommand::NetOut(args) => commands::net_out(*args).await,
+        ClientCommand::BulkNetOut(args) => return exit_code(commands::bulk_net_out(*args).await),
         ClientCommand::StreamIn(args) => return exit_code(files::stream_in(*args).await),
         ClientCommand::StreamOut(args) => return exit_code(files::stream_out(*args).await),
         ClientCommand::Stop { handle, kill, target } => stop(&target, &handle, kill).await,
@@ -365,6 +489,10 @@ fn container_spec(args: &ContainerArgs) -> ContainerSpec {
         grace_time: args
             .grace_time
             .map_or(0, |duration| i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)),
+        network: args.network.clone().unwrap_or_default(),
+        limits: args.limits(),
+        netin: args.net_in.clone(),
+        bind_mounts: args.bind_mounts.clone(),
         ..ContainerSpec::default()
     }
 }
@@ -403,7 +531,7 @@ async fn run_command(args: RunArgs) -> ExitCode {
     };
     let (handle, created) = match &args.handle {
         Some(_) if args.container.sets_anything() => {
-            eprintln!("trellis: container options such as --property or --rootfs need a new container, not --handle");
+            eprintln!("trellis: container options such as --property, --rootfs or --memory need a new container, not --handle");
             return ExitCode::from(REQUEST_FAILED_EXIT_CODE);
         }
         Some(handle) => (handle.clone(), false),
@@ -577,6 +705,41 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Validates a container network: an IPv4 address, or a subnet in CIDR
+/// form. The server checks that it lies outside its dynamic pool.
+fn parse_network(text: &str) -> Result<String, String> {
+    let valid = text.parse::<std::net::Ipv4Addr>().is_ok() || text.parse::<ipnetwork::Ipv4Network>().is_ok();
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!("invalid network {text:?}: expected an IPv4 address or CIDR subnet, such as 10.77.0.9 or 10.77.0.0/24"))
+    }
+}
+
+/// Parses a bind mount `SRC:DST` (read-write) or `SRC:DST:ro`/`SRC:DST:rw`,
+/// with absolute paths on the host.
+fn parse_bind_mount(text: &str) -> Result<BindMount, String> {
+    let invalid = |reason: &str| format!("invalid bind mount {text:?}: {reason}; expected SRC:DST or SRC:DST:ro with absolute paths");
+    let parts: Vec<&str> = text.split(':').collect();
+    let (source, destination, mode) = match parts.as_slice() {
+        [source, destination] => (*source, *destination, BIND_MOUNT_MODE_RW),
+        [source, destination, "rw"] => (*source, *destination, BIND_MOUNT_MODE_RW),
+        [source, destination, "ro"] => (*source, *destination, BIND_MOUNT_MODE_RO),
+        [_, _, mode] => return Err(invalid(&format!("unknown mode {mode:?}"))),
+        _ => return Err(invalid("wrong number of fields")),
+    };
+    if !source.starts_with('/') || !destination.starts_with('/') {
+        return Err(invalid("a path is not absolute"));
+    }
+    Ok(BindMount {
+        src_path: source.to_string(),
+        dst_path: destination.to_string(),
+        mode,
+        // Origin 0: the source is a path on the host.
+        origin: 0,
+    })
+}
+
 /// Parses a duration such as `0`, `30s`, `1.5h` or `1h30m` (units ns, us,
 /// µs, ms, s, m, h, as Go's `time.ParseDuration` accepts).
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -688,5 +851,55 @@ mod tests {
         assert_eq!(spec.properties.len(), 2);
         assert_eq!(spec.grace_time, 300_000_000_000);
         assert_eq!(args.handle.as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn create_builds_network_limits_and_mounts() {
+        let cli = parse(&[
+            "trellis", "create", "--network", "10.254.0.8/30", "--memory", "64M", "--cpu-shares", "512", "--pids", "40",
+            "--disk", "1G", "--disk-scope", "exclusive", "--bandwidth-rate", "1M", "--bandwidth-burst", "64K",
+            "--net-in", "0:8080", "--net-in", "61010:22", "--bind-mount", "/srv/a:/a:ro", "--bind-mount", "/srv/b:/b",
+        ]);
+        let crate::cli::Command::Client(ClientCommand::Create(args)) = cli.command else {
+            panic!("not a create command");
+        };
+        let spec = container_spec(&args.container);
+        assert_eq!(spec.network, "10.254.0.8/30");
+        assert_eq!(spec.limits.memory_limits.limit_in_bytes, 64 << 20);
+        assert_eq!(spec.limits.cpu_limits.weight, 512);
+        assert_eq!(spec.limits.pid_limits.max, 40);
+        assert_eq!(spec.limits.disk_limits.byte_hard, 1 << 30);
+        assert_eq!(spec.limits.disk_limits.scope, crate::api::DISK_SCOPE_EXCLUSIVE);
+        assert_eq!(spec.limits.bandwidth_limits, BandwidthLimits { rate: 1 << 20, burst: 64 << 10 });
+        assert_eq!(spec.netin, vec![NetIn { host_port: 0, container_port: 8080 }, NetIn { host_port: 61010, container_port: 22 }]);
+        assert_eq!(spec.bind_mounts[0].mode, BIND_MOUNT_MODE_RO);
+        assert_eq!(spec.bind_mounts[1].mode, BIND_MOUNT_MODE_RW);
+        assert_eq!(spec.bind_mounts[1].dst_path, "/b");
+    }
+
+    #[test]
+    fn create_rejects_bad_values() {
+        for args in [
+            &["--network", "10.254.0"][..],
+            &["--network", "10.254.0.0/33"],
+            &["--net-in", "8080"],
+            &["--bind-mount", "relative:/a"],
+            &["--bind-mount", "/a:/b:rx"],
+            &["--disk-scope", "some"],
+            &["--bandwidth-rate", "1M"],
+        ] {
+            let mut line = vec!["trellis", "create"];
+            line.extend_from_slice(args);
+            assert!(crate::cli::Cli::try_parse_from(&line).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn run_rejects_limits_with_handle() {
+        let cli = parse(&["trellis", "run", "--handle", "h", "--memory", "1M", "--", "true"]);
+        let crate::cli::Command::Client(ClientCommand::Run(args)) = cli.command else {
+            panic!("not a run command");
+        };
+        assert!(args.container.sets_anything());
     }
 }

@@ -1,15 +1,18 @@
 //! Client commands that read and change containers: capacity, info, bulk
 //! info and metrics, limits, grace time and network rules. Each prints a
-//! table by default and JSON with `--json`.
+//! table by default and JSON with `--json`. The parsers for sizes, port
+//! mappings and address ranges here also serve `create` and `run`.
 
 use std::collections::BTreeMap;
+use std::io::Read as _;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use super::client::{connect, TargetArgs};
 use super::output::{self, OutputArgs};
 use crate::api::{
-    BandwidthLimits, ContainerInfo, CpuLimits, DiskLimits, IpRange, MemoryLimits, NetOutRule, PortRange, Properties,
+    BandwidthLimits, ContainerInfo, CpuLimits, DecodeError, DiskLimits, IcmpControl, IpRange, MemoryLimits, NetIn,
+    NetOutRule, PortRange, Properties, DISK_SCOPE_EXCLUSIVE, DISK_SCOPE_TOTAL,
 };
 use crate::client::ClientError;
 
@@ -59,11 +62,58 @@ pub struct NetOutArgs {
     /// (default: any; tcp and udp only).
     #[arg(long = "ports", value_name = "PORT[-PORT]", value_parser = parse_port_range)]
     pub ports: Vec<PortRange>,
+    /// ICMP type the rule allows, 0 to 255 (such as 8 for echo request);
+    /// only with --protocol icmp. Default: every type.
+    #[arg(long, value_name = "TYPE")]
+    pub icmp_type: Option<u8>,
+    /// ICMP code the rule allows within --icmp-type, 0 to 255. Default:
+    /// every code.
+    #[arg(long, value_name = "CODE", requires = "icmp_type")]
+    pub icmp_code: Option<u8>,
     /// Log the first packet of each connection the rule allows.
     #[arg(long)]
     pub log: bool,
     #[command(flatten)]
     pub target: TargetArgs,
+}
+
+/// Options of `trellis bulk-net-out`.
+#[derive(Debug, clap::Args)]
+pub struct BulkNetOutArgs {
+    /// Handle of the container.
+    pub handle: String,
+    /// File with a JSON array of Garden net-out rules in the wire format,
+    /// such as `[{"protocol":1,"networks":[{"start":"192.0.2.1","end":"192.0.2.1"}],"ports":[{"start":80,"end":80}]}]`;
+    /// `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    pub rules: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+/// Errors of commands that read local input before calling the server.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The rules file could not be read.
+    #[error("cannot read the rules file {path}: {source}")]
+    ReadRules {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The rules file is not a JSON array of net-out rules.
+    #[error("invalid rules file {path}: {source}; expected a JSON array of net-out rules")]
+    InvalidRules {
+        path: String,
+        #[source]
+        source: DecodeError,
+    },
+    /// The rules file contains an empty array.
+    #[error("invalid rules file {path}: the array contains no rules")]
+    NoRules { path: String },
+    /// A request to the server failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
 }
 
 /// Runs `trellis capacity`.
@@ -299,8 +349,54 @@ pub async fn net_in(target: &TargetArgs, handle: &str, host_port: u32, container
 
 /// Runs `trellis net-out`.
 pub async fn net_out(args: NetOutArgs) -> Result<(), ClientError> {
-    let rule = NetOutRule { protocol: args.protocol, networks: args.networks, ports: args.ports, icmps: None, log: args.log };
-    connect(&args.target)?.net_out(&args.handle, &rule).await
+    let handle = args.handle.clone();
+    let target = args.target.clone();
+    let rule = net_out_rule(args)?;
+    connect(&target)?.net_out(&handle, &rule).await
+}
+
+/// Builds the rule of `trellis net-out`, rejecting ICMP options on a
+/// protocol other than ICMP.
+fn net_out_rule(args: NetOutArgs) -> Result<NetOutRule, ClientError> {
+    let icmps = args.icmp_type.map(|icmp_type| IcmpControl { icmp_type, code: args.icmp_code });
+    if icmps.is_some() && args.protocol != PROTOCOL_ICMP {
+        return Err(ClientError::InvalidArgument {
+            what: "--icmp-type",
+            reason: format!("ICMP options need --protocol icmp, not {}", protocol_name(args.protocol)),
+        });
+    }
+    Ok(NetOutRule { protocol: args.protocol, networks: args.networks, ports: args.ports, icmps, log: args.log })
+}
+
+/// Runs `trellis bulk-net-out`: reads the rules from a file or stdin and
+/// sends them in one request, so the server adds all of them or none.
+pub async fn bulk_net_out(args: BulkNetOutArgs) -> Result<(), CommandError> {
+    let rules = read_rules(&args.rules)?;
+    connect(&args.target)?.bulk_net_out(&args.handle, &rules).await?;
+    Ok(())
+}
+
+/// Reads and decodes a JSON array of net-out rules from `path`, or from
+/// stdin when `path` is `-`.
+fn read_rules(path: &str) -> Result<Vec<NetOutRule>, CommandError> {
+    let mut bytes = Vec::new();
+    let read = if path == "-" {
+        std::io::stdin().read_to_end(&mut bytes).map(drop)
+    } else {
+        std::fs::read(path).map(|contents| bytes = contents)
+    };
+    read.map_err(|source| CommandError::ReadRules { path: path.to_string(), source })?;
+    decode_rules(path, &bytes)
+}
+
+/// Decodes a rules file the way the server decodes a bulk net-out body.
+fn decode_rules(path: &str, bytes: &[u8]) -> Result<Vec<NetOutRule>, CommandError> {
+    let rules: Vec<NetOutRule> =
+        crate::api::decode(bytes).map_err(|source| CommandError::InvalidRules { path: path.to_string(), source })?;
+    if rules.is_empty() {
+        return Err(CommandError::NoRules { path: path.to_string() });
+    }
+    Ok(rules)
 }
 
 /// Parses a byte count with an optional binary suffix: K, M, G or T (also
@@ -322,18 +418,47 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number.checked_mul(1 << shift).ok_or_else(invalid)
 }
 
+/// Garden's protocol number for ICMP in a net-out rule.
+const PROTOCOL_ICMP: u8 = 3;
+
+/// Garden's protocol numbers and their names on the command line.
+const PROTOCOLS: [(u8, &str); 4] = [(0, "all"), (1, "tcp"), (2, "udp"), (PROTOCOL_ICMP, "icmp")];
+
 /// Parses a protocol name into Garden's protocol number.
 fn parse_protocol(text: &str) -> Result<u8, String> {
+    PROTOCOLS
+        .iter()
+        .find(|(_, name)| *name == text)
+        .map(|(number, _)| *number)
+        .ok_or_else(|| format!("invalid protocol {text:?}: expected all, tcp, udp or icmp"))
+}
+
+fn protocol_name(number: u8) -> &'static str {
+    PROTOCOLS.iter().find(|(known, _)| *known == number).map_or("unknown", |(_, name)| name)
+}
+
+/// Parses a disk limit scope: `total` (image plus writes) or `exclusive`
+/// (only what the container writes).
+pub fn parse_disk_scope(text: &str) -> Result<u8, String> {
     match text {
-        "all" => Ok(0),
-        "tcp" => Ok(1),
-        "udp" => Ok(2),
-        "icmp" => Ok(3),
-        _ => Err(format!("invalid protocol {text:?}: expected all, tcp, udp or icmp")),
+        "total" => Ok(DISK_SCOPE_TOTAL),
+        "exclusive" => Ok(DISK_SCOPE_EXCLUSIVE),
+        _ => Err(format!("invalid disk scope {text:?}: expected total or exclusive")),
     }
 }
 
-fn parse_ip_range(text: &str) -> Result<IpRange, String> {
+/// Parses a port mapping `HOST:CONTAINER`. Either port may be 0: a host
+/// port 0 lets the server pick one, a container port 0 means the same as
+/// the host port.
+pub fn parse_net_in(text: &str) -> Result<NetIn, String> {
+    let invalid = || format!("invalid port mapping {text:?}: expected HOST:CONTAINER, two ports from 0 to 65535, such as 8080:80");
+    let (host, container) = text.split_once(':').ok_or_else(invalid)?;
+    let parse = |part: &str| part.trim().parse::<u16>().map(u32::from).map_err(|_| invalid());
+    Ok(NetIn { host_port: parse(host)?, container_port: parse(container)? })
+}
+
+/// Parses a destination address range, `IP` or `FIRST-LAST`.
+pub fn parse_ip_range(text: &str) -> Result<IpRange, String> {
     let parse = |part: &str| part.trim().parse::<IpAddr>().map_err(|_| format!("invalid address {part:?} in {text:?}: expected IP or FIRST-LAST"));
     let (start, end) = match text.split_once('-') {
         Some((start, end)) => (parse(start)?, parse(end)?),
@@ -384,5 +509,51 @@ mod tests {
         assert!(parse_ip_range("nowhere").is_err());
         assert_eq!(parse_protocol("udp"), Ok(2));
         assert!(parse_protocol("sctp").is_err());
+    }
+
+    #[test]
+    fn net_in_pairs_parse() {
+        assert_eq!(parse_net_in("8080:80"), Ok(NetIn { host_port: 8080, container_port: 80 }));
+        assert_eq!(parse_net_in("0:22"), Ok(NetIn { host_port: 0, container_port: 22 }));
+        for bad in ["8080", "8080:", ":80", "a:80", "70000:80", "1:2:3", "-1:80"] {
+            assert!(parse_net_in(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(parse_disk_scope("exclusive"), Ok(DISK_SCOPE_EXCLUSIVE));
+        assert!(parse_disk_scope("all").is_err());
+    }
+
+    fn net_out_args(args: &[&str]) -> NetOutArgs {
+        use clap::Parser;
+        let mut line = vec!["trellis", "net-out", "h"];
+        line.extend_from_slice(args);
+        let cli = crate::cli::Cli::try_parse_from(line).unwrap();
+        let crate::cli::Command::Client(crate::cli::client::ClientCommand::NetOut(args)) = cli.command else {
+            panic!("not a net-out command");
+        };
+        *args
+    }
+
+    #[test]
+    fn icmp_options_need_icmp() {
+        let rule = net_out_rule(net_out_args(&["--protocol", "icmp", "--icmp-type", "8", "--icmp-code", "0"])).unwrap();
+        assert_eq!(rule.icmps, Some(IcmpControl { icmp_type: 8, code: Some(0) }));
+        let rule = net_out_rule(net_out_args(&["--protocol", "icmp", "--icmp-type", "3"])).unwrap();
+        assert_eq!(rule.icmps, Some(IcmpControl { icmp_type: 3, code: None }));
+        assert_eq!(net_out_rule(net_out_args(&["--protocol", "icmp"])).unwrap().icmps, None);
+
+        let error = net_out_rule(net_out_args(&["--protocol", "tcp", "--icmp-type", "8"])).unwrap_err();
+        assert_eq!(error.to_string(), "invalid --icmp-type: ICMP options need --protocol icmp, not tcp");
+        assert!(net_out_rule(net_out_args(&["--icmp-type", "8"])).is_err(), "the default protocol is all");
+    }
+
+    #[test]
+    fn rules_files_decode() {
+        let rules = decode_rules("f", br#"[{"protocol":3,"icmps":{"type":8,"code":0}},{"protocol":1,"ports":[{"start":80,"end":81}]}]"#).unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].icmps, Some(IcmpControl { icmp_type: 8, code: Some(0) }));
+        assert_eq!(rules[1].ports, vec![PortRange { start: 80, end: 81 }]);
+        for bad in [&b""[..], b"{}", b"[{\"protocol\":\"tcp\"}]", b"[", b"[]"] {
+            assert!(decode_rules("f", bad).is_err(), "{:?} was accepted", String::from_utf8_lossy(bad));
+        }
     }
 }
