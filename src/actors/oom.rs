@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread;
 
 use actix::prelude::*;
-use slog::{debug, o, warn, Logger};
+use slog::{debug, warn, Logger};
 
 use super::stats::{measure_mailbox, MailboxStats};
 use super::Introspect;
@@ -216,7 +216,7 @@ mod tests {
         let collector = Collector(killed_sender).start();
         // One kill happened before the watch, of which none was recorded.
         let watch = ScriptedWatch { initial: 1, results: vec![OomWait::Kills(3), OomWait::Kills(3), OomWait::Kills(4)], stopped: stopped_sender };
-        let logger = Logger::root(slog::Discard, o!());
+        let logger = Logger::root(slog::Discard, slog::o!());
         let watcher = OomWatcher::new(Box::new(watch), collector.recipient(), 0, "box", &logger).unwrap().start();
 
         let mut received = Vec::new();
