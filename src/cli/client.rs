@@ -208,15 +208,16 @@ pub struct ContainerArgs {
     pub grace_time: Option<Duration>,
     /// Static subnet of the container, outside the server's dynamic pool:
     /// `IP/PREFIX` takes that address (the network address takes the next
-    /// free one), and a bare IPv4 address means IP/30. Default: the next
-    /// free /30 block of the server's pool.
+    /// free one), and a bare IPv4 address means IP/30. The first usable
+    /// address of the subnet is the gateway, so it can't be the container's.
+    /// Default: the next free /30 block of the server's pool.
     #[arg(long, value_name = "CIDR_OR_IP", value_parser = parse_network)]
     pub network: Option<String>,
     /// Memory limit, in bytes (suffixes K, M, G for KiB, MiB, GiB).
     #[arg(long, value_name = "BYTES", value_parser = commands::parse_size)]
     pub memory: Option<u64>,
-    /// CPU weight, in cgroup shares (2 to 262144; the kernel's default is
-    /// 1024).
+    /// CPU weight, in cgroup shares (the kernel uses 2 to 262144 and
+    /// raises smaller values to 2; its default is 1024).
     #[arg(long, value_name = "SHARES")]
     pub cpu_shares: Option<u64>,
     /// Maximum number of processes and threads in the container, a count.

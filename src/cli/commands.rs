@@ -24,8 +24,8 @@ pub struct LimitsArgs {
     /// Set the memory limit, in bytes (suffixes K, M, G for KiB, MiB, GiB).
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub memory: Option<u64>,
-    /// Set the CPU weight, in cgroup shares (2 to 262144; the kernel's
-    /// default is 1024).
+    /// Set the CPU weight, in cgroup shares (the kernel uses 2 to 262144
+    /// and raises smaller values to 2; its default is 1024).
     #[arg(long, value_name = "SHARES")]
     pub cpu_shares: Option<u64>,
     /// Set the hard disk limit, in bytes (suffixes K, M, G).
@@ -204,6 +204,8 @@ pub async fn info(target: &TargetArgs, handle: &str, output: OutputArgs) -> Resu
         .map(|mapping| format!("{}->{}", mapping.host_port, mapping.container_port))
         .collect();
     pairs.push(("mapped ports", if ports.is_empty() { "-".into() } else { ports.join(", ") }));
+    let events = info.events.clone().unwrap_or_default();
+    pairs.push(("events", if events.is_empty() { "-".into() } else { events.join(", ") }));
     let properties = info.properties.clone().unwrap_or_default();
     let property_lines: Vec<String> = properties.iter().map(|(key, value)| format!("{key}={value}")).collect();
     for line in &property_lines {
