@@ -97,7 +97,10 @@ fn stdin_round_trip_with_cat() {
 fn attach_to_running_process() {
     let Some(server) = TestServer::start("attach_to_running_process") else { return };
     let handle = server.create("attach");
-    let mut spec = command_spec("sh", &["-c", "read first; echo got-$first; read second; echo got-$second >&2; exit 7"]);
+    // The process waits for end of input before it exits, so the close is
+    // part of the exchange and never races the exit.
+    let mut spec =
+        command_spec("sh", &["-c", "read first; echo got-$first; read second; echo got-$second >&2; cat >/dev/null; exit 7"]);
     spec.id = format!("{}-process", server.name);
 
     server.block_on(async {
