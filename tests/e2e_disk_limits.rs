@@ -4,10 +4,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::process::Command;
-use std::time::Duration;
 
 use support::TestServer;
 use trellis::api::{ContainerSpec, DiskLimits, Limits};
@@ -18,30 +15,8 @@ const TOTAL: u8 = 0;
 /// The capability number of CAP_SYS_RESOURCE (linux/capability.h).
 const CAP_SYS_RESOURCE: u32 = 24;
 
-/// Sends one request over the server's Unix socket and returns the status
-/// and body; the client has no calls for the 2015 PUT limit routes.
-fn raw_request(server: &TestServer, method: &str, target: &str, body: &str) -> (u16, String) {
-    let mut stream = UnixStream::connect(&server.socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let request = format!(
-        "{method} {target} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
-    (status, body)
-}
-
 fn disk_limits(byte_hard: u64, inode_hard: u64, scope: u8) -> Limits {
     Limits { disk_limits: DiskLimits { byte_hard, inode_hard, scope, ..DiskLimits::default() }, ..Limits::default() }
-}
-
-fn create_with(server: &TestServer, label: &str, limits: Limits) -> String {
-    let spec = ContainerSpec { handle: server.unique_handle(label), limits, ..ContainerSpec::default() };
-    server.block_on(server.client.create(&spec)).unwrap_or_else(|error| panic!("creating {label} failed: {error}"))
 }
 
 /// Writes `mebibytes` MiB of zeros to `path` in the container and returns
@@ -74,7 +49,7 @@ fn has_sys_resource() -> bool {
 #[test]
 fn exclusive_limit_stops_writer() {
     let Some(server) = TestServer::start("exclusive_limit_stops_writer") else { return };
-    let limited = create_with(&server, "limited", disk_limits(10 * MIB, 0, EXCLUSIVE));
+    let limited = server.create_with_limits("limited", disk_limits(10 * MIB, 0, EXCLUSIVE));
     let sibling = server.create("sibling");
     assert_eq!(loop_devices_of(&server).len(), 1, "one filesystem for the limited container");
 
@@ -100,7 +75,7 @@ fn exclusive_limit_stops_writer() {
 #[test]
 fn total_limit_counts_the_image() {
     let Some(server) = TestServer::start("total_limit_counts_the_image") else { return };
-    let handle = create_with(&server, "total", disk_limits(20 * MIB, 0, TOTAL));
+    let handle = server.create_with_limits("total", disk_limits(20 * MIB, 0, TOTAL));
     let metrics = server.block_on(server.client.metrics(&handle)).unwrap();
     let image = metrics.disk_stat.total_bytes_used - metrics.disk_stat.exclusive_bytes_used;
     assert!(image > 0, "the busybox image is not empty: {:?}", metrics.disk_stat);
@@ -125,7 +100,7 @@ fn total_limit_counts_the_image() {
 #[test]
 fn disk_limit_grows_online_and_rejects_shrinking() {
     let Some(server) = TestServer::start("disk_limit_grows_online") else { return };
-    let handle = create_with(&server, "grow", disk_limits(10 * MIB, 0, EXCLUSIVE));
+    let handle = server.create_with_limits("grow", disk_limits(10 * MIB, 0, EXCLUSIVE));
     let (status, _) = write_file(&server, &handle, "/big", 15);
     assert_ne!(status, 0, "15 MiB exceed the first limit");
     remove_file(&server, &handle, "/big");
@@ -136,7 +111,7 @@ fn disk_limit_grows_online_and_rejects_shrinking() {
         // The kernel resizes a mounted ext4 filesystem only for a caller
         // with CAP_SYS_RESOURCE; without it the route must fail cleanly.
         eprintln!("disk_limit_grows_online: no CAP_SYS_RESOURCE here, so only the rejection is checked");
-        let (status, body) = raw_request(&server, "PUT", &target, &grow);
+        let (status, body) = server.raw_request("PUT", &target, &grow);
         assert_eq!(status, 500, "{body}");
         assert!(body.contains("CAP_SYS_RESOURCE"), "{body}");
         let limits = server.block_on(server.client.disk_limits(&handle)).unwrap();
@@ -149,18 +124,18 @@ fn disk_limit_grows_online_and_rejects_shrinking() {
         assert_eq!(loop_devices_of(&server), Vec::<String>::new());
         return;
     }
-    let (status, body) = raw_request(&server, "PUT", &target, &grow);
+    let (status, body) = server.raw_request("PUT", &target, &grow);
     assert_eq!((status, body), (200, format!("{{\"byte_hard\":{},\"scope\":1}}\n", 30 * MIB)));
     let (status, stderr) = write_file(&server, &handle, "/big", 25);
     assert_eq!(status, 0, "25 MiB fit the grown limit: {stderr}");
 
     // Shrinking below what the container uses is rejected, and so is any
     // shrink of a mounted ext4 filesystem; the limit stays as it was.
-    let (status, body) = raw_request(&server, "PUT", &target, &format!("{{\"byte_hard\":{},\"scope\":1}}", 5 * MIB));
+    let (status, body) = server.raw_request("PUT", &target, &format!("{{\"byte_hard\":{},\"scope\":1}}", 5 * MIB));
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("is below the"), "{body}");
     assert!(body.contains("writable layer uses"), "{body}");
-    let (status, body) = raw_request(&server, "PUT", &target, &format!("{{\"byte_hard\":{},\"scope\":1}}", 28 * MIB));
+    let (status, body) = server.raw_request("PUT", &target, &format!("{{\"byte_hard\":{},\"scope\":1}}", 28 * MIB));
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("cannot shrink"), "{body}");
     let limits = server.block_on(server.client.disk_limits(&handle)).unwrap();
@@ -180,10 +155,10 @@ fn unenforceable_disk_limits_are_rejected() {
     // filesystem of its own, so one cannot be added later.
     let handle = server.create("plain");
     let target = format!("/containers/{handle}/limits/disk");
-    let (status, body) = raw_request(&server, "PUT", &target, &format!("{{\"byte_hard\":{}}}", 10 * MIB));
+    let (status, body) = server.raw_request("PUT", &target, &format!("{{\"byte_hard\":{}}}", 10 * MIB));
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("created without a disk limit"), "{body}");
-    assert_eq!(raw_request(&server, "GET", &target, ""), (200, "{}\n".to_string()), "nothing half applied");
+    assert_eq!(server.raw_request("GET", &target, ""), (200, "{}\n".to_string()), "nothing half applied");
 
     // A raw:// root filesystem has no writable layer to limit.
     let rootfs = format!("raw://{}", support::busybox_rootfs().display());
@@ -192,7 +167,7 @@ fn unenforceable_disk_limits_are_rejected() {
     assert!(error.to_string().contains("raw://"), "{error}");
 
     // Large limits are accepted: the filesystem image is sparse.
-    let large = create_with(&server, "large", disk_limits(2 << 30, 0, EXCLUSIVE));
+    let large = server.create_with_limits("large", disk_limits(2 << 30, 0, EXCLUSIVE));
     for handle in [&handle, &large] {
         server.block_on(server.client.destroy(handle)).unwrap();
     }
@@ -205,7 +180,7 @@ fn inode_limit_stops_file_creation() {
     let Some(server) = TestServer::start("inode_limit_stops_file_creation") else { return };
     // With a byte limit the filesystem is small, so ext4's rounding of the
     // inode count stays small too.
-    let handle = create_with(&server, "inodes", disk_limits(64 * MIB, 100, EXCLUSIVE));
+    let handle = server.create_with_limits("inodes", disk_limits(64 * MIB, 100, EXCLUSIVE));
     let script = "mkdir /many && i=0; while touch /many/f$i 2>/dev/null; do i=$((i+1)); [ $i -ge 1000 ] && break; done; echo $i";
     let output = server.run_command(&handle, "sh", &["-c", script]);
     let created: u64 = output.stdout_text().trim().parse().unwrap_or_else(|_| panic!("{output:?}"));

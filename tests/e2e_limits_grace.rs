@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -30,23 +28,6 @@ fn wait_until_gone(server: &TestServer, handle: &str, limit: Duration) -> Durati
 
 fn listed(server: &TestServer, handle: &str) -> bool {
     server.block_on(server.client.list(&Properties::new())).unwrap().iter().any(|found| found == handle)
-}
-
-/// Sends one request over the server's Unix socket and returns the status
-/// and body. The client has no calls for the 2015 PUT limit routes.
-fn raw_request(server: &TestServer, method: &str, target: &str, body: &str) -> (u16, String) {
-    let mut stream = UnixStream::connect(&server.socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let request = format!(
-        "{method} {target} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
-    (status, body)
 }
 
 /// Returns the container's cgroup in the hierarchy that has `file`.
@@ -152,36 +133,36 @@ fn limits_are_applied_and_reported() {
 
     // Read back as set; CPU as shares, never weight, because clients
     // compare the struct exactly.
-    assert_eq!(raw_request(&server, "GET", &format!("/containers/{handle}/limits/memory"), ""), (200, "{\"limit_in_bytes\":67108864}\n".into()));
-    assert_eq!(raw_request(&server, "GET", &format!("/containers/{handle}/limits/cpu"), ""), (200, "{\"limit_in_shares\":512}\n".into()));
+    assert_eq!(server.raw_request("GET", &format!("/containers/{handle}/limits/memory"), ""), (200, "{\"limit_in_bytes\":67108864}\n".into()));
+    assert_eq!(server.raw_request("GET", &format!("/containers/{handle}/limits/cpu"), ""), (200, "{\"limit_in_shares\":512}\n".into()));
     for kind in ["bandwidth", "disk"] {
-        assert_eq!(raw_request(&server, "GET", &format!("/containers/{handle}/limits/{kind}"), ""), (200, "{}\n".into()));
+        assert_eq!(server.raw_request("GET", &format!("/containers/{handle}/limits/{kind}"), ""), (200, "{}\n".into()));
     }
 
     // Raising writes memsw first, lowering the memory limit first; either
     // order the other way round fails with EINVAL.
     let target = format!("/containers/{handle}/limits/memory");
-    assert_eq!(raw_request(&server, "PUT", &target, r#"{"limit_in_bytes":134217728}"#), (200, "{\"limit_in_bytes\":134217728}\n".into()));
+    assert_eq!(server.raw_request("PUT", &target, r#"{"limit_in_bytes":134217728}"#), (200, "{\"limit_in_bytes\":134217728}\n".into()));
     assert_eq!(read_number(&memory_dir.join("memory.limit_in_bytes")), 128 << 20);
     if memsw.exists() {
         assert_eq!(read_number(&memsw), 128 << 20);
     }
-    assert_eq!(raw_request(&server, "PUT", &target, r#"{"limit_in_bytes":33554432}"#).0, 200);
+    assert_eq!(server.raw_request("PUT", &target, r#"{"limit_in_bytes":33554432}"#).0, 200);
     assert_eq!(read_number(&memory_dir.join("memory.limit_in_bytes")), 32 << 20);
     if memsw.exists() {
         assert_eq!(read_number(&memsw), 32 << 20);
     }
-    assert_eq!(raw_request(&server, "PUT", &target, r#"{"limit_in_bytes":0}"#), (200, "{\"limit_in_bytes\":33554432}\n".into()));
+    assert_eq!(server.raw_request("PUT", &target, r#"{"limit_in_bytes":0}"#), (200, "{\"limit_in_bytes\":33554432}\n".into()));
 
     let target = format!("/containers/{handle}/limits/cpu");
-    assert_eq!(raw_request(&server, "PUT", &target, r#"{"limit_in_shares":300}"#), (200, "{\"limit_in_shares\":300}\n".into()));
+    assert_eq!(server.raw_request("PUT", &target, r#"{"limit_in_shares":300}"#), (200, "{\"limit_in_shares\":300}\n".into()));
     assert_eq!(read_number(&cpu_dir.join("cpu.shares")), 300);
     let cpu = server.block_on(server.client.cpu_limits(&handle)).unwrap();
     assert_eq!(cpu, CpuLimits { weight: 0, limit_in_shares: 300 });
 
     // Bandwidth and disk are stored and reported only.
     let target = format!("/containers/{handle}/limits/bandwidth");
-    assert_eq!(raw_request(&server, "PUT", &target, r#"{"rate":1000,"burst":2000}"#), (200, "{\"rate\":1000,\"burst\":2000}\n".into()));
+    assert_eq!(server.raw_request("PUT", &target, r#"{"rate":1000,"burst":2000}"#), (200, "{\"rate\":1000,\"burst\":2000}\n".into()));
     let bandwidth = server.block_on(server.client.bandwidth_limits(&handle)).unwrap();
     assert_eq!((bandwidth.rate, bandwidth.burst), (1000, 2000));
 
@@ -196,8 +177,8 @@ fn limits_are_applied_and_reported() {
     let handle = server.create("unlimited");
     let memory_dir = cgroup_with(&server, &handle, "memory.limit_in_bytes");
     let target = format!("/containers/{handle}/limits/memory");
-    assert_eq!(raw_request(&server, "GET", &target, ""), (200, "{}\n".into()));
-    assert_eq!(raw_request(&server, "PUT", &target, r#"{"limit_in_bytes":67108864}"#), (200, "{\"limit_in_bytes\":67108864}\n".into()));
+    assert_eq!(server.raw_request("GET", &target, ""), (200, "{}\n".into()));
+    assert_eq!(server.raw_request("PUT", &target, r#"{"limit_in_bytes":67108864}"#), (200, "{\"limit_in_bytes\":67108864}\n".into()));
     assert_eq!(read_number(&memory_dir.join("memory.limit_in_bytes")), 64 << 20);
     let memsw = memory_dir.join("memory.memsw.limit_in_bytes");
     if memsw.exists() {

@@ -107,8 +107,8 @@ impl CpuCgroup {
         Ok(CpuCgroup { path })
     }
 
-    /// The path of `cgroup.procs`, written with "0" by a child between fork
-    /// and exec to move itself in.
+    /// Returns the path of `cgroup.procs`, which a child writes "0" to
+    /// between fork and exec to move itself in.
     pub fn procs_file(&self) -> PathBuf {
         self.path.join("cgroup.procs")
     }
@@ -255,34 +255,34 @@ pub fn build_archive(total: usize) -> Vec<u8> {
     builder.into_inner().expect("finishing an in-memory archive")
 }
 
-/// Resident memory of `pid` in KiB, from /proc/<pid>/status.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+/// Reads the `field` line of a /proc file of `pid` whose values are in kB.
+fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Proportional memory of `pid` in KiB (Pss from smaps_rollup): pages
-/// shared with other processes, such as the text of a binary every
+/// Returns the resident memory of `pid` in KiB (VmRSS of /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_kib(pid, "status", "VmRSS:")
+}
+
+/// Returns the proportional memory of `pid` in KiB (Pss of smaps_rollup):
+/// pages shared with other processes, such as the text of a binary every
 /// garden-init maps, count in proportion to their sharers.
 pub fn pss_kib(pid: u32) -> Option<u64> {
-    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup
-        .lines()
-        .find_map(|line| line.strip_prefix("Pss:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+    proc_kib(pid, "smaps_rollup", "Pss:")
 }
 
-/// The short name of `pid`, from /proc/<pid>/comm.
+/// Returns the short name of `pid`, from /proc/<pid>/comm.
 pub fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
         .map(|name| name.trim().to_string())
 }
 
-/// Every process in the cgroup at `path` and its descendant cgroups.
+/// Lists every process in the cgroup at `path` and its descendant cgroups.
 pub fn cgroup_pids(path: &Path) -> Vec<u32> {
     let mut found: Vec<u32> = fs::read_to_string(path.join("cgroup.procs"))
         .unwrap_or_default()

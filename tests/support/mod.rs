@@ -522,6 +522,33 @@ impl TestServer {
             .unwrap_or_else(|error| panic!("{}: creating a container failed: {error}", self.test))
     }
 
+    /// Creates a container with a unique handle, the default rootfs and
+    /// `limits`.
+    pub fn create_with_limits(&self, label: &str, limits: trellis::api::Limits) -> String {
+        let spec = ContainerSpec { handle: self.unique_handle(label), limits, ..ContainerSpec::default() };
+        self.block_on(self.client.create(&spec))
+            .unwrap_or_else(|error| panic!("{}: creating {label} failed: {error}", self.test))
+    }
+
+    /// Sends one JSON request over the server's Unix socket and returns the
+    /// status and body, for routes the client has no call for (the 2015 PUT
+    /// limit routes) or bodies it would not send.
+    pub fn raw_request(&self, method: &str, target: &str, body: &str) -> (u16, String) {
+        use std::io::Read;
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let request = format!(
+            "{method} {target} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    }
+
     /// Runs a process to completion and returns its output and status.
     pub fn run(&self, handle: &str, spec: &ProcessSpec, stdin: Option<Vec<u8>>) -> Result<ProcessOutput, ClientError> {
         self.block_on(run_to_completion(&self.client, handle, spec, stdin))
