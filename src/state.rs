@@ -3,7 +3,7 @@
 //! Each container directory contains `container.json`: a versioned record of
 //! everything the server needs to rebuild the container's actor after a
 //! restart. It is replaced atomically (temporary file, fsync, rename, fsync
-//! of the directory) before the request that changed it is answered, so a
+//! of the directory) before the request that changed it gets its response, so a
 //! crash leaves either the old or the new record, never a mix.
 //!
 //! Version history:

@@ -2,12 +2,12 @@
 //! with `crun` and iproute2, in a child process with private mount and
 //! network namespaces.
 //!
-//! The child unmounts the cgroup v2 hierarchy in its own mount namespace
-//! because crun 1.8 refuses a hybrid host whose v2 hierarchy it cannot
-//! use; the cgroup v1 controllers stay, so crun places containers exactly
+//! The child unmounts the cgroup v2 hierarchy in its own mount namespace,
+//! because crun 1.8 rejects a hybrid host whose v2 hierarchy it cannot
+//! use. The cgroup v1 controllers stay, so crun places containers exactly
 //! where Trellis does. Each container gets what a Trellis container gets:
-//! an overlay of the same rootfs, user, mount, pid, network, IPC and UTS
-//! namespaces, a cgroup, and a veth pair whose container end is created
+//! an overlay of the same rootfs; user, mount, pid, network, IPC and UTS
+//! namespaces; a cgroup; and a veth pair whose container end is created
 //! directly inside its network namespace.
 
 use std::ffi::CString;
@@ -27,7 +27,7 @@ use crate::Plan;
 /// The flag that makes the benchmark binary run this block.
 pub const BLOCK_FLAG: &str = "--crun-block";
 
-/// What the block measured, sent back to the parent as JSON.
+/// Measurements of the block, sent back to the parent as JSON.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Results {
     pub version: String,
@@ -40,7 +40,7 @@ pub struct Results {
     pub g7: Vec<f64>,
 }
 
-/// Whether crun is installed.
+/// Returns whether crun is installed.
 pub fn available() -> bool {
     Command::new("crun").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
@@ -97,7 +97,7 @@ pub fn measure(plan: &Plan, rootfs: &Path) -> Result<Results, String> {
     serde_json::from_str(&text).map_err(|error| format!("parsing the crun results: {error}"))
 }
 
-/// How long the crun block may run before it is taken for hung.
+/// Returns how long the crun block may run before it counts as hung.
 fn block_timeout(plan: &Plan) -> Duration {
     if plan.mode == "full" {
         Duration::from_secs(1800)
@@ -236,8 +236,8 @@ impl Bench {
         state["pid"].as_u64().map(|pid| pid as u32).ok_or_else(|| format!("crun state {id} has no pid"))
     }
 
-    /// A /30 per container, as Trellis allocates, with the container end of
-    /// the veth pair created inside the container's network namespace.
+    /// Adds a /30 network per container, as Trellis allocates. The container
+    /// end of the veth pair is created inside its network namespace.
     fn add_network(&self, id: &str, pid: u32) -> Result<(), String> {
         let number: u32 = id.trim_start_matches("tb").parse().unwrap_or(0);
         let base = 4 * (number % 16_000);
@@ -412,8 +412,8 @@ fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
-/// The OCI configuration of one container: the namespaces, mounts, masks
-/// and mappings of an unprivileged Garden container.
+/// Builds the OCI configuration of one container: the namespaces, mounts,
+/// masks and mappings of an unprivileged Garden container.
 fn oci_config(root: &Path, id: &str, cgroup_parent: &str, args: &[&str]) -> serde_json::Value {
     let capabilities = [
         "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",

@@ -1,8 +1,8 @@
 //! The benchmark harness of design section 7 (figures G1 to G9).
 //!
-//! It starts a `trellis server` in a private network namespace, drives it
-//! through the Garden API from this process, then does the equivalent work
-//! with `crun` in the same run, in blocks rather than interleaved, and
+//! It starts a `trellis server` in a private network namespace and drives
+//! it through the Garden API from this process. It then does the equivalent
+//! work with `crun` in the same run, in blocks rather than interleaved, and
 //! prints both side by side with the ratio Trellis / baseline per figure.
 //!
 //! - `cargo bench --bench garden` (what `scripts/bench` runs): the full
@@ -51,7 +51,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Whether any of `ids` is to be measured.
+    /// Returns whether any of `ids` is to be measured.
     pub fn wants(&self, ids: &[&str]) -> bool {
         self.only.is_empty() || ids.iter().any(|id| self.only.iter().any(|only| only.eq_ignore_ascii_case(id)))
     }

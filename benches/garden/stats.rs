@@ -33,13 +33,13 @@ impl Summary {
     }
 }
 
-/// The nearest-rank percentile of sorted samples.
+/// Returns the nearest-rank percentile of sorted samples.
 fn percentile(sorted: &[f64], percent: f64) -> f64 {
     let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Which way a figure improves.
+/// Direction in which a figure improves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Better {

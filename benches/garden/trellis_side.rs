@@ -20,7 +20,7 @@ use trellis::client::{Client, ProcessIo, Target};
 use crate::host::{self, CpuCgroup, Netns};
 use crate::Plan;
 
-/// How long the server may take to answer its first ping.
+/// How long the server may take to respond to its first ping.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running server and the client that drives it.
@@ -103,7 +103,7 @@ impl Server {
                 return Ok(server);
             }
             if Instant::now() > deadline {
-                return Err(format!("the server did not answer a ping; its log:\n{}", server.log_text()));
+                return Err(format!("the server did not respond to a ping within 60 s; its log:\n{}", server.log_text()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -182,7 +182,7 @@ impl AsyncWrite for Probe {
     }
 }
 
-/// What a finished run observed.
+/// Observations of one finished run.
 pub struct RunOutcome {
     pub first_output: Option<Instant>,
     pub bytes: u64,
@@ -443,8 +443,8 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
             create(client, &h).await?;
             destroy(client, &h).await
         })?;
-        // The server answers destroy before its helpers have all exited;
-        // give their last exit a moment to be charged.
+        // Destroy returns before the server's helpers have all exited, so
+        // their last exits get a moment to be charged.
         std::thread::sleep(Duration::from_millis(20));
         results.g7.push((server.cgroup.usage_ns()? - before) as f64 / 1e6);
     }

@@ -238,7 +238,7 @@ impl Container {
     }
 
     /// Sets the out-of-memory events and the kernel's kill count recorded
-    /// earlier; the watch then records only kills beyond that count,
+    /// earlier. The watch then records only kills beyond that count,
     /// including those made while no server watched.
     pub fn with_oom_record(mut self, events: Vec<String>, oom_kills: u64) -> Container {
         self.events = events;

@@ -176,7 +176,7 @@ mod tests {
     struct ScriptedWatch {
         initial: u64,
         results: Vec<OomWait>,
-        /// Receives a message once the thread sees the stop fd.
+        /// Receives a message once the thread reads the stop fd.
         stopped: mpsc::Sender<()>,
     }
 

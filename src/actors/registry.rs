@@ -109,8 +109,8 @@ impl Registry {
     /// tag that no container owns are removed. Each of these is logged.
     ///
     /// Blocks on runtime calls, so it runs once at start-up before the
-    /// registry takes messages; it must run inside the actix system, which
-    /// starts the restored actors.
+    /// registry takes messages. It must run inside the actix system, because
+    /// it starts the restored actors.
     pub fn restore_from_depot(&mut self, destroy_all: bool) {
         let depot = self.settings.depot.clone();
         let entries = match std::fs::read_dir(&depot) {

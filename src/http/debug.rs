@@ -85,8 +85,8 @@ pub async fn snapshot(state: &DebugState) -> Result<Value, SnapshotError> {
     for (name, pool) in &state.pools {
         pools.insert(name.clone(), ask(format!("{name} pool"), pool.send(Introspect)).await?);
     }
-    // Each container's actor asks its watcher, so the list is gathered
-    // from the containers' entries.
+    // Each container's actor queries its own watcher, so the list is
+    // gathered from the containers' entries.
     let oom_watchers: Vec<Value> = registry["containers"]
         .as_array()
         .map(|containers| containers.iter().map(|entry| entry["container"]["oom_watcher"].clone()).filter(|watcher| !watcher.is_null()).collect())

@@ -228,7 +228,7 @@ impl HostNetwork {
     }
 
     /// Reconnects a container restored after a restart. Its bridge and veth
-    /// pair still exist, so only its part of the fresh table is added; a
+    /// pair still exist, so only its part of the fresh table is added. A
     /// container whose host veth is gone is connected as new.
     pub fn reattach(self: &Arc<Self>, handle: &str, allocation: NetworkAllocation, init_pid: i32) -> Result<ContainerNetwork, NetworkError> {
         let names = LinkNames::new(&self.prefix, &allocation);
