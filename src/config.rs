@@ -145,6 +145,9 @@ pub struct Config {
     /// MTU of container links, at most 1500. 0 means the MTU of the host
     /// interface that has the external IP.
     pub mtu: u32,
+    /// How long a bridge whose last container went is kept for the next
+    /// container of its subnet. Zero removes it at once, in the background.
+    pub bridge_idle_time: Duration,
 }
 
 impl Default for Config {
@@ -182,9 +185,13 @@ impl Default for Config {
             deny_networks: Vec::new(),
             allow_host_access: false,
             mtu: 0,
+            bridge_idle_time: DEFAULT_BRIDGE_IDLE_TIME,
         }
     }
 }
+
+/// Default of `bridge-idle-time`.
+pub const DEFAULT_BRIDGE_IDLE_TIME: Duration = Duration::from_secs(30);
 
 /// Every key the configuration file and the flags accept.
 pub const KEYS: &[&str] = &[
@@ -220,6 +227,7 @@ pub const KEYS: &[&str] = &[
     "deny-network",
     "allow-host-access",
     "mtu",
+    "bridge-idle-time",
 ];
 
 /// Keys that take a list: a TOML array of strings, or one string with the
@@ -340,6 +348,7 @@ impl Config {
                 }
                 self.mtu = mtu;
             }
+            "bridge-idle-time" => self.bridge_idle_time = parse_duration(text).map_err(invalid)?,
             _ => return Err(ConfigError::unknown_key(source_name, key)),
         }
         Ok(())
@@ -426,6 +435,7 @@ impl Config {
             format!("deny-network = {}", list(&self.deny_networks)),
             format!("allow-host-access = {}", self.allow_host_access),
             format!("mtu = {}", self.mtu),
+            format!("bridge-idle-time = {}", quoted(&format_duration(self.bridge_idle_time))),
         ];
         let mut text = lines.join("\n");
         text.push('\n');

@@ -693,3 +693,77 @@ fn restart_removes_links_of_lost_containers() {
     assert!(log.contains("removed orphan link"), "the links of the lost container were not removed:\n{log}");
     assert_eq!(server.network_leftovers(), Vec::<String>::new());
 }
+
+/// Returns `(index, name)` of each bridge of the server.
+fn bridge_links(server: &TestServer) -> Vec<(String, String)> {
+    let prefix: String = server.tag.chars().take(8).collect();
+    let links = server.in_netns("ip", &["-o", "link", "show"]).unwrap();
+    links
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let index = fields.next()?.trim().to_string();
+            let name = fields.next()?.trim().split('@').next()?.to_string();
+            name.starts_with(&format!("{prefix}b")).then_some((index, name))
+        })
+        .collect()
+}
+
+/// Returns the names of the server's host veths.
+fn host_veths(server: &TestServer) -> Vec<String> {
+    let prefix: String = server.tag.chars().take(8).collect();
+    server.links_of_tag().into_iter().filter_map(|line| line.strip_prefix("link ").map(str::to_string)).filter(|name| name.starts_with(&format!("{prefix}h"))).collect()
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes.
+fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn idle_bridge_is_reused_then_removed() {
+    let options = ServerOptions {
+        bridge_idle_time: "2s".into(),
+        extra_config: vec!["allow-host-access = true".into()],
+        ..ServerOptions::default()
+    };
+    let Some(server) = TestServer::start_with("idle_bridge_is_reused_then_removed", options) else { return };
+
+    let first = server.create("first");
+    let first_info = server.block_on(server.client.info(&first)).unwrap();
+    let bridges = bridge_links(&server);
+    assert_eq!(bridges.len(), 1, "{bridges:?}");
+    let first_veths = host_veths(&server);
+    assert_eq!(first_veths.len(), 1, "{first_veths:?}");
+
+    // Destroy leaves the veth to the kernel and keeps the bridge.
+    server.block_on(server.client.destroy(&first)).unwrap();
+    assert!(eventually(Duration::from_secs(3), || host_veths(&server).is_empty()), "the host veth outlived its container: {:?}", host_veths(&server));
+    assert_eq!(bridge_links(&server), bridges, "the bridge went with its last container");
+
+    // The next container gets the same subnet and the same bridge, and
+    // its link works through it.
+    let second = server.create("second");
+    let second_info = server.block_on(server.client.info(&second)).unwrap();
+    assert_eq!(second_info.host_ip, first_info.host_ip);
+    assert_eq!(bridge_links(&server), bridges, "the idle bridge was not reused");
+    let second_veths = host_veths(&server);
+    assert_eq!(second_veths.len(), 1, "{second_veths:?}");
+    assert_ne!(second_veths, first_veths, "a new container's veth reused the old name");
+    assert!(pings(&server, &second, &second_info.host_ip), "the container does not reach its gateway over the reused bridge");
+
+    // Idle for longer than bridge-idle-time, the bridge goes.
+    server.block_on(server.client.destroy(&second)).unwrap();
+    assert_eq!(bridge_links(&server), bridges, "the bridge went at once");
+    assert!(eventually(Duration::from_secs(10), || bridge_links(&server).is_empty()), "the idle bridge was never removed");
+    assert_eq!(server.network_leftovers(), Vec::<String>::new());
+}

@@ -141,6 +141,10 @@ pub struct ServerArgs {
     /// MTU of container links, 68 to 1500 (default 0: the external interface's).
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<String>,
+    /// How long a bridge without containers is kept for the next container
+    /// of its subnet: a duration such as 30s; 0 removes it at once (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub bridge_idle_time: Option<String>,
     /// Container runtime: `linux`, or `memory` (processes are scripted
     /// stand-ins; only for testing the server itself).
     #[arg(long, value_name = "RUNTIME", default_value = "linux", hide = true)]
@@ -149,7 +153,7 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     fn overrides(&self) -> Vec<(&'static str, String)> {
-        let pairs: [(&'static str, &Option<String>); 28] = [
+        let pairs: [(&'static str, &Option<String>); 29] = [
             ("bind-ip", &self.bind_ip),
             ("bind-port", &self.bind_port),
             ("bind-socket", &self.bind_socket),
@@ -178,6 +182,7 @@ impl ServerArgs {
             ("external-ip", &self.external_ip),
             ("allow-host-access", &self.allow_host_access),
             ("mtu", &self.mtu),
+            ("bridge-idle-time", &self.bridge_idle_time),
         ];
         let mut overrides: Vec<(&'static str, String)> =
             pairs.into_iter().filter_map(|(key, value)| value.clone().map(|value| (key, value))).collect();
@@ -261,6 +266,7 @@ pub fn build_runtime(config: &Config, logger: &Logger) -> Result<Arc<dyn Runtime
             deny_networks: config.deny_networks.clone(),
             allow_host_access: config.allow_host_access,
             mtu: config.mtu,
+            bridge_idle_time: config.bridge_idle_time,
         }),
     };
     let runtime = crate::linux::LinuxRuntime::new(linux_config, logger.new(o!("component" => "linux")))

@@ -19,7 +19,7 @@ use super::disk::{self, DiskError, DiskImage, Usage};
 use super::metrics::{self, build_metrics, HostShape};
 use super::files::{self, Direction, FilesConfig};
 use super::init::{FileBind, InitConfig};
-use super::network::{ContainerNetwork, HostNetwork, NetworkError};
+use super::network::{self, ContainerNetwork, HostNetwork, NetworkError};
 use super::rootfs::{self, ContainerRootfs, RootfsError};
 use super::shim::{self, ShimConfig};
 use super::{syscalls, users, LinuxRuntime};
@@ -242,14 +242,44 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
         ping_group_range: container.no_new_privileges.then(|| PING_GROUP_RANGE.to_string()),
         file_binds,
     };
-    start_init(container, &init_config, config.id_mappings.as_ref())?;
-
-    if let (Some(host_network), Some(allocation)) = (&container.host_network, config.network) {
-        let network = host_network.attach(&config.handle, allocation, container.init_pid())?;
-        container.network = Some(network);
+    // The network is connected on a thread of its own while garden-init
+    // sets up its mounts: both only need the namespaces, which exist once
+    // garden-init has unshared them.
+    let mut network_request = match (&container.host_network, config.network) {
+        (Some(host_network), Some(allocation)) => Some((host_network.clone(), allocation)),
+        _ => None,
+    };
+    let handle = config.handle.as_str();
+    let (started, attached) = std::thread::scope(|scope| {
+        let mut worker = None;
+        let mut connect = |first_pid: u32| -> Result<(), RuntimeError> {
+            if let Some((host_network, allocation)) = network_request.take() {
+                // Opened now: the first process exits soon after "go".
+                let netns = network::open_netns(first_pid as i32)?;
+                worker = Some(scope.spawn(move || host_network.attach(handle, allocation, netns)));
+            }
+            Ok(())
+        };
+        let started = start_init(container, &init_config, config.id_mappings.as_ref(), &mut connect);
+        let attached = worker.map(|worker| {
+            worker.join().unwrap_or_else(|_| Err(NetworkError::Netlink { operation: "connecting the network".into(), reason: "the thread panicked".into() }))
+        });
+        (started, attached)
+    });
+    // Recorded before any error returns, so a rollback detaches it.
+    let network = match attached.transpose() {
+        Ok(network) => network,
+        Err(error) => {
+            started?;
+            return Err(error.into());
+        }
+    };
+    container.network = network;
+    started?;
+    if let Some(network) = &container.network {
         let bandwidth = config.spec.limits.bandwidth_limits;
         if bandwidth.rate > 0 {
-            container.network.as_ref().expect("set above").set_bandwidth(&bandwidth)?;
+            network.set_bandwidth(&bandwidth)?;
         }
     }
     Ok(())
@@ -300,7 +330,12 @@ fn create_disk(container: &mut LinuxContainer, limits: &crate::api::DiskLimits) 
 
 /// Starts garden-init and walks it through the start-up protocol of
 /// [`super::init`]; records pid 1 in the container as soon as it is known.
-fn start_init(container: &LinuxContainer, init_config: &InitConfig, mappings: Option<&crate::runtime::IdMappings>) -> Result<(), RuntimeError> {
+fn start_init(
+    container: &LinuxContainer,
+    init_config: &InitConfig,
+    mappings: Option<&crate::runtime::IdMappings>,
+    on_unshared: &mut dyn FnMut(u32) -> Result<(), RuntimeError>,
+) -> Result<(), RuntimeError> {
     let (server_end, init_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
     let log_path = container.container_dir.join("init.log");
     let log = fs::File::create(&log_path).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", log_path.display())))?;
@@ -314,7 +349,7 @@ fn start_init(container: &LinuxContainer, init_config: &InitConfig, mappings: Op
         .spawn()
         .map_err(|error| RuntimeError::failed(format!("failed to start garden-init {}: {error}", container.executable.display())))?;
 
-    let result = talk_to_init(container, &server_end, child.id(), mappings);
+    let result = talk_to_init(container, &server_end, child.id(), mappings, on_unshared);
     // The first process exits right after reporting pid 1, or on error.
     if result.is_err() {
         let _ = child.kill();
@@ -330,7 +365,15 @@ fn start_init(container: &LinuxContainer, init_config: &InitConfig, mappings: Op
     }
 }
 
-fn talk_to_init(container: &LinuxContainer, socket: &UnixStream, first_pid: u32, mappings: Option<&crate::runtime::IdMappings>) -> Result<(), RuntimeError> {
+/// `on_unshared` runs once garden-init's namespaces exist, before it is
+/// told to go on, while its first process still runs.
+fn talk_to_init(
+    container: &LinuxContainer,
+    socket: &UnixStream,
+    first_pid: u32,
+    mappings: Option<&crate::runtime::IdMappings>,
+    on_unshared: &mut dyn FnMut(u32) -> Result<(), RuntimeError>,
+) -> Result<(), RuntimeError> {
     socket.set_read_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
     let mut reader = BufReader::new(socket.try_clone().map_err(|error| RuntimeError::failed(error.to_string()))?);
     let mut read_line = || -> Result<String, RuntimeError> {
@@ -351,6 +394,7 @@ fn talk_to_init(container: &LinuxContainer, socket: &UnixStream, first_pid: u32,
     }
     // pid 1 is forked after this, so it starts inside the cgroups.
     container.cgroup.attach(first_pid)?;
+    on_unshared(first_pid)?;
     (&*socket).write_all(b"go\n").map_err(|error| RuntimeError::failed(format!("failed to write to garden-init: {error}")))?;
 
     let mut pid = None;
@@ -428,11 +472,6 @@ impl LinuxContainer {
     /// gone counts as done. With `remove_dir` the state directory goes too.
     fn teardown(&self, remove_dir: bool) -> Result<(), RuntimeError> {
         let mut errors = Vec::new();
-        if let Some(network) = &self.network {
-            if let Err(error) = network.detach() {
-                errors.push(error.to_string());
-            }
-        }
         let init = self.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(init) = init {
             // Killing pid 1 makes the kernel kill the whole pid namespace.
@@ -448,6 +487,13 @@ impl LinuxContainer {
             }
         }
         crate::state::fault_point("teardown.after-init-killed");
+        // After garden-init: its death ends the network namespace, and the
+        // kernel removes the veth pair with it.
+        if let Some(network) = &self.network {
+            if let Err(error) = network.detach() {
+                errors.push(error.to_string());
+            }
+        }
         // Processes that joined the cgroup but not yet the pid namespace.
         if let Err(error) = self.kill_cgroup(true) {
             errors.push(error_chain(&error));

@@ -263,7 +263,11 @@ pub fn prepare(
         }
     };
 
-    let options = format!("lowerdir={},upperdir={},workdir={}", lower_layer.display(), upper.display(), work.display());
+    // `volatile` drops the overlay's syncs of the upper filesystem. A
+    // container's writable layer does not outlive a host reboot (its
+    // container is destroyed then), and without it every unmount at
+    // destroy flushes the host filesystem: 13 ms instead of 0.2 ms here.
+    let options = format!("lowerdir={},upperdir={},workdir={},volatile", lower_layer.display(), upper.display(), work.display());
     let mounted = mount(Some("overlay"), &root, Some("overlay"), MsFlags::empty(), Some(options.as_str()));
     // overlayfs keeps its own private clone of each layer, so the idmapped
     // lower mount can go as soon as the overlay exists (or failed).

@@ -37,6 +37,12 @@ pub const REQUIRE_ROOT_VARIABLE: &str = "TRELLIS_REQUIRE_ROOT_TESTS";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server may take to exit after SIGTERM before it gets SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the leftover check waits for links that the kernel and the
+/// server remove in the background after a destroy. Shorter than the
+/// server's own check of host veths (10 s), so a veth the kernel did not
+/// remove still counts as left behind.
+const LINK_TEARDOWN_WAIT: Duration = Duration::from_secs(3);
 /// How long a test's client call may take before the test fails. It only
 /// guards against hangs; tests never assert speed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(300);
@@ -210,6 +216,9 @@ pub struct ServerOptions {
     /// Size in MiB of a tmpfs mounted on the depot, so a test can fill it;
     /// `None` keeps the depot on the temporary directory's filesystem.
     pub depot_tmpfs_mib: Option<u32>,
+    /// The server's `bridge-idle-time`. Tests use 0, so that a bridge goes
+    /// with its last container and the leftover check finds none.
+    pub bridge_idle_time: String,
 }
 
 impl Default for ServerOptions {
@@ -219,6 +228,7 @@ impl Default for ServerOptions {
             max_containers: None,
             extra_config: Vec::new(),
             depot_tmpfs_mib: None,
+            bridge_idle_time: "0".into(),
         }
     }
 }
@@ -395,11 +405,13 @@ impl TestServer {
         let mut config = format!(
             "bind-socket = {socket:?}\ndepot = {depot:?}\ndefault-rootfs = {rootfs:?}\n\
              default-grace-time = {grace:?}\ntag = {tag:?}\nlog-level = \"debug\"\n\
-             external-ip = \"{EXTERNAL_IP}\"\ndns-server = \"{DNS_SERVER}\"\n",
+             external-ip = \"{EXTERNAL_IP}\"\ndns-server = \"{DNS_SERVER}\"\n\
+             bridge-idle-time = {idle:?}\n",
             socket = self.socket.display().to_string(),
             depot = self.depot.display().to_string(),
             rootfs = rootfs.display().to_string(),
             grace = options.default_grace_time,
+            idle = options.bridge_idle_time,
             tag = self.tag,
         );
         if let Some(max) = options.max_containers {
@@ -685,19 +697,17 @@ impl TestServer {
     /// its network namespace: links named with the tag, per-container nft
     /// chains and map entries. Empty once every container is destroyed.
     pub fn network_leftovers(&self) -> Vec<String> {
-        let mut found = Vec::new();
-        let prefix: String = self.tag.chars().take(8).collect();
-        match self.in_netns("ip", &["-o", "link", "show"]) {
-            Ok(links) => {
-                for line in links.lines() {
-                    let name = line.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("");
-                    if name.starts_with(&format!("{prefix}b")) || name.starts_with(&format!("{prefix}h")) {
-                        found.push(format!("link {name}"));
-                    }
-                }
+        // The kernel deletes a destroyed container's veth pair with its
+        // network namespace, and the server deletes a bridge without
+        // containers in the background, so links get a moment to go.
+        let deadline = Instant::now() + LINK_TEARDOWN_WAIT;
+        let mut found = loop {
+            let links = self.links_of_tag();
+            if links.is_empty() || Instant::now() >= deadline {
+                break links;
             }
-            Err(error) => found.push(error),
-        }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let table = format!("trellis_{}", self.tag);
         match self.in_netns("nft", &["list", "table", "ip", &table]) {
             Ok(text) => {
@@ -717,6 +727,24 @@ impl TestServer {
             }
             // A server that failed before it wrote its table leaves none.
             Err(error) if error.contains("No such file or directory") => {}
+            Err(error) => found.push(error),
+        }
+        found
+    }
+
+    /// Lists the server's bridges and host veths, as leftover lines.
+    pub fn links_of_tag(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let prefix: String = self.tag.chars().take(8).collect();
+        match self.in_netns("ip", &["-o", "link", "show"]) {
+            Ok(links) => {
+                for line in links.lines() {
+                    let name = line.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("");
+                    if name.starts_with(&format!("{prefix}b")) || name.starts_with(&format!("{prefix}h")) {
+                        found.push(format!("link {name}"));
+                    }
+                }
+            }
             Err(error) => found.push(error),
         }
         found

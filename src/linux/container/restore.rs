@@ -45,6 +45,10 @@ pub(super) struct RuntimeRecord {
     privileged: bool,
     root: PathBuf,
     overlay: Option<PathBuf>,
+    /// Name of the host end of the container's veth pair; absent in
+    /// records of releases that derived it from the container's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host_veth: Option<String>,
 }
 
 /// Writes the runtime record of a container whose create has succeeded.
@@ -59,6 +63,7 @@ pub(super) fn write_runtime_record(container: &LinuxContainer) -> Result<(), Run
         privileged: container.privileged,
         root: rootfs.map(|rootfs| rootfs.root.clone()).unwrap_or_default(),
         overlay: rootfs.and_then(|rootfs| rootfs.overlay.clone()),
+        host_veth: container.network.as_ref().map(|network| network.names().host_veth.clone()),
     };
     let path = container.container_dir.join(RUNTIME_FILE);
     let bytes = serde_json::to_vec_pretty(&record).map_err(|error| RuntimeError::failed(error.to_string()))?;
@@ -157,7 +162,7 @@ pub(in crate::linux) fn restore(runtime: &LinuxRuntime, config: &ContainerConfig
         // The links survived the restart; the fresh firewall table needs
         // the container's rules again, and the caller replays its net-in
         // and net-out rules.
-        let network = host_network.reattach(&config.handle, allocation, record.init_pid)?;
+        let network = host_network.reattach(&config.handle, allocation, record.init_pid, record.host_veth.as_deref())?;
         let bandwidth = &config.spec.limits.bandwidth_limits;
         if bandwidth.rate > 0 {
             network.set_bandwidth(bandwidth)?;
@@ -188,7 +193,7 @@ fn discover_runtime_record(runtime: &LinuxRuntime, config: &ContainerConfig, con
     // A privileged container has no user namespace of its own.
     let user_namespace = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/user")).ok();
     let privileged = user_namespace(&init_pid.to_string()) == user_namespace("self");
-    let record = RuntimeRecord { init_pid, init_start_time, privileged, root, overlay };
+    let record = RuntimeRecord { init_pid, init_start_time, privileged, root, overlay, host_veth: None };
     let path = container_dir.join(RUNTIME_FILE);
     let bytes = serde_json::to_vec_pretty(&record).map_err(|error| RuntimeError::failed(error.to_string()))?;
     crate::state::write_atomically(&path, &bytes)

@@ -76,6 +76,33 @@ pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, Netw
     }
 }
 
+/// Returns the index of the peer of the veth `name` (its `IFLA_LINK`),
+/// which lives in another namespace for a container's link.
+pub async fn veth_peer_index(handle: &Handle, name: &str) -> Result<Option<u32>, NetworkError> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    let link = match links.try_next().await {
+        Ok(link) => link,
+        Err(error) if is_not_found(&error) => None,
+        Err(error) => return Err(failed(format!("looking up link {name}"))(error)),
+    };
+    Ok(link.and_then(|link| {
+        link.attributes.iter().find_map(|attribute| match attribute {
+            LinkAttribute::Link(index) => Some(*index),
+            _ => None,
+        })
+    }))
+}
+
+/// Returns the name of the link with index `index`, if it exists.
+pub async fn link_name_of_index(handle: &Handle, index: u32) -> Result<Option<String>, NetworkError> {
+    let mut links = handle.link().get().match_index(index).execute();
+    match links.try_next().await {
+        Ok(link) => Ok(link.as_ref().and_then(link_name).map(str::to_string)),
+        Err(error) if is_not_found(&error) => Ok(None),
+        Err(error) => Err(failed(format!("looking up link {index}"))(error)),
+    }
+}
+
 /// Returns the name of a link message.
 pub fn link_name(link: &LinkMessage) -> Option<&str> {
     link.attributes.iter().find_map(|attribute| match attribute {

@@ -8,9 +8,20 @@
 //! - [`tc`]: bandwidth limits on the host end of a container's link.
 //!
 //! [`HostNetwork`] is built once at start-up. It owns the table and
-//! counts the containers of each subnet, so a bridge goes with the last
-//! container of its subnet. [`ContainerNetwork`] is one container's part,
-//! and removes exactly what it added.
+//! counts the containers of each subnet. [`ContainerNetwork`] is one
+//! container's part, and removes exactly what it added.
+//!
+//! Deleting a network device is slow: the kernel waits for RCU grace
+//! periods, tens of milliseconds here. So neither is on a destroy's path:
+//! - A container's veth pair goes with its network namespace, which the
+//!   kernel tears down once the container's last process is gone. Each
+//!   pair gets a fresh random name, so a new container does not wait for
+//!   the old pair's name to be free. The janitor deletes a host end that is still
+//!   there [`VETH_CHECK_DELAY`] later.
+//! - A bridge whose last container went stays idle for `bridge-idle-time`,
+//!   so the next container of its subnet (the subnet pool hands out the
+//!   lowest free block, so usually the one just released) reuses it; the
+//!   janitor thread deletes it after that time.
 
 pub mod links;
 pub mod nft;
@@ -20,7 +31,8 @@ pub mod tc;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 
@@ -29,6 +41,10 @@ use crate::pools::subnet::NetworkAllocation;
 
 /// Largest MTU given to container links.
 pub const MAX_MTU: u32 = 1500;
+
+/// How long after a destroy the janitor checks that the kernel removed the
+/// container's host veth with its namespace.
+pub const VETH_CHECK_DELAY: Duration = Duration::from_secs(10);
 
 /// A failed network operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +83,8 @@ pub struct NetworkSettings {
     pub allow_host_access: bool,
     /// 0 means the MTU of the interface holding the external IP.
     pub mtu: u32,
+    /// How long a bridge without containers is kept for reuse.
+    pub bridge_idle_time: Duration,
 }
 
 /// Digits of the names derived from addresses: letters and digits only,
@@ -93,6 +111,17 @@ pub fn link_prefix(tag: &str) -> String {
     tag.chars().take(8).collect()
 }
 
+/// Returns six random name digits.
+fn random_id() -> String {
+    let mut value = uuid::Uuid::new_v4().as_u128();
+    let mut digits = [b'0'; 6];
+    for digit in &mut digits {
+        *digit = NAME_DIGITS[(value % 62) as usize];
+        value /= 62;
+    }
+    String::from_utf8(digits.to_vec()).expect("digits are ASCII")
+}
+
 /// Names of one container's host objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkNames {
@@ -105,12 +134,126 @@ pub struct LinkNames {
 }
 
 impl LinkNames {
+    /// Names for a new container: its host veth gets a random name.
     pub fn new(prefix: &str, allocation: &NetworkAllocation) -> LinkNames {
+        LinkNames::with_host_veth(prefix, allocation, format!("{prefix}h{}", random_id()))
+    }
+
+    /// Names of an existing container whose host veth is `host_veth`.
+    /// Releases before random names derived it from the container's
+    /// address, which [`LinkNames::derived_host_veth`] returns.
+    pub fn with_host_veth(prefix: &str, allocation: &NetworkAllocation, host_veth: String) -> LinkNames {
         LinkNames {
             bridge: format!("{prefix}b{}", address_id(allocation.subnet.network())),
-            host_veth: format!("{prefix}h{}", address_id(allocation.container_ip)),
+            host_veth,
             chain_id: address_id(allocation.container_ip),
         }
+    }
+
+    /// Returns the host veth name that earlier releases derived from the
+    /// container's address.
+    pub fn derived_host_veth(prefix: &str, allocation: &NetworkAllocation) -> String {
+        format!("{prefix}h{}", address_id(allocation.container_ip))
+    }
+}
+
+/// The server's links, guarded by one lock that also serialises every
+/// change of links and of the table, so a bridge is never deleted while
+/// a create attaches to it.
+#[derive(Debug, Default)]
+struct LinkBook {
+    /// Containers per subnet.
+    users: HashMap<Ipv4Network, usize>,
+    /// Bridges without containers, by name, with when their last container
+    /// went.
+    idle: HashMap<String, Instant>,
+    /// Bridges the janitor is deleting, outside the lock.
+    deleting: HashSet<String>,
+    /// Host veths left to the kernel, with when to check that they went.
+    dying_veths: Vec<(String, Instant)>,
+    stopping: bool,
+}
+
+/// The book and the condition the janitor and waiting creates wait on.
+#[derive(Debug, Default)]
+struct Links {
+    book: Mutex<LinkBook>,
+    changed: Condvar,
+}
+
+impl Links {
+    fn lock(&self) -> MutexGuard<'_, LinkBook> {
+        self.book.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Locks the book once the janitor is not deleting `bridge`.
+    fn lock_for_bridge(&self, bridge: &str) -> MutexGuard<'_, LinkBook> {
+        let mut book = self.lock();
+        while book.deleting.contains(bridge) {
+            book = self.changed.wait(book).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        book
+    }
+}
+
+/// Deletes idle bridges once they have been idle for `idle_time`, and host
+/// veths that outlived their namespace. Sleeps until the next deadline or
+/// a change; ends when the book says stopping.
+fn janitor(links: Arc<Links>, idle_time: Duration, logger: slog::Logger) {
+    let mut book = links.lock();
+    loop {
+        if book.stopping {
+            return;
+        }
+        let now = Instant::now();
+        let bridges: Vec<String> = book.idle.iter().filter(|(_, since)| now >= **since + idle_time).map(|(name, _)| name.clone()).collect();
+        let veths: Vec<String> = book.dying_veths.iter().filter(|(_, at)| now >= *at).map(|(name, _)| name.clone()).collect();
+        if bridges.is_empty() && veths.is_empty() {
+            let next = book.idle.values().map(|since| *since + idle_time).chain(book.dying_veths.iter().map(|(_, at)| *at)).min();
+            book = match next {
+                Some(at) => links.changed.wait_timeout(book, at.saturating_duration_since(now)).unwrap_or_else(|poisoned| poisoned.into_inner()).0,
+                None => links.changed.wait(book).unwrap_or_else(|poisoned| poisoned.into_inner()),
+            };
+            continue;
+        }
+        book.dying_veths.retain(|(_, at)| now < *at);
+        for bridge in &bridges {
+            book.idle.remove(bridge);
+            book.deleting.insert(bridge.clone());
+        }
+        drop(book);
+
+        let work_bridges = bridges.clone();
+        let deleted = links::with_netlink(None, move |handle| async move {
+            let mut outlived = Vec::new();
+            for veth in veths {
+                if links::link_index(&handle, &veth).await?.is_some() {
+                    links::delete_link(&handle, &veth).await?;
+                    outlived.push(veth);
+                }
+            }
+            for bridge in &work_bridges {
+                links::delete_link(&handle, bridge).await?;
+            }
+            Ok(outlived)
+        });
+        match deleted {
+            Ok(outlived) => {
+                for veth in outlived {
+                    slog::warn!(logger, "a host veth outlived its container's network namespace and was deleted"; "link" => veth);
+                }
+                if !bridges.is_empty() {
+                    slog::debug!(logger, "idle bridges deleted"; "bridges" => bridges.join(","));
+                }
+            }
+            Err(error) => slog::warn!(logger, "deleting idle links failed"; "error" => %error),
+        }
+
+        book = links.lock();
+        for bridge in &bridges {
+            book.deleting.remove(bridge);
+        }
+        links.changed.notify_all();
     }
 }
 
@@ -122,10 +265,7 @@ pub struct HostNetwork {
     table: String,
     prefix: String,
     resolv: resolv::ResolvSource,
-    /// Containers per subnet; also serialises every change of links and
-    /// of the table, so a bridge is never deleted while another create
-    /// attaches to it.
-    subnets: Mutex<HashMap<Ipv4Network, usize>>,
+    links: Arc<Links>,
     /// Links of this tag found at start-up that no restored container has
     /// claimed yet.
     startup_links: Mutex<HashSet<String>>,
@@ -176,12 +316,19 @@ impl HostNetwork {
             table,
             prefix,
             resolv,
-            subnets: Mutex::new(HashMap::new()),
+            links: Arc::new(Links::default()),
             startup_links: Mutex::new(found.into_iter().collect()),
             logger,
             settings,
         };
         nft::apply(&nft::table_script(&network.table_settings()))?;
+        let janitor_links = network.links.clone();
+        let idle_time = network.settings.bridge_idle_time;
+        let janitor_logger = network.logger.clone();
+        std::thread::Builder::new()
+            .name("trellis-links".into())
+            .spawn(move || janitor(janitor_links, idle_time, janitor_logger))
+            .map_err(|error| NetworkError::Host { operation: "start the link janitor thread".into(), reason: error.to_string() })?;
         slog::info!(network.logger, "network ready";
             "external_ip" => %external_ip, "mtu" => mtu, "table" => &network.table,
             "deny_networks" => network.settings.deny_networks.len());
@@ -218,9 +365,10 @@ impl HostNetwork {
         self.resolv.render(allocation.gateway, &self.settings.additional_dns_servers)
     }
 
-    fn lock_subnets(&self) -> MutexGuard<'_, HashMap<Ipv4Network, usize>> {
-        self.subnets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock_links(&self) -> MutexGuard<'_, LinkBook> {
+        self.links.lock()
     }
+
 
     /// Deletes the table, for a server that stops for good.
     pub fn remove_table(&self) -> Result<(), NetworkError> {
@@ -230,8 +378,14 @@ impl HostNetwork {
     /// Reconnects a container restored after a restart. Its bridge and veth
     /// pair still exist, so only its part of the fresh table is added. A
     /// container whose host veth is gone is connected as new.
-    pub fn reattach(self: &Arc<Self>, handle: &str, allocation: NetworkAllocation, init_pid: i32) -> Result<ContainerNetwork, NetworkError> {
-        let names = LinkNames::new(&self.prefix, &allocation);
+    pub fn reattach(self: &Arc<Self>, handle: &str, allocation: NetworkAllocation, init_pid: i32, host_veth: Option<&str>) -> Result<ContainerNetwork, NetworkError> {
+        let host_veth = match host_veth {
+            Some(name) => name.to_string(),
+            // A container whose record names no veth: its link's peer is
+            // the host end, whatever its name.
+            None => host_veth_of(init_pid)?.unwrap_or_else(|| LinkNames::derived_host_veth(&self.prefix, &allocation)),
+        };
+        let names = LinkNames::with_host_veth(&self.prefix, &allocation, host_veth);
         let veth_exists = {
             let mut startup_links = self.startup_links.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let exists = startup_links.remove(&names.host_veth);
@@ -239,7 +393,7 @@ impl HostNetwork {
             exists
         };
         if !veth_exists {
-            return self.attach(handle, allocation, init_pid);
+            return self.attach(handle, allocation, open_netns(init_pid)?);
         }
         let container = ContainerNetwork {
             host: self.clone(),
@@ -248,18 +402,19 @@ impl HostNetwork {
             names,
             state: Mutex::new(AttachState::default()),
         };
-        let mut subnets = self.lock_subnets();
-        let users = subnets.get(&allocation.subnet).copied().unwrap_or(0);
+        let mut book = self.links.lock_for_bridge(&container.names.bridge);
+        let users = book.users.get(&allocation.subnet).copied().unwrap_or(0);
         let mut state = container.lock_state();
         state.veth_created = true;
-        subnets.insert(allocation.subnet, users + 1);
+        book.users.insert(allocation.subnet, users + 1);
+        book.idle.remove(&container.names.bridge);
         state.counted = true;
         let bridge_prefix = format!("{}b", self.prefix);
         let rules = nft::ContainerRules { bridge_prefix: &bridge_prefix, ..container.rules() };
         let added = nft::apply(&nft::add_container_script(&rules, users == 0));
         state.rules_added = added.is_ok();
         drop(state);
-        drop(subnets);
+        drop(book);
         if let Err(error) = added {
             if let Err(cleanup) = container.detach() {
                 slog::warn!(self.logger, "rollback of a failed network reattach left objects behind"; "handle" => handle, "error" => %cleanup);
@@ -280,7 +435,7 @@ impl HostNetwork {
             return Ok(unclaimed);
         }
         // Held so that no create attaches to a bridge being deleted.
-        let _serial = self.lock_subnets();
+        let _serial = self.lock_links();
         links::with_netlink(None, move |handle| async move {
             for name in &unclaimed {
                 links::delete_link(&handle, name).await?;
@@ -289,10 +444,10 @@ impl HostNetwork {
         })
     }
 
-    /// Connects a container whose garden-init runs as `init_pid`: bridge,
+    /// Connects a container whose network namespace `netns` is: bridge,
     /// veth pair, addresses, routes and its part of the table. On failure
     /// everything added is removed again.
-    pub fn attach(self: &Arc<Self>, handle: &str, allocation: NetworkAllocation, init_pid: i32) -> Result<ContainerNetwork, NetworkError> {
+    pub fn attach(self: &Arc<Self>, handle: &str, allocation: NetworkAllocation, netns: File) -> Result<ContainerNetwork, NetworkError> {
         let container = ContainerNetwork {
             host: self.clone(),
             handle: handle.to_string(),
@@ -300,7 +455,7 @@ impl HostNetwork {
             names: LinkNames::new(&self.prefix, &allocation),
             state: Mutex::new(AttachState::default()),
         };
-        match container.attach(init_pid) {
+        match container.attach(netns) {
             Ok(()) => Ok(container),
             Err(error) => {
                 if let Err(cleanup) = container.detach() {
@@ -310,6 +465,28 @@ impl HostNetwork {
             }
         }
     }
+}
+
+impl Drop for HostNetwork {
+    fn drop(&mut self) {
+        self.lock_links().stopping = true;
+        self.links.changed.notify_all();
+    }
+}
+
+/// Returns the name of the host end of the veth pair whose other end is
+/// the container link of process `pid`'s network namespace.
+fn host_veth_of(pid: i32) -> Result<Option<String>, NetworkError> {
+    let netns = open_netns(pid)?;
+    let peer = links::with_netlink(Some(netns), |handle| async move { links::veth_peer_index(&handle, links::CONTAINER_INTERFACE).await })?;
+    let Some(peer) = peer else { return Ok(None) };
+    links::with_netlink(None, move |handle| async move { links::link_name_of_index(&handle, peer).await })
+}
+
+/// Opens the network namespace of process `pid`.
+pub fn open_netns(pid: i32) -> Result<File, NetworkError> {
+    let path = format!("/proc/{pid}/ns/net");
+    File::open(&path).map_err(|error| NetworkError::Host { operation: format!("open {path}"), reason: error.to_string() })
 }
 
 /// Returns whether `name` is a bridge or host veth made by a server whose
@@ -392,49 +569,63 @@ impl ContainerNetwork {
         }
     }
 
-    fn attach(&self, init_pid: i32) -> Result<(), NetworkError> {
-        let netns_path = format!("/proc/{init_pid}/ns/net");
-        let netns = File::open(&netns_path)
-            .map_err(|error| NetworkError::Host { operation: format!("open {netns_path}"), reason: error.to_string() })?;
-        let container_netns = netns
-            .try_clone()
-            .map_err(|error| NetworkError::Host { operation: format!("duplicate the descriptor of {netns_path}"), reason: error.to_string() })?;
+    /// Creates the container's links and rules. The links (bridge, veth
+    /// pair, and the container side inside its namespace) are made on a
+    /// netlink thread while this thread applies the rules, which do not
+    /// need the links to exist.
+    fn attach(&self, netns: File) -> Result<(), NetworkError> {
         let subnet = self.allocation.subnet;
         let gateway = self.allocation.gateway;
+        let container_ip = self.allocation.container_ip;
         let mtu = self.host.mtu;
         let bridge = self.names.bridge.clone();
         let host_veth = self.names.host_veth.clone();
 
-        let mut subnets = self.host.lock_subnets();
-        let users = subnets.get(&subnet).copied().unwrap_or(0);
+        let mut book = self.host.links.lock_for_bridge(&bridge);
+        let users = book.users.get(&subnet).copied().unwrap_or(0);
+        book.idle.remove(&bridge);
+        book.users.insert(subnet, users + 1);
         let mut state = self.lock_state();
-
-        // The bridge and the veth pair, in the server's namespace.
-        let created = links::with_netlink(None, move |handle| async move {
-            let bridge_index = links::ensure_bridge(&handle, &bridge, gateway, subnet.prefix(), mtu).await?;
-            links::create_veth(&handle, &host_veth, bridge_index, mtu, &netns).await
-        });
-        subnets.insert(subnet, users + 1);
         state.counted = true;
-        created?;
-        state.veth_created = true;
 
+        let netlink = std::thread::Builder::new().name("netlink".into()).spawn(move || {
+            let container_netns = netns
+                .try_clone()
+                .map_err(|error| (false, NetworkError::Host { operation: "duplicate a namespace descriptor".into(), reason: error.to_string() }))?;
+            // The host side first: the peer can only be configured once
+            // it exists.
+            links::with_netlink(None, move |handle| async move {
+                let bridge_index = links::ensure_bridge(&handle, &bridge, gateway, subnet.prefix(), mtu).await?;
+                links::create_veth(&handle, &host_veth, bridge_index, mtu, &netns).await
+            })
+            .map_err(|error| (false, error))?;
+            links::with_netlink(Some(container_netns), move |handle| async move {
+                links::configure_container_side(&handle, container_ip, subnet.prefix(), gateway).await
+            })
+            .map_err(|error| (true, error))
+        });
         let bridge_prefix = format!("{}b", self.host.prefix);
         let rules = nft::ContainerRules { bridge_prefix: &bridge_prefix, ..self.rules() };
-        nft::apply(&nft::add_container_script(&rules, users == 0))?;
-        state.rules_added = true;
+        let applied = nft::apply(&nft::add_container_script(&rules, users == 0));
+        state.rules_added = applied.is_ok();
+        let linked = match netlink {
+            Ok(thread) => thread.join().unwrap_or_else(|_| Err((true, NetworkError::Netlink { operation: "netlink thread".into(), reason: "the thread panicked".into() }))),
+            Err(error) => Err((false, NetworkError::Netlink { operation: "starting a netlink thread".into(), reason: error.to_string() })),
+        };
+        // A failure after the veth was made leaves it for detach.
+        state.veth_created = match &linked {
+            Ok(()) => true,
+            Err((made, _)) => *made,
+        };
         drop(state);
-        drop(subnets);
-
-        let container_ip = self.allocation.container_ip;
-        links::with_netlink(Some(container_netns), move |handle| async move {
-            links::configure_container_side(&handle, container_ip, subnet.prefix(), gateway).await
-        })
+        drop(book);
+        applied?;
+        linked.map_err(|(_, error)| error)
     }
 
     /// Maps `host_port` on the external IP to `container_port`.
     pub fn net_in(&self, host_port: u16, container_port: u16) -> Result<(), NetworkError> {
-        let _serial = self.host.lock_subnets();
+        let _serial = self.host.lock_links();
         let mut state = self.lock_state();
         nft::apply(&nft::net_in_script(&self.rules(), host_port, container_port))?;
         state.host_ports.push(host_port);
@@ -447,7 +638,7 @@ impl ContainerNetwork {
         if script.is_empty() {
             return Ok(());
         }
-        let _serial = self.host.lock_subnets();
+        let _serial = self.host.lock_links();
         nft::apply(&script)
     }
 
@@ -456,17 +647,19 @@ impl ContainerNetwork {
     pub fn set_bandwidth(&self, limits: &BandwidthLimits) -> Result<(), NetworkError> {
         tc::apply(&self.names.host_veth, limits, self.host.mtu)?;
         let burst = tc::effective_burst(limits, self.host.mtu);
-        let _serial = self.host.lock_subnets();
+        let _serial = self.host.lock_links();
         nft::apply(&nft::bandwidth_script(&self.rules(), limits.rate, burst))
     }
 
     /// Removes what attach, net-in and net-out added. Objects already
-    /// gone count as removed.
+    /// gone count as removed. The kernel deletes the veth pair with the
+    /// container's network namespace. A bridge whose last container this
+    /// was stays idle for reuse, and the janitor deletes it later.
     pub fn detach(&self) -> Result<(), NetworkError> {
         let subnet = self.allocation.subnet;
-        let mut subnets = self.host.lock_subnets();
+        let mut book = self.host.lock_links();
         let mut state = self.lock_state();
-        let users = subnets.get(&subnet).copied().unwrap_or(0);
+        let users = book.users.get(&subnet).copied().unwrap_or(0);
         let last = state.counted && users <= 1;
 
         if state.rules_added {
@@ -474,26 +667,21 @@ impl ContainerNetwork {
             state.rules_added = false;
             state.host_ports.clear();
         }
-        if state.veth_created || state.counted {
-            let host_veth = self.names.host_veth.clone();
-            let bridge = last.then(|| self.names.bridge.clone());
-            links::with_netlink(None, move |handle| async move {
-                links::delete_link(&handle, &host_veth).await?;
-                if let Some(bridge) = bridge {
-                    links::delete_link(&handle, &bridge).await?;
-                }
-                Ok(())
-            })?;
+        let now = Instant::now();
+        if state.veth_created {
+            book.dying_veths.push((self.names.host_veth.clone(), now + VETH_CHECK_DELAY));
             state.veth_created = false;
         }
         if state.counted {
             if users <= 1 {
-                subnets.remove(&subnet);
+                book.users.remove(&subnet);
+                book.idle.insert(self.names.bridge.clone(), now);
             } else {
-                subnets.insert(subnet, users - 1);
+                book.users.insert(subnet, users - 1);
             }
             state.counted = false;
         }
+        self.host.links.changed.notify_all();
         Ok(())
     }
 
