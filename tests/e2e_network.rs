@@ -767,3 +767,26 @@ fn idle_bridge_is_reused_then_removed() {
     assert!(eventually(Duration::from_secs(10), || bridge_links(&server).is_empty()), "the idle bridge was never removed");
     assert_eq!(server.network_leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn janitor_removes_veth_that_outlives_namespace() {
+    let Some(server) = TestServer::start("janitor_removes_veth_that_outlives_namespace") else { return };
+    let handle = server.create("held");
+    let veths = host_veths(&server);
+    assert_eq!(veths.len(), 1, "{veths:?}");
+
+    // An open descriptor keeps the container's network namespace, and so
+    // its veth pair, alive after its processes are gone.
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(server.depot.join(&handle).join("runtime.json")).unwrap()).unwrap();
+    let init_pid = record["init_pid"].as_i64().expect("runtime.json names garden-init");
+    assert_eq!(record["host_veth"].as_str(), Some(veths[0].as_str()), "the runtime record names the host veth");
+    let netns = File::open(format!("/proc/{init_pid}/ns/net")).unwrap();
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(host_veths(&server), veths, "the veth went although its namespace is held");
+
+    assert!(eventually(Duration::from_secs(15), || host_veths(&server).is_empty()), "the janitor left the veth");
+    assert!(server.log_text().contains("a host veth outlived its container's network namespace"), "the janitor did not log the veth");
+    drop(netns);
+    assert_eq!(server.network_leftovers(), Vec::<String>::new());
+}

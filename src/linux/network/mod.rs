@@ -207,7 +207,14 @@ fn janitor(links: Arc<Links>, idle_time: Duration, logger: slog::Logger) {
         }
         let now = Instant::now();
         let bridges: Vec<String> = book.idle.iter().filter(|(_, since)| now >= **since + idle_time).map(|(name, _)| name.clone()).collect();
-        let veths: Vec<String> = book.dying_veths.iter().filter(|(_, at)| now >= *at).map(|(name, _)| name.clone()).collect();
+        // Veths due within a second are checked together, so a busy
+        // server does not wake the janitor for each one.
+        let batch_end = now + Duration::from_secs(1);
+        let veths: Vec<String> = if book.dying_veths.iter().any(|(_, at)| now >= *at) {
+            book.dying_veths.iter().filter(|(_, at)| *at <= batch_end).map(|(name, _)| name.clone()).collect()
+        } else {
+            Vec::new()
+        };
         if bridges.is_empty() && veths.is_empty() {
             let next = book.idle.values().map(|since| *since + idle_time).chain(book.dying_veths.iter().map(|(_, at)| *at)).min();
             book = match next {
@@ -216,7 +223,9 @@ fn janitor(links: Arc<Links>, idle_time: Duration, logger: slog::Logger) {
             };
             continue;
         }
-        book.dying_veths.retain(|(_, at)| now < *at);
+        if !veths.is_empty() {
+            book.dying_veths.retain(|(_, at)| *at > batch_end);
+        }
         for bridge in &bridges {
             book.idle.remove(bridge);
             book.deleting.insert(bridge.clone());
@@ -226,8 +235,9 @@ fn janitor(links: Arc<Links>, idle_time: Duration, logger: slog::Logger) {
         let work_bridges = bridges.clone();
         let deleted = links::with_netlink(None, move |handle| async move {
             let mut outlived = Vec::new();
-            for veth in veths {
-                if links::link_index(&handle, &veth).await?.is_some() {
+            if !veths.is_empty() {
+                let existing: HashSet<String> = links::link_names(&handle).await?.into_iter().collect();
+                for veth in veths.into_iter().filter(|veth| existing.contains(veth)) {
                     links::delete_link(&handle, &veth).await?;
                     outlived.push(veth);
                 }
