@@ -178,8 +178,10 @@ impl Overlay {
         for path in [&upper, &work, &merged] {
             fs::create_dir_all(path).map_err(|error| format!("creating {}: {error}", path.display()))?;
         }
+        // `volatile`, as Trellis mounts its overlays: neither side pays
+        // for a flush of the host filesystem at unmount.
         let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={},volatile",
             lower.display(),
             upper.display(),
             work.display()
