@@ -2,8 +2,9 @@
 //!
 //! Starting a shim means a fork and exec of the server's own executable,
 //! dynamic loading, and a second fork that detaches the shim from the
-//! server (see [`super::shim`]). That took about 1.5 ms of every Run on the
-//! project machine. The [`ShimLauncher`] keeps one shim started that way
+//! server (see [`super::shim`]). That took about 1.5 ms of every Run
+//! (release build on a 2-core machine, measured with `perf record` on the
+//! fork, exec and exit tracepoints). The [`ShimLauncher`] keeps one shim started that way
 //! and waiting for its configuration, hands it to the next Run, and starts
 //! the next spare in the background once that Run's shim has reported.
 //!
@@ -52,7 +53,8 @@ pub enum SpareError {
 
 /// A shim connected to the server that waits for its configuration.
 pub struct StartedShim {
-    /// The server's end of the shim's socket; the configuration goes here.
+    /// The server's end of the shim's socket, which the configuration is
+    /// written to.
     pub socket: UnixStream,
     /// Whether the shim was a spare, started before the Run asked.
     pub was_spare: bool,
@@ -76,7 +78,7 @@ impl Spare {
 
 struct Slot {
     spare: Option<Spare>,
-    /// Set by shutdown; a spare started afterwards is ended at once.
+    /// Set by shutdown. A spare started afterwards is ended at once.
     closed: bool,
 }
 
@@ -89,7 +91,8 @@ struct Shared {
 /// Keeps one spare shim ready and hands it to the next Run.
 pub struct ShimLauncher {
     shared: Arc<Shared>,
-    /// Wakes the thread that starts spares; dropped by shutdown.
+    /// Wakes the thread that starts spares. Shutdown drops it, which ends
+    /// the thread.
     refill: Mutex<Option<mpsc::Sender<()>>>,
 }
 
@@ -111,8 +114,8 @@ impl ShimLauncher {
                 Some(sender)
             }
             Err(error) => {
-                // Runs still work; each starts its own shim.
-                slog::warn!(shared.logger, "cannot start the spare shim thread; shims start on demand"; "error" => %error);
+                // Runs still work, but each starts its own shim.
+                slog::warn!(shared.logger, "failed to start the spare shim thread, so every Run starts its own shim"; "error" => %error);
                 None
             }
         };
@@ -126,10 +129,10 @@ impl ShimLauncher {
         if let Some(spare) = spare {
             let current = executable_id(&self.shared.executable);
             if !spare.is_alive() {
-                slog::warn!(self.shared.logger, "the spare shim exited; starting a new one"; "pid" => spare.pid);
+                slog::warn!(self.shared.logger, "the spare shim exited before use, so a new one is started"; "pid" => spare.pid);
             } else if current.as_ref().ok() != Some(&spare.executable_id) {
                 // Dropping the spare closes its socket, and it exits.
-                slog::info!(self.shared.logger, "the executable changed since the spare shim started; not using it";
+                slog::info!(self.shared.logger, "the executable was replaced after the spare shim started, so a new one is started";
                     "pid" => spare.pid, "executable" => %self.shared.executable.display());
             } else {
                 return Ok(StartedShim { socket: spare.socket, was_spare: true });
@@ -150,7 +153,7 @@ impl ShimLauncher {
         }
     }
 
-    /// Ends the spare and waits until it has exited; later refills start
+    /// Ends the spare and waits until it has exited. Later refills start
     /// nothing. Called when the server stops.
     pub fn shutdown(&self) {
         lock(&self.refill).take();
@@ -165,7 +168,7 @@ impl ShimLauncher {
             match syscalls::wait_readable(pidfd.as_fd(), EXIT_TIMEOUT_MS) {
                 Ok(true) => {}
                 _ => {
-                    slog::warn!(self.shared.logger, "the spare shim did not exit when its socket closed; killing it"; "pid" => pid);
+                    slog::warn!(self.shared.logger, "the spare shim did not exit when its socket closed, so it is killed"; "pid" => pid);
                     let _ = syscalls::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
                     let _ = syscalls::wait_readable(pidfd.as_fd(), EXIT_TIMEOUT_MS);
                 }
@@ -223,8 +226,8 @@ fn executable_id(executable: &Path) -> io::Result<(u64, u64)> {
 fn start_shim(executable: &Path) -> Result<Spare, SpareError> {
     let spawn_error = |source| SpareError::Spawn { executable: executable.to_path_buf(), source };
     let (mut server_end, shim_end) = UnixStream::pair().map_err(spawn_error)?;
-    // The shim's early errors have nowhere useful to go; once configured
-    // it writes to the log file of its process.
+    // The shim's early errors have nowhere useful to go. Once configured,
+    // it writes them to the log file of its process.
     let mut first = Command::new(executable)
         .arg(super::SHIM_COMMAND)
         .stdin(Stdio::from(OwnedFd::from(shim_end)))
