@@ -7,7 +7,7 @@
 //! configuration, sends a [`ReadyReport`], and waits: usually as the spare
 //! of [`super::spare`], until a Run needs it. The server then writes a
 //! [`ShimConfig`] to the socket (see [`write_config`]); a shim whose socket
-//! closes before that exits. The configuration holds the process's
+//! closes before that exits. The configuration contains the process's
 //! environment, so it never goes on the command line, which every host user
 //! can read in `/proc/<pid>/cmdline`. The shim forks the process into the
 //! container (see [`super::exec`]), reports `Started` or `StartFailed`, and
@@ -195,7 +195,7 @@ fn redirect_stderr(path: &Path) {
     }
 }
 
-/// What a started shim tells the server before it waits for its
+/// The report a started shim sends before it waits for its
 /// configuration: its pid, and the device and inode of its executable so
 /// the server can tell a shim of a replaced binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
