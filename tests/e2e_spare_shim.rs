@@ -52,7 +52,7 @@ fn wait_for_one_spare(server: &TestServer) -> (u32, OwnedFd) {
     }
 }
 
-/// Whether the process behind `pidfd` exits within `timeout`.
+/// Returns whether the process behind `pidfd` exits within `timeout`.
 fn exits_within(pidfd: &OwnedFd, timeout: Duration) -> bool {
     syscalls::wait_readable(pidfd.as_fd(), timeout.as_millis() as i32).expect("polling a pidfd")
 }

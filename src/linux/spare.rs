@@ -20,6 +20,9 @@
 //! - It reports the device and inode of its executable. A spare started from
 //!   a binary that has since been replaced (an upgrade) is not used: the
 //!   launcher ends it and starts a shim from the current binary instead.
+//!   The server's own `/proc/self/exe` keeps naming the binary it runs
+//!   even after the file was replaced, so its spares stay in use until it
+//!   restarts, as the shims it started before did.
 
 use std::fs;
 use std::io;
@@ -37,7 +40,7 @@ use super::syscalls;
 
 /// How long a new shim may take to report that it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long [`ShimLauncher::shutdown`] waits for the spare to exit.
+/// How long ending a spare waits for it to exit, before and after SIGKILL.
 const EXIT_TIMEOUT_MS: i32 = 5_000;
 
 /// Errors of starting a shim.
@@ -94,6 +97,8 @@ pub struct ShimLauncher {
     /// Wakes the thread that starts spares. Shutdown drops it, which ends
     /// the thread.
     refill: Mutex<Option<mpsc::Sender<()>>>,
+    /// The thread that starts spares, joined by shutdown.
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl ShimLauncher {
@@ -108,18 +113,18 @@ impl ShimLauncher {
                 worker.fill();
             }
         });
-        let refill = match spawned {
-            Ok(_) => {
+        let (refill, worker) = match spawned {
+            Ok(handle) => {
                 let _ = sender.send(());
-                Some(sender)
+                (Some(sender), Some(handle))
             }
             Err(error) => {
                 // Runs still work, but each starts its own shim.
                 slog::warn!(shared.logger, "failed to start the spare shim thread, so every Run starts its own shim"; "error" => %error);
-                None
+                (None, None)
             }
         };
-        ShimLauncher { shared, refill: Mutex::new(refill) }
+        ShimLauncher { shared, refill: Mutex::new(refill), worker: Mutex::new(worker) }
     }
 
     /// Returns a shim waiting for its configuration: the spare when there
@@ -156,23 +161,19 @@ impl ShimLauncher {
     /// Ends the spare and waits until it has exited. Later refills start
     /// nothing. Called when the server stops.
     pub fn shutdown(&self) {
-        lock(&self.refill).take();
         let spare = {
             let mut slot = lock(&self.shared.slot);
             slot.closed = true;
             slot.spare.take()
         };
         if let Some(spare) = spare {
-            let Spare { socket, pidfd, pid, .. } = spare;
-            drop(socket);
-            match syscalls::wait_readable(pidfd.as_fd(), EXIT_TIMEOUT_MS) {
-                Ok(true) => {}
-                _ => {
-                    slog::warn!(self.shared.logger, "the spare shim did not exit when its socket closed, so it is killed"; "pid" => pid);
-                    let _ = syscalls::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-                    let _ = syscalls::wait_readable(pidfd.as_fd(), EXIT_TIMEOUT_MS);
-                }
-            }
+            self.shared.end(spare);
+        }
+        // The thread ends a spare it is starting now once it finds `closed`
+        // set, and only then returns.
+        lock(&self.refill).take();
+        if let Some(worker) = lock(&self.worker).take() {
+            let _ = worker.join();
         }
     }
 
@@ -207,8 +208,23 @@ impl Shared {
         let mut slot = lock(&self.slot);
         if !slot.closed {
             slot.spare = Some(spare);
+            return;
         }
-        // Otherwise the spare is dropped here, and it exits.
+        drop(slot);
+        self.end(spare);
+    }
+
+    /// Closes the spare's socket and waits until it has exited, killing it
+    /// if it does not exit by itself.
+    fn end(&self, spare: Spare) {
+        let Spare { socket, pidfd, pid, .. } = spare;
+        drop(socket);
+        if syscalls::wait_readable(pidfd.as_fd(), EXIT_TIMEOUT_MS).unwrap_or(false) {
+            return;
+        }
+        slog::warn!(self.logger, "the spare shim did not exit when its socket closed, so it is killed"; "pid" => pid);
+        let _ = syscalls::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+        let _ = syscalls::wait_readable(pidfd.as_fd(), EXIT_TIMEOUT_MS);
     }
 }
 
