@@ -903,6 +903,26 @@ mod tests {
         }
     }
 
+    /// A search whose lower half is longer than a conditional jump reaches
+    /// skips it with `ja` and still gives every number its action.
+    #[test]
+    fn search_with_long_halves_uses_ja() {
+        let abi = AbiNumbers {
+            audit_arch: AUDIT_ARCH_NATIVE,
+            allowed: (0..800).step_by(2).collect(),
+            clone: vec![1001],
+            clone3: vec![1003],
+        };
+        let body = abi_body(&abi);
+        assert!(body.iter().any(|instruction| instruction.code == BPF_JMP_JA), "no `ja` in a body of {} instructions", body.len());
+        for number in 0..1100u32 {
+            for arg0 in [libc::SIGCHLD as u64, CLONE_NAMESPACE_FLAGS] {
+                let action = run_filter(&body, AUDIT_ARCH_NATIVE, i64::from(number), [arg0, 0, 0, 0, 0, 0]);
+                assert_eq!(action, expected_action(&abi, number, arg0), "number {number} flags {arg0:#x}");
+            }
+        }
+    }
+
     /// Every number of each ABI, around every listed number and at the
     /// ends of the range, gets the action of the plain list, within a
     /// search's number of steps.
