@@ -885,12 +885,17 @@ impl Handler<RunProcess> for Container {
             return Box::pin(fut::ready(Err(ContainerError::ProcessIdInUse { process_id })));
         }
         self.processes.insert(process_id.clone(), ProcessSlot::Starting);
+        let tty = message.spec.tty.is_some();
+        // The record is written while the shim starts, so the reply waits
+        // for the longer of the two (a state file write costs two fsyncs)
+        // rather than for both in turn. A failed start removes it again.
+        self.process_records.insert(process_id.clone(), ProcessRecord { id: process_id.clone(), tty, exit_status: None });
+        let recorded = self.persist();
 
         let runtime = self.runtime.clone();
         let logger = self.logger.clone();
         let stream_table = self.stream_table.clone();
         let exit_listener = ctx.address().recipient();
-        let tty = message.spec.tty.is_some();
         let id = process_id.clone();
         let started_at = Instant::now();
         let start = async move {
@@ -913,26 +918,34 @@ impl Handler<RunProcess> for Container {
                 exit_listener: Some(exit_listener),
             }))
         };
-        Box::pin(start.into_actor(self).then(move |result: Result<Addr<Process>, ContainerError>, container, _| {
-            let persist = match &result {
+        let logger = self.logger.clone();
+        let start_and_record = async move {
+            let (result, written) = futures_util::future::join(start, recorded).await;
+            if let (Ok(_), Err(error)) = (&result, written) {
+                // The process runs either way, and a restarted server also
+                // finds it by its directory, so a failed write is logged
+                // and the process still returned.
+                warn!(logger, "recording a started process in the state file failed"; "error" => %error);
+            }
+            result
+        };
+        Box::pin(start_and_record.into_actor(self).then(move |result: Result<Addr<Process>, ContainerError>, container, _| {
+            let removal = match &result {
                 Ok(addr) => {
-                    container.processes.insert(process_id.clone(), ProcessSlot::Running(addr.clone()));
-                    container.process_records.insert(process_id.clone(), ProcessRecord { id: process_id, tty, exit_status: None });
-                    Some(container.persist())
+                    container.processes.insert(process_id, ProcessSlot::Running(addr.clone()));
+                    None
                 }
                 Err(_) => {
                     container.processes.remove(&process_id);
-                    None
+                    container.process_records.remove(&process_id);
+                    Some(container.persist())
                 }
             };
             let logger = container.logger.clone();
             async move {
-                if let Some(persist) = persist {
-                    // The process runs either way, and a restarted server
-                    // also finds it by its directory, so a failed write is
-                    // logged and the process still returned.
-                    if let Err(error) = persist.await {
-                        warn!(logger, "recording a started process in the state file failed"; "error" => %error);
+                if let Some(removal) = removal {
+                    if let Err(error) = removal.await {
+                        warn!(logger, "removing a process that failed to start from the state file failed"; "error" => %error);
                     }
                 }
                 result

@@ -310,7 +310,7 @@ pub fn main(args: ServerArgs) -> ExitCode {
 pub fn run(config: Config, runtime: Arc<dyn Runtime>, logger: Logger, level: LevelSwitch) -> ExitCode {
     let system = actix_rt::System::new();
     system.block_on(async move {
-        let server = match Server::start_with_level(&config, runtime, logger.clone(), level) {
+        let server = match Server::start_with_level(&config, runtime.clone(), logger.clone(), level) {
             Ok(server) => server,
             Err(error) => {
                 error!(logger, "cannot start the API listener"; "error" => %error);
@@ -320,6 +320,7 @@ pub fn run(config: Config, runtime: Arc<dyn Runtime>, logger: Logger, level: Lev
         let signal = wait_for_stop_signal().await;
         info!(logger, "stop signal received"; "signal" => signal);
         server.stop().await;
+        runtime.shutdown();
         ExitCode::SUCCESS
     })
 }

@@ -110,6 +110,8 @@ pub struct LinuxContainer {
     /// The operator's no-new-privileges option, for unprivileged containers.
     no_new_privileges: bool,
     executable: PathBuf,
+    /// Starts the shims of Runs.
+    shims: std::sync::Arc<super::spare::ShimLauncher>,
     logger: slog::Logger,
     /// The container's environment from its spec.
     env: Vec<String>,
@@ -172,6 +174,7 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         privileged,
         no_new_privileges: runtime.config.no_new_privileges && !privileged,
         executable: runtime.config.executable.clone(),
+        shims: runtime.shims.clone(),
         logger,
         env: config.spec.env.clone(),
         cgroup,
@@ -601,6 +604,16 @@ fn remove_dir_retrying(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Writes `config` to a waiting shim within [`START_TIMEOUT`] and returns
+/// the socket with the result.
+fn send_config(mut socket: UnixStream, config: &ShimConfig) -> (UnixStream, io::Result<()>) {
+    let written = socket
+        .set_write_timeout(Some(START_TIMEOUT))
+        .and_then(|()| shim::write_config(&mut socket, config))
+        .and_then(|()| socket.set_write_timeout(None));
+    (socket, written)
+}
+
 /// Reads exactly one shim frame from a blocking stream, so no byte of a
 /// later frame is consumed before the stream is handed to the server.
 fn read_one_frame(stream: &mut UnixStream) -> io::Result<ShimFrame> {
@@ -634,6 +647,7 @@ impl ContainerRuntime for LinuxContainer {
         }
         let process_dir = self.process_dir()?;
         fs::write(process_dir.join("id"), process_id).map_err(|error| RuntimeError::failed(format!("failed to record process id: {error}")))?;
+        let log_path = process_dir.join("shim.log");
         let config = ShimConfig {
             init_pid,
             privileged: self.privileged,
@@ -641,32 +655,30 @@ impl ContainerRuntime for LinuxContainer {
             cgroup_dirs: self.cgroup.dirs.clone(),
             container_env: self.env.clone(),
             exit_status_path: process_dir.join(EXIT_STATUS_FILE),
+            log_path: Some(log_path.clone()),
             spec: spec.clone(),
         };
-        let (mut server_end, shim_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
-        let log_path = process_dir.join("shim.log");
-        let log = fs::File::create(&log_path).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", log_path.display())))?;
-        let mut first = Command::new(&self.executable)
-            .arg(super::SHIM_COMMAND)
-            .stdin(Stdio::from(OwnedFd::from(shim_end)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(|error| RuntimeError::failed(format!("failed to start the shim {}: {error}", self.executable.display())))?;
+        let start_failed = |error: super::spare::SpareError| RuntimeError::failed(error_chain(&error));
+        // Usually the spare shim, already started and waiting.
+        let shim = self.shims.take().map_err(start_failed)?;
         // The configuration goes through the socket, never argv: it holds
         // the environment, which may carry secrets.
-        server_end.set_write_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
-        let written = shim::write_config(&mut server_end, &config);
-        // The first shim process forks the real shim and exits at once.
-        let _ = first.wait();
+        let (mut server_end, written) = match send_config(shim.socket, &config) {
+            // A spare that died since its last check is replaced once.
+            (_, Err(_)) if shim.was_spare => send_config(self.shims.start_now().map_err(start_failed)?.socket, &config),
+            sent => sent,
+        };
         written.map_err(|error| {
             let log = fs::read_to_string(&log_path).unwrap_or_default();
             RuntimeError::failed(format!("failed to send the configuration to the shim: {error} {}", log.trim()))
         })?;
-        server_end.set_write_timeout(None).map_err(|error| RuntimeError::failed(error.to_string()))?;
 
         server_end.set_read_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
-        let frame = read_one_frame(&mut server_end).map_err(|error| {
+        let frame = read_one_frame(&mut server_end);
+        // The next Run's shim starts now that this one has done its work,
+        // rather than competing with it for the CPU.
+        self.shims.refill();
+        let frame = frame.map_err(|error| {
             let log = fs::read_to_string(&log_path).unwrap_or_default();
             RuntimeError::failed(format!("failed to read the shim's start report: {error} {}", log.trim()))
         })?;

@@ -6,6 +6,7 @@
 //! - [`container`]: create, run, stop, destroy of one container.
 //! - [`init`]: garden-init, pid 1 of each container.
 //! - [`shim`] and [`exec`]: the process shim and the child it forks.
+//! - [`spare`]: a shim started ahead of the Run that uses it.
 //! - [`files`]: the tar helper of stream in and stream out.
 //! - [`rootfs`]: image choice, idmapped lower layer, overlay.
 //! - [`security`]: capability sets and the seccomp filter.
@@ -28,6 +29,7 @@ pub mod network;
 pub mod rootfs;
 pub mod security;
 pub mod shim;
+pub mod spare;
 pub mod syscalls;
 pub mod users;
 #[cfg(target_arch = "x86_64")]
@@ -99,6 +101,8 @@ pub struct LinuxRuntime {
     cgroup_version: cgroup::CgroupVersion,
     userns: rootfs::UsernsCache,
     network: Option<Arc<network::HostNetwork>>,
+    /// Hands out process shims, one of them started in advance.
+    shims: Arc<spare::ShimLauncher>,
 }
 
 impl LinuxRuntime {
@@ -133,7 +137,8 @@ impl LinuxRuntime {
             None => None,
         };
         slog::info!(logger, "linux runtime ready"; "cgroup_version" => ?cgroup_version, "hierarchies" => hierarchies.len());
-        Ok(LinuxRuntime { config, logger, hierarchies, cgroup_version, userns: rootfs::UsernsCache::default(), network })
+        let shims = Arc::new(spare::ShimLauncher::new(config.executable.clone(), logger.new(slog::o!("component" => "shims"))));
+        Ok(LinuxRuntime { config, logger, hierarchies, cgroup_version, userns: rootfs::UsernsCache::default(), network, shims })
     }
 }
 
@@ -195,6 +200,11 @@ impl Runtime for LinuxRuntime {
 
     fn remove_orphans(&self, owned: &std::collections::BTreeSet<String>) -> Vec<String> {
         container::remove_orphans(self, owned)
+    }
+
+    /// Ends the spare shim.
+    fn shutdown(&self) {
+        self.shims.shutdown();
     }
 }
 

@@ -1,15 +1,18 @@
 //! The process shim: one per container process, outside the container.
 //!
 //! The server starts this executable with [`super::SHIM_COMMAND`], with its
-//! end of a socket pair as stdin, and writes a [`ShimConfig`] to the socket
-//! (see [`write_config`]). The configuration holds the process's
+//! end of a socket pair as stdin. The shim forks once more and lets the
+//! first process exit at once, so the server reaps it straight away and the
+//! shim survives a server restart. The shim builds what needs no
+//! configuration, sends a [`ReadyReport`], and waits: usually as the spare
+//! of [`super::spare`], until a Run needs it. The server then writes a
+//! [`ShimConfig`] to the socket (see [`write_config`]); a shim whose socket
+//! closes before that exits. The configuration contains the process's
 //! environment, so it never goes on the command line, which every host user
-//! can read in `/proc/<pid>/cmdline`. The shim forks
-//! once more and lets the first process exit at once, so the server reaps it
-//! straight away and the shim survives a server restart. It then forks the
-//! process into the container (see [`super::exec`]), reports `Started` or
-//! `StartFailed`, and serves the process's stdio with the frames of
-//! [`crate::runtime::stdio`] until the process exits.
+//! can read in `/proc/<pid>/cmdline`. The shim forks the process into the
+//! container (see [`super::exec`]), reports `Started` or `StartFailed`, and
+//! serves the process's stdio with the frames of [`crate::runtime::stdio`]
+//! until the process exits.
 //!
 //! The shim outlives the server. When the server's connection closes, the
 //! shim keeps the process running and keeps reading its output into a
@@ -56,6 +59,9 @@ pub struct ShimConfig {
     pub container_env: Vec<String>,
     /// File the exit status is written to before the shim exits.
     pub exit_status_path: PathBuf,
+    /// File the shim writes its own errors to from here on.
+    #[serde(default)]
+    pub log_path: Option<PathBuf>,
     pub spec: ProcessSpec,
 }
 
@@ -138,13 +144,6 @@ pub fn main(_args: Vec<OsString>) -> ExitCode {
     // SAFETY: fd 0 is the server's socket, passed as stdin and owned by no
     // one else in this process.
     let mut socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(0) });
-    let config = match read_config(&mut socket) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("shim: failed to read the configuration from the server: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
     // SAFETY: the shim is single threaded, so the child may run any code.
     match unsafe { fork() } {
         Ok(ForkResult::Parent { .. }) => return ExitCode::SUCCESS,
@@ -157,12 +156,84 @@ pub fn main(_args: Vec<OsString>) -> ExitCode {
     // Its own session keeps the shim alive when the server's session or
     // process group is signalled.
     let _ = nix::unistd::setsid();
-    match serve(&config, socket) {
+    // The filter is the same for every unprivileged process, so a spare
+    // builds it while it waits. A failure is reported when it is needed.
+    let filter = super::security::build_filter().ok();
+    if ReadyReport::own().and_then(|report| report.write(&mut socket)).is_err() {
+        return ExitCode::FAILURE;
+    }
+    let config = match read_config(&mut socket) {
+        Ok(config) => config,
+        // The server closed the socket of a spare it no longer needs.
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("shim: failed to read the configuration from the server: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(log_path) = &config.log_path {
+        redirect_stderr(log_path);
+    }
+    match serve(&config, socket, filter) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("shim: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Points stderr at `path`, so the shim's errors land in its process's
+/// directory, where the server reads them when a start fails.
+fn redirect_stderr(path: &Path) {
+    match fs::File::create(path) {
+        Ok(file) => {
+            // SAFETY: dup2 onto this process's stderr.
+            unsafe { libc::dup2(file.as_raw_fd(), 2) };
+        }
+        Err(error) => eprintln!("shim: failed to create {}: {error}", path.display()),
+    }
+}
+
+/// The report a started shim sends before it waits for its
+/// configuration: its pid, and the device and inode of its executable so
+/// the server can tell a shim of a replaced binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadyReport {
+    pub pid: u32,
+    pub executable_dev: u64,
+    pub executable_ino: u64,
+}
+
+impl ReadyReport {
+    /// Length of the report on the socket.
+    const LENGTH: usize = 20;
+
+    fn own() -> io::Result<ReadyReport> {
+        use std::os::unix::fs::MetadataExt;
+        let executable = fs::metadata("/proc/self/exe")?;
+        Ok(ReadyReport { pid: std::process::id(), executable_dev: executable.dev(), executable_ino: executable.ino() })
+    }
+
+    /// Writes the report as three big-endian numbers.
+    pub fn write(&self, socket: &mut impl Write) -> io::Result<()> {
+        let mut bytes = [0u8; Self::LENGTH];
+        bytes[..4].copy_from_slice(&self.pid.to_be_bytes());
+        bytes[4..12].copy_from_slice(&self.executable_dev.to_be_bytes());
+        bytes[12..].copy_from_slice(&self.executable_ino.to_be_bytes());
+        socket.write_all(&bytes)
+    }
+
+    /// Reads what [`ReadyReport::write`] wrote.
+    pub fn read(socket: &mut impl Read) -> io::Result<ReadyReport> {
+        let mut bytes = [0u8; Self::LENGTH];
+        socket.read_exact(&mut bytes)?;
+        let number = |range: std::ops::Range<usize>| {
+            let mut field = [0u8; 8];
+            field[8 - range.len()..].copy_from_slice(&bytes[range]);
+            u64::from_be_bytes(field)
+        };
+        Ok(ReadyReport { pid: number(0..4) as u32, executable_dev: number(4..12), executable_ino: number(12..20) })
     }
 }
 
@@ -209,9 +280,10 @@ fn send_now(socket: &mut UnixStream, frame: &ShimFrame) -> io::Result<()> {
     socket.write_all(&buffer)
 }
 
-/// Starts the process and serves its stdio until it exits.
-fn serve(config: &ShimConfig, mut socket: UnixStream) -> io::Result<()> {
-    let start = start_process(config);
+/// Starts the process and serves its stdio until it exits. `filter` is
+/// the seccomp filter built in advance, if building it worked.
+fn serve(config: &ShimConfig, mut socket: UnixStream, filter: Option<seccompiler::BpfProgram>) -> io::Result<()> {
+    let start = start_process(config, filter);
     let (child, parent_stdio) = match start {
         Ok(Ok(started)) => started,
         Ok(Err(child_error)) => {
@@ -267,7 +339,7 @@ enum ParentStdio {
 
 /// Forks the process into the container. The outer error is the shim's own
 /// failure; the inner one is what the child reported before `execve`.
-fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), ChildError>> {
+fn start_process(config: &ShimConfig, filter: Option<seccompiler::BpfProgram>) -> io::Result<Result<(Pid, ParentStdio), ChildError>> {
     let namespaces = Namespaces {
         user: if config.privileged { None } else { Some(open_ns(config.init_pid, "user")?) },
         mnt: open_ns(config.init_pid, "mnt")?,
@@ -300,10 +372,10 @@ fn start_process(config: &ShimConfig) -> io::Result<Result<(Pid, ParentStdio), C
         }
     };
     let (error_read, error_write) = pipe()?;
-    let filter = if config.privileged {
-        None
-    } else {
-        Some(super::security::build_filter().map_err(|error| io::Error::other(crate::linux::error_chain(&error)))?)
+    let filter = match (config.privileged, filter) {
+        (true, _) => None,
+        (false, Some(filter)) => Some(filter),
+        (false, None) => Some(super::security::build_filter().map_err(|error| io::Error::other(crate::linux::error_chain(&error)))?),
     };
 
     // setns on a pid namespace only places this process's later children
@@ -793,5 +865,28 @@ impl IoLoop {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_report_round_trips() {
+        let report = ReadyReport { pid: 4_000_000, executable_dev: 0x0803, executable_ino: u64::MAX - 7 };
+        let mut bytes = Vec::new();
+        report.write(&mut bytes).expect("writes to a vector");
+        assert_eq!(bytes.len(), ReadyReport::LENGTH);
+        assert_eq!(ReadyReport::read(&mut bytes.as_slice()).expect("reads back"), report);
+        assert!(ReadyReport::read(&mut &bytes[..19]).is_err(), "a short report is an error");
+    }
+
+    #[test]
+    fn own_report_names_this_executable() {
+        use std::os::unix::fs::MetadataExt;
+        let report = ReadyReport::own().expect("reads /proc/self/exe");
+        let executable = fs::metadata(std::env::current_exe().expect("current executable")).expect("stat");
+        assert_eq!((report.pid, report.executable_dev, report.executable_ino), (std::process::id(), executable.dev(), executable.ino()));
     }
 }

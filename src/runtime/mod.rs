@@ -166,6 +166,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn remove_orphans(&self, _owned: &BTreeSet<String>) -> Vec<String> {
         Vec::new()
     }
+
+    /// Ends the runtime's own helper processes (not containers or their
+    /// processes, which outlive the server) when the server stops.
+    fn shutdown(&self) {}
 }
 
 /// One container's kernel objects.

@@ -111,6 +111,7 @@ fn skeleton(runtime: &LinuxRuntime, handle: &str, container_dir: PathBuf, privil
         privileged,
         no_new_privileges: runtime.config.no_new_privileges && !privileged,
         executable: runtime.config.executable.clone(),
+        shims: runtime.shims.clone(),
         logger: runtime.logger.new(slog::o!("handle" => handle.to_string())),
         env: Vec::new(),
         cgroup: ContainerCgroup::plan(runtime.cgroup_version, &runtime.hierarchies, &runtime.config.tag, &cgroup_name(handle))
