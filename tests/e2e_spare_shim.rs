@@ -36,19 +36,26 @@ fn spare_shims(netns_inode: u64, depot: &Path) -> Vec<u32> {
     found
 }
 
-/// Waits until the server has exactly one spare shim and returns a pidfd
-/// for it with its pid.
+/// Waits until the server has exactly one spare shim, the same one in two
+/// looks 100 ms apart, and returns a pidfd for it with its pid. A single
+/// look may catch the short-lived first process of a shim being started,
+/// or a shim that has just ended its process and not yet exited.
 fn wait_for_one_spare(server: &TestServer) -> (u32, OwnedFd) {
     let netns = fs::metadata(format!("/proc/{}/ns/net", server.pid())).expect("the server's namespace").ino();
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut previous = None;
     loop {
         let spares = spare_shims(netns, &server.depot);
-        if let [pid] = spares[..] {
-            let pidfd = syscalls::pidfd_open(pid as i32).expect("opening a pidfd for the spare");
-            return (pid, pidfd);
+        match spares[..] {
+            [pid] if previous == Some(pid) => {
+                let pidfd = syscalls::pidfd_open(pid as i32).expect("opening a pidfd for the spare");
+                return (pid, pidfd);
+            }
+            [pid] => previous = Some(pid),
+            _ => previous = None,
         }
         assert!(Instant::now() < deadline, "expected one spare shim, found {spares:?}");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -238,19 +238,39 @@ fn executable_id(executable: &Path) -> io::Result<(u64, u64)> {
     Ok((metadata.dev(), metadata.ino()))
 }
 
+/// How often a start that finds the executable busy is tried again.
+const SPAWN_ATTEMPTS: u32 = 5;
+
+/// Pause before a start is tried again.
+const SPAWN_RETRY_DELAY: Duration = Duration::from_millis(20);
+
 /// Starts a shim and waits for its ready report.
 fn start_shim(executable: &Path) -> Result<Spare, SpareError> {
     let spawn_error = |source| SpareError::Spawn { executable: executable.to_path_buf(), source };
     let (mut server_end, shim_end) = UnixStream::pair().map_err(spawn_error)?;
     // The shim's early errors have nowhere useful to go. Once configured,
     // it writes them to the log file of its process.
-    let mut first = Command::new(executable)
-        .arg(super::SHIM_COMMAND)
-        .stdin(Stdio::from(OwnedFd::from(shim_end)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(spawn_error)?;
+    let shim_end = OwnedFd::from(shim_end);
+    let mut attempt = 0;
+    let mut first = loop {
+        let spawned = Command::new(executable)
+            .arg(super::SHIM_COMMAND)
+            .stdin(Stdio::from(shim_end.try_clone().map_err(spawn_error)?))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match spawned {
+            // ETXTBSY: another process still holds the file open for
+            // writing, as while an upgrade copies it or while a process
+            // forked from a writer has not yet reached its exec.
+            Err(error) if error.raw_os_error() == Some(libc::ETXTBSY) && attempt < SPAWN_ATTEMPTS => {
+                attempt += 1;
+                std::thread::sleep(SPAWN_RETRY_DELAY);
+            }
+            spawned => break spawned.map_err(spawn_error)?,
+        }
+    };
+    drop(shim_end);
     // The first process forks the shim and exits at once, so the shim is
     // not the server's child and survives a server restart.
     let status = first.wait().map_err(spawn_error)?;
