@@ -151,11 +151,11 @@ impl Drop for PrivateNetns {
     }
 }
 
-/// One context reused across runs sees what another process changed in
-/// between, and a failed run leaves the ruleset as it was.
+/// One context reused across runs lists and uses what another process
+/// changed in between, and a failed run leaves the ruleset as it was.
 #[test]
-fn context_sees_other_process_changes() {
-    let test = "context_sees_other_process_changes";
+fn context_reloads_changed_ruleset() {
+    let test = "context_reloads_changed_ruleset";
     if !nix::unistd::geteuid().is_root() {
         support::skip(test, "needs root to create a network namespace");
         return;
@@ -193,7 +193,8 @@ fn context_sees_other_process_changes() {
     context.run("add rule ip t a ip daddr @s accept\n").expect("a rule using the set another process added");
     assert!(netns.nft(&["list", "chain", "ip", "t", "a"]).contains("ip daddr @s accept"));
 
-    // Another process deletes the table; the context must not act on it.
+    // Another process deletes the table, and the context must not act on
+    // its cached copy.
     netns.nft(&["delete", "table", "ip", "t"]);
     let error = context.run("add chain ip t c\n").unwrap_err().to_string();
     assert!(error.contains("No such file or directory"), "{error}");

@@ -4,7 +4,7 @@
 //! One `ip` table per server tag contains every rule. Each change is one
 //! script, which the kernel applies as one transaction, so a change is
 //! applied whole or not at all. Scripts run in process through
-//! libnftables ([`nftlib`]); when it cannot be loaded, each runs as
+//! libnftables ([`nftlib`]). When it cannot be used, each runs as
 //! `nft -f -`.
 //!
 //! Layout of the table (the link prefix `P` is the bridge name prefix):

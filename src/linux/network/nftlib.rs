@@ -12,6 +12,10 @@
 //! decides whether a context's ruleset cache is still valid (`mnl.c`), and
 //! the interface cache. [`Context::run`] therefore holds one process-wide
 //! lock, even across contexts.
+//!
+//! NOTE: libnftables 1.0.6 calls `exit` when an allocation fails
+//! (`memory_allocation_error` in `utils.c`), which now ends the server
+//! where it used to end only an `nft` child.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr::NonNull;
@@ -39,7 +43,7 @@ pub enum NftLibError {
     Buffer { stream: &'static str },
     #[error("the nftables commands contain a NUL byte at offset {offset}")]
     NulByte { offset: usize },
-    /// nft rejected the commands; `message` is nft's own error output.
+    /// Failure of the commands, with nft's own error output as `message`.
     #[error("{message}")]
     Command { message: String },
 }
@@ -50,8 +54,8 @@ type CtxBuffer = unsafe extern "C" fn(*mut c_void) -> c_int;
 type CtxGetBuffer = unsafe extern "C" fn(*mut c_void) -> *const c_char;
 type RunCmdFromBuffer = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
 
-/// The functions of a loaded libnftables. The library stays loaded for
-/// the life of the process, because the pointers are `'static`.
+/// The functions of a loaded libnftables. The library is never unloaded,
+/// because the function pointers are used for the life of the process.
 pub struct Library {
     name: String,
     ctx_new: CtxNew,
@@ -73,7 +77,7 @@ impl std::fmt::Debug for Library {
 /// state.
 static RUN_LOCK: Mutex<()> = Mutex::new(());
 
-/// Returns libnftables, loading it on first use; a failed load is kept
+/// Returns libnftables, loading it on first use. A failed load is kept
 /// and returned again.
 pub fn library() -> Result<&'static Library, NftLibError> {
     static LIBRARY: OnceLock<Result<&'static Library, NftLibError>> = OnceLock::new();
@@ -88,6 +92,7 @@ impl Library {
     pub fn load(name: &str) -> Result<Library, NftLibError> {
         let load_error = |reason: String| NftLibError::Load { library: name.to_string(), reason };
         let c_name = CString::new(name).map_err(|_| load_error("the name contains a NUL byte".into()))?;
+
         let _serial = lock_runs();
         // SAFETY: `c_name` is a valid C string. RTLD_LOCAL keeps the
         // library's symbols out of the global namespace.
@@ -95,6 +100,7 @@ impl Library {
         if handle.is_null() {
             return Err(load_error(last_dl_error()));
         }
+
         let symbol = |symbol: &'static str| -> Result<*mut c_void, NftLibError> {
             let c_symbol = CString::new(symbol).expect("symbol names contain no NUL byte");
             // SAFETY: `handle` came from a successful dlopen and is never
@@ -105,6 +111,7 @@ impl Library {
             }
             Ok(address)
         };
+
         // SAFETY: each symbol is transmuted to the signature that
         // libnftables(3) declares for it.
         let library = unsafe {
@@ -175,8 +182,9 @@ pub struct Context {
     raw: NonNull<c_void>,
 }
 
-// SAFETY: the context is used by one thread at a time, because `run`
-// takes `&mut self`, and libnftables keeps no thread-local state in it.
+// SAFETY: one thread at a time uses the context, because `run` takes
+// `&mut self` and every call holds RUN_LOCK. libnftables 1.0.6 has no
+// thread-local variables, so the thread that calls does not matter.
 unsafe impl Send for Context {}
 
 impl Context {
@@ -211,7 +219,7 @@ impl Context {
         // the call.
         let status = unsafe { (self.library.run_cmd_from_buffer)(raw, commands.as_ptr()) };
         // Both buffers are read after every run, because reading rewinds
-        // them; text of an earlier run is never returned again.
+        // them. So text of an earlier run is never returned again.
         // SAFETY: the buffers belong to the live context and are copied
         // before the next call into the library.
         let output = unsafe { copy_buffer((self.library.get_output_buffer)(raw)) };
