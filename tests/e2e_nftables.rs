@@ -45,6 +45,22 @@ fn list_chain(server: &TestServer, chain: &str) -> String {
     server.in_netns("nft", &["list", "chain", "ip", &table, chain]).expect("listing the chain")
 }
 
+/// Start-up warning about a forward chain of another table that drops.
+const FORWARD_DROP_MESSAGE: &str = "a forward chain of another table drops packets by default";
+
+/// Adds a table of another program with a forward chain whose policy is
+/// drop, which the next server start lists and warns about.
+fn add_dropping_forward_chain(server: &TestServer, table: &str) {
+    let script = format!("table ip {table} {{ chain guard {{ type filter hook forward priority 0; policy drop; }}; }}");
+    server.in_netns("nft", &[script.as_str()]).expect("adding a table with a dropping forward chain");
+}
+
+/// Counts the lines of the server's log that contain `message` and, when
+/// given, `also`.
+fn log_count_with(server: &TestServer, message: &str, also: &str) -> usize {
+    server.log_text().lines().filter(|line| line.contains(message) && line.contains(also)).count()
+}
+
 /// Counts the lines of the server's log that contain `message`.
 fn log_count(server: &TestServer, message: &str) -> usize {
     server.log_text().lines().filter(|line| line.contains(message)).count()
@@ -61,9 +77,12 @@ fn rules_applied_without_nft_command() {
     let bin = tempfile::tempdir().expect("creating a directory for the search path");
     std::os::unix::fs::symlink("/usr/sbin/tc", bin.path().join("tc")).expect("linking tc");
     let path = bin.path().to_str().unwrap().to_string();
+    add_dropping_forward_chain(&server, "other_lib");
     server.stop();
     server.start_again(&[("PATH", path.as_str())]);
     assert_eq!(log_count(&server, IN_PROCESS_MESSAGE), 2, "log:\n{}", server.log_text());
+    // The start-up listing of chains also ran without the nft command.
+    assert_eq!(log_count_with(&server, FORWARD_DROP_MESSAGE, "other_lib"), 1, "log:\n{}", server.log_text());
 
     let handle = server.create("lib");
     let info = server.block_on(server.client.info(&handle)).unwrap();
@@ -80,9 +99,11 @@ fn rules_applied_without_nft_command() {
 #[test]
 fn command_backend_when_requested() {
     let Some(mut server) = TestServer::start("command_backend_when_requested") else { return };
+    add_dropping_forward_chain(&server, "other_cmd");
     server.stop();
     server.start_again(&[(trellis::linux::network::nft::BACKEND_VARIABLE, "command")]);
     assert_eq!(log_count(&server, COMMAND_MESSAGE), 1, "log:\n{}", server.log_text());
+    assert_eq!(log_count_with(&server, FORWARD_DROP_MESSAGE, "other_cmd"), 1, "log:\n{}", server.log_text());
 
     let handle = server.create("cmd");
     let info = server.block_on(server.client.info(&handle)).unwrap();
