@@ -172,8 +172,34 @@ impl Drop for PrivateNetns {
     }
 }
 
+/// Returns the netfilter netlink sockets of this process that lack
+/// close-on-exec.
+fn inheritable_netfilter_sockets() -> Vec<i32> {
+    let option = |fd: i32, name: i32| {
+        let mut value: i32 = 0;
+        let mut length = std::mem::size_of::<i32>() as libc::socklen_t;
+        // SAFETY: `value` and `length` are valid for writes of their sizes.
+        let result = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&raw mut value).cast(), &mut length) };
+        (result == 0).then_some(value)
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("listing /proc/self/fd") {
+        let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else { continue };
+        if option(fd, libc::SO_DOMAIN) != Some(libc::AF_NETLINK) || option(fd, libc::SO_PROTOCOL) != Some(libc::NETLINK_NETFILTER) {
+            continue;
+        }
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            found.push(fd);
+        }
+    }
+    found
+}
+
 /// One context reused across runs lists and uses what another process
-/// changed in between, and a failed run leaves the ruleset as it was.
+/// changed in between, a failed run leaves the ruleset as it was, and
+/// children of the process do not inherit the context's socket.
 #[test]
 fn context_reloads_changed_ruleset() {
     let test = "context_reloads_changed_ruleset";
@@ -201,6 +227,8 @@ fn context_reloads_changed_ruleset() {
     });
     let (mut context, listing) = worker.join().unwrap().expect("creating the table through libnftables");
     assert!(listing.contains("chain a"), "{listing}");
+    let inherited = inheritable_netfilter_sockets();
+    assert_eq!(inherited, Vec::<i32>::new(), "netfilter sockets that children would inherit");
 
     // The listing comes from the context's ruleset cache, which the first
     // listing filled. After another process adds a chain, the kernel's

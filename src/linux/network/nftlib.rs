@@ -37,6 +37,8 @@ pub enum NftLibError {
     Symbol { library: String, symbol: &'static str, reason: String },
     #[error("nftables needs a netfilter netlink socket, and opening one failed: {reason}")]
     Netlink { reason: String },
+    #[error("setting close-on-exec on the nftables netlink socket failed: {reason}")]
+    Cloexec { reason: String },
     #[error("nft_ctx_new of {library} returned no context")]
     NewContext { library: String },
     #[error("buffering the {stream} of the libnftables context failed")]
@@ -165,6 +167,42 @@ fn check_netfilter_socket() -> Result<(), NftLibError> {
     Ok(())
 }
 
+/// Sets close-on-exec on every netfilter netlink socket of the process.
+///
+/// libnftables 1.0.6 opens its socket without `SOCK_CLOEXEC`, so without
+/// this every child the server starts would inherit it. Only libnftables
+/// opens sockets of this protocol here (rtnetlink uses `NETLINK_ROUTE`).
+/// NOTE: a child started by another thread between `nft_ctx_new` and this
+/// call still inherits the socket.
+fn close_netfilter_sockets_on_exec() -> Result<(), NftLibError> {
+    let failed = |error: std::io::Error| NftLibError::Cloexec { reason: error.to_string() };
+    for entry in std::fs::read_dir("/proc/self/fd").map_err(failed)? {
+        let Some(fd) = entry.map_err(failed)?.file_name().to_str().and_then(|name| name.parse::<c_int>().ok()) else {
+            continue;
+        };
+        if socket_option(fd, libc::SO_DOMAIN) != Some(libc::AF_NETLINK) || socket_option(fd, libc::SO_PROTOCOL) != Some(libc::NETLINK_NETFILTER) {
+            continue;
+        }
+        // SAFETY: fcntl on a descriptor number; a descriptor closed in the
+        // meantime only makes the calls fail.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+            return Err(failed(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// Returns an integer socket option of `fd`, or `None` when `fd` is no
+/// socket.
+fn socket_option(fd: c_int, option: c_int) -> Option<c_int> {
+    let mut value: c_int = 0;
+    let mut length = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `length` are valid for writes of the sizes given.
+    let result = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, option, (&raw mut value).cast(), &mut length) };
+    (result == 0).then_some(value)
+}
+
 /// One libnftables context with buffered output and error output.
 ///
 /// The context opens its netlink socket when it is created, so it acts in
@@ -197,6 +235,8 @@ impl Context {
         let raw = unsafe { (library.ctx_new)(NFT_CTX_DEFAULT) };
         let raw = NonNull::new(raw).ok_or_else(|| NftLibError::NewContext { library: library.name.clone() })?;
         let context = Context { library, raw };
+        close_netfilter_sockets_on_exec()?;
+
         // SAFETY: `raw` is a live context.
         if unsafe { (library.buffer_output)(raw.as_ptr()) } != 0 {
             return Err(NftLibError::Buffer { stream: "output" });
@@ -299,6 +339,16 @@ mod tests {
     #[test]
     fn failure_message_without_text() {
         assert_eq!(failure_message(-1, " \n"), "nft_run_cmd_from_buffer failed with -1 and printed no error");
+    }
+
+    #[test]
+    fn socket_option_of_socket_and_pipe() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+        assert_eq!(socket_option(fd, libc::SO_DOMAIN), Some(libc::AF_INET));
+        assert_eq!(socket_option(fd, libc::SO_PROTOCOL), Some(libc::IPPROTO_UDP));
+        let (reader, _writer) = nix::unistd::pipe().unwrap();
+        assert_eq!(socket_option(std::os::fd::AsRawFd::as_raw_fd(&reader), libc::SO_DOMAIN), None);
     }
 
     #[test]
