@@ -230,22 +230,33 @@ impl Context {
     /// namespace, with output and error output buffered.
     pub fn new(library: &'static Library) -> Result<Context, NftLibError> {
         check_netfilter_socket()?;
-        let _serial = lock_runs();
-        // SAFETY: a function of the loaded library, called as declared.
-        let raw = unsafe { (library.ctx_new)(NFT_CTX_DEFAULT) };
+        let raw = {
+            let _serial = lock_runs();
+            // SAFETY: a function of the loaded library, called as declared.
+            unsafe { (library.ctx_new)(NFT_CTX_DEFAULT) }
+        };
         let raw = NonNull::new(raw).ok_or_else(|| NftLibError::NewContext { library: library.name.clone() })?;
         let context = Context { library, raw };
-        close_netfilter_sockets_on_exec()?;
+        // A failure drops the context, which frees it under RUN_LOCK, so
+        // the lock is only held inside `configure`.
+        context.configure()?;
+        Ok(context)
+    }
 
+    /// Buffers the output and error output of a new context and keeps its
+    /// socket out of child processes.
+    fn configure(&self) -> Result<(), NftLibError> {
+        let _serial = lock_runs();
+        close_netfilter_sockets_on_exec()?;
         // SAFETY: `raw` is a live context.
-        if unsafe { (library.buffer_output)(raw.as_ptr()) } != 0 {
+        if unsafe { (self.library.buffer_output)(self.raw.as_ptr()) } != 0 {
             return Err(NftLibError::Buffer { stream: "output" });
         }
         // SAFETY: as above.
-        if unsafe { (library.buffer_error)(raw.as_ptr()) } != 0 {
+        if unsafe { (self.library.buffer_error)(self.raw.as_ptr()) } != 0 {
             return Err(NftLibError::Buffer { stream: "error output" });
         }
-        Ok(context)
+        Ok(())
     }
 
     /// Runs `commands` (nft syntax, as `nft -f` reads) as one transaction
