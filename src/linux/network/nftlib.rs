@@ -213,8 +213,10 @@ fn socket_option(fd: c_int, option: c_int) -> Option<c_int> {
 /// id at the start of every run and reloads the cache when the id differs
 /// from the cached one, and it drops the cache after a failed run. Every
 /// commit, of this process or another, changes the id, so a run never
-/// evaluates against a ruleset older than the one it starts on. The `nft`
-/// command has the same window between reading the cache and committing.
+/// evaluates against a ruleset older than the one it starts on. The id
+/// read is 16 bits wide, so only exactly a multiple of 65536 commits
+/// between two runs would go unnoticed. The `nft` command has the same
+/// window between reading the cache and committing.
 pub struct Context {
     library: &'static Library,
     raw: NonNull<c_void>,
