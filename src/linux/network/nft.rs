@@ -387,8 +387,8 @@ fn apply_with_command(script: &str) -> Result<(), NetworkError> {
 }
 
 /// Checks that nftables can be used, for the start-up check, and logs how
-/// changes are applied: in process, or with one warning through the `nft`
-/// command because libnftables could not be used.
+/// changes are applied: in process, or through the `nft` command with one
+/// warning that gives the reason.
 pub fn check_available(logger: &slog::Logger) -> Result<(), NetworkError> {
     let reason = match backend() {
         Backend::Library(_) => {
