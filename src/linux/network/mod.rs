@@ -4,6 +4,7 @@
 //!
 //! - [`links`]: netlink work (rtnetlink) on the host and in containers.
 //! - [`nft`]: rendering and applying the firewall and NAT table.
+//! - [`nftlib`]: libnftables, through which [`nft`] applies scripts.
 //! - [`resolv`]: the contents of the per-container name files.
 //! - [`tc`]: bandwidth limits on the host end of a container's link.
 //!
@@ -25,6 +26,7 @@
 
 pub mod links;
 pub mod nft;
+pub mod nftlib;
 pub mod resolv;
 pub mod tc;
 
@@ -286,7 +288,7 @@ impl HostNetwork {
     /// Checks the host, finds the external IP and MTU, notes the links left
     /// by an earlier server with this tag and writes a fresh table.
     pub fn start(settings: NetworkSettings, tag: &str, logger: slog::Logger) -> Result<HostNetwork, NetworkError> {
-        nft::check_available()?;
+        nft::check_available(&logger)?;
         tc::check_available()?;
         // Containers' traffic is routed through the host.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
@@ -526,10 +528,13 @@ fn probe_link_types(prefix: &str) -> Result<(), NetworkError> {
 /// drop: such a chain drops container traffic that this server's table
 /// accepts, because an nftables accept ends only its own base chain.
 fn warn_about_forward_drops(logger: &slog::Logger) {
-    let Ok(output) = std::process::Command::new("nft").args(["list", "chains"]).output() else {
-        return;
+    let text = match nft::query("list chains") {
+        Ok(text) => text,
+        Err(error) => {
+            slog::warn!(logger, "listing the nftables chains failed, so forward chains that drop are not reported"; "error" => %error);
+            return;
+        }
     };
-    let text = String::from_utf8_lossy(&output.stdout);
     let mut table = "";
     let mut chain = "";
     for line in text.lines().map(str::trim) {

@@ -1,8 +1,11 @@
-//! The server's nftables table: rendering of its scripts, and `nft -f`.
+//! The server's nftables table: rendering of its scripts, and applying
+//! them.
 //!
 //! One `ip` table per server tag contains every rule. Each change is one
-//! script read by `nft -f -`, which the kernel applies as one transaction,
-//! so a change is applied whole or not at all.
+//! script, which the kernel applies as one transaction, so a change is
+//! applied whole or not at all. Scripts run in process through
+//! libnftables ([`nftlib`]). When it cannot be used, each runs as
+//! `nft -f -`.
 //!
 //! Layout of the table (the link prefix `P` is the bridge name prefix):
 //!
@@ -25,10 +28,11 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 
 use ipnetwork::Ipv4Network;
 
-use super::NetworkError;
+use super::{nftlib, NetworkError};
 use crate::api::{NetOutRule, PROTOCOL_ALL, PROTOCOL_ICMP, PROTOCOL_TCP, PROTOCOL_UDP};
 
 /// Kinds of per-container chains: bandwidth, egress, net-out rules and
@@ -292,8 +296,77 @@ pub fn render_net_out(rule: &NetOutRule, handle: &str) -> Result<Vec<String>, Ne
     Ok(lines)
 }
 
-/// Applies a script with `nft -f -` as one transaction.
+/// Environment variable that selects how scripts reach the kernel:
+/// `command` runs `nft -f -` for each script, anything else or nothing
+/// uses libnftables when it loads. The command is the way to compare the
+/// two, or to avoid a libnftables fault without a new build.
+pub const BACKEND_VARIABLE: &str = "TRELLIS_NFT_BACKEND";
+
+/// The way scripts reach the kernel, chosen once per process.
+enum Backend {
+    /// libnftables in process, with one context for every call.
+    Library(Mutex<nftlib::Context>),
+    /// An `nft` child process per call, for the stored reason.
+    Command { reason: String },
+}
+
+/// Returns the backend, choosing it on first use.
+///
+/// The library context keeps the network namespace of the thread that
+/// creates it. The server's threads all stay in the server's namespace
+/// (only short-lived netlink threads enter a container's), so whichever
+/// thread comes first is fine.
+fn backend() -> &'static Backend {
+    static BACKEND: OnceLock<Backend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        if std::env::var(BACKEND_VARIABLE).is_ok_and(|value| value == "command") {
+            return Backend::Command { reason: format!("{BACKEND_VARIABLE}=command is set") };
+        }
+        match nftlib::library().and_then(nftlib::Context::new) {
+            Ok(context) => Backend::Library(Mutex::new(context)),
+            Err(error) => Backend::Command { reason: error.to_string() },
+        }
+    })
+}
+
+/// Applies a script as one transaction, through libnftables when it is
+/// loaded, else with `nft -f -`.
 pub fn apply(script: &str) -> Result<(), NetworkError> {
+    match backend() {
+        Backend::Library(context) => {
+            let mut context = context.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            context.run(script).map(drop).map_err(|error| NetworkError::Nft { reason: format!("libnftables failed to apply the script: {error}") })
+        }
+        Backend::Command { .. } => apply_with_command(script),
+    }
+}
+
+/// Runs a read-only nft command such as `list chains` and returns its
+/// output. With the `nft` command, `command` is split on whitespace into
+/// its arguments, so quoted words are not supported.
+pub fn query(command: &str) -> Result<String, NetworkError> {
+    match backend() {
+        Backend::Library(context) => {
+            let mut context = context.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            context.run(command).map_err(|error| NetworkError::Nft { reason: format!("libnftables failed to run `{command}`: {error}") })
+        }
+        Backend::Command { .. } => {
+            let output = Command::new("nft")
+                .args(command.split_whitespace())
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|error| NetworkError::Nft { reason: format!("failed to start nft: {error}") })?;
+            if !output.status.success() {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                return Err(NetworkError::Nft { reason: format!("nft {command} failed with {}: {}", output.status, stderr.trim()) });
+            }
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        }
+    }
+}
+
+/// Applies a script with `nft -f -` as one transaction.
+fn apply_with_command(script: &str) -> Result<(), NetworkError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -313,12 +386,24 @@ pub fn apply(script: &str) -> Result<(), NetworkError> {
     Ok(())
 }
 
-/// Checks that `nft` runs, for the start-up check.
-pub fn check_available() -> Result<(), NetworkError> {
+/// Checks that nftables can be used, for the start-up check, and logs how
+/// changes are applied: in process, or through the `nft` command with one
+/// warning that gives the reason.
+pub fn check_available(logger: &slog::Logger) -> Result<(), NetworkError> {
+    let reason = match backend() {
+        Backend::Library(_) => {
+            slog::info!(logger, "nftables changes are applied in process through libnftables"; "library" => nftlib::LIBRARY_NAME);
+            return Ok(());
+        }
+        Backend::Command { reason } => reason,
+    };
+    slog::warn!(logger, "libnftables is not used, so every nftables change starts the nft command"; "reason" => reason);
     match Command::new("nft").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status() {
         Ok(status) if status.success() => Ok(()),
         Ok(status) => Err(NetworkError::Missing { what: format!("`nft --version` exited with {status}; nftables is unusable") }),
-        Err(error) => Err(NetworkError::Missing { what: format!("the nft command ({error}); install Debian's nftables package") }),
+        Err(error) => Err(NetworkError::Missing {
+            what: format!("the nft command ({error}) or {} ({reason}); install Debian's nftables package", nftlib::LIBRARY_NAME),
+        }),
     }
 }
 
