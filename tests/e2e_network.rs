@@ -786,7 +786,9 @@ fn janitor_removes_veth_that_outlives_namespace() {
     assert_eq!(host_veths(&server), veths, "the veth went although its namespace is held");
 
     assert!(eventually(Duration::from_secs(15), || host_veths(&server).is_empty()), "the janitor left the veth");
-    assert!(server.log_text().contains("a host veth outlived its container's network namespace"), "the janitor did not log the veth");
+    // The log is written asynchronously.
+    let logged = || server.log_text().contains("a host veth outlived its container's network namespace");
+    assert!(eventually(Duration::from_secs(5), logged), "the janitor did not log the veth");
     drop(netns);
     assert_eq!(server.network_leftovers(), Vec::<String>::new());
 }
