@@ -754,3 +754,151 @@ fn crash_during_net_in_and_out() {
     assert_eq!(server.leftovers(), Vec::<String>::new());
     assert_eq!(server.network_leftovers(), Vec::<String>::new());
 }
+
+/// Waits until `output` has stopped growing for half a second and returns
+/// its bytes, so a client cut off by a killed server has read everything
+/// the kernel still held for it.
+fn settled(output: &SharedOutput) -> Vec<u8> {
+    let mut length = output.len();
+    let mut stable_since = Instant::now();
+    while stable_since.elapsed() < Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(50));
+        if output.len() != length {
+            length = output.len();
+            stable_since = Instant::now();
+        }
+    }
+    output.take()
+}
+
+/// Returns the lines `1` to `last`, as `seq` prints them.
+fn numbered_lines(last: u32) -> String {
+    (1..=last).map(|number| format!("{number}\n")).collect()
+}
+
+/// Returns a script that prints the lines `1` to `last` in bursts of 100,
+/// a tenth of a second apart, then `end`, and exits 0 once `/seq-go`
+/// exists.
+fn numbered_script(last: u32) -> String {
+    format!(
+        "i=1; while [ $i -le {last} ]; do seq $i $((i + 99)); i=$((i + 100)); sleep 0.1; done; echo end; \
+         while [ ! -e /seq-go ]; do sleep 0.05; done"
+    )
+}
+
+/// Waits until `received` plus the output collected so far holds at
+/// least `lines` lines; panics after a minute.
+fn wait_for_lines(received: &[u8], output: &SharedOutput, lines: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = received.iter().filter(|byte| **byte == b'\n').count() + output.count_lines();
+        if seen >= lines {
+            return;
+        }
+        assert!(Instant::now() < deadline, "waited a minute for {lines} lines, have {seen}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn output_exactly_once_across_kills() {
+    const LAST: u32 = 8000;
+    let Some(mut server) = TestServer::start("output_exactly_once_across_kills") else { return };
+    let handle = server.create("numbered");
+    let root = container_root(&server, &handle);
+    let spec = ProcessSpec { id: format!("{}-numbered", server.name), ..command_spec("sh", &["-c", &numbered_script(LAST)]) };
+    let mut received = Vec::new();
+
+    // Killed while a client is attached and output flows to it.
+    let first = SharedOutput::default();
+    server.block_on(async {
+        let process = server.client.run(&handle, &spec, output_io(&first)).await.unwrap();
+        std::mem::forget(process);
+    });
+    wait_for_lines(&received, &first, 1500);
+    server.kill_server();
+    received.extend(settled(&first));
+    server.start_again(&[]);
+
+    // Killed while no client is attached: the output waits in the new
+    // server's buffer and the shim, unacknowledged.
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill_server();
+    server.start_again(&[]);
+
+    // Attached again, then killed a third time while output flows.
+    let second = SharedOutput::default();
+    server.block_on(async {
+        let process = server.client.attach(&handle, &spec.id, output_io(&second)).await.unwrap();
+        std::mem::forget(process);
+    });
+    wait_for_lines(&received, &second, 5000);
+    server.kill_server();
+    received.extend(settled(&second));
+    server.start_again(&[]);
+
+    let last = SharedOutput::default();
+    let status = server.block_on(async {
+        let mut process = server.client.attach(&handle, &spec.id, output_io(&last)).await.unwrap();
+        wait_for_text(&last, "end\n").await;
+        fs::write(root.join("seq-go"), b"").unwrap();
+        process.wait().await.unwrap()
+    });
+    assert_eq!(status, 0);
+    received.extend(last.take());
+
+    let expected = numbered_lines(LAST) + "end\n";
+    let text = String::from_utf8(received).unwrap();
+    if text != expected {
+        let lines: Vec<&str> = text.lines().collect();
+        let first_wrong = lines.iter().zip(expected.lines()).position(|(seen, wanted)| seen != &wanted);
+        panic!(
+            "the output across attaches is not the sequence exactly once: {} lines instead of {}, first difference at line {:?}",
+            lines.len(),
+            LAST + 1,
+            first_wrong.map(|index| (index + 1, lines[index]))
+        );
+    }
+}
+
+#[test]
+fn previous_release_shim_reattached() {
+    let Some(mut server) = TestServer::start("previous_release_shim_reattached") else { return };
+    let handle = server.create("old-shim");
+    let root = container_root(&server, &handle);
+
+    // A server whose shims speak protocol version 1, as the previous
+    // release's do, starts the process.
+    server.stop();
+    server.start_again(&[(trellis::linux::shim::PROTOCOL_VARIABLE, "1")]);
+    let spec = ProcessSpec { id: format!("{}-old", server.name), ..command_spec("sh", &["-c", &gated_script(4, true)]) };
+    let first = SharedOutput::default();
+    server.block_on(async {
+        let process = server.client.run(&handle, &spec, output_io(&first)).await.unwrap();
+        wait_for_text(&first, "ready\n").await;
+        std::mem::forget(process);
+    });
+
+    server.kill_server();
+    fs::write(root.join("restart-go"), b"").unwrap();
+    wait_for_file(&root.join("restart-done"));
+    // This release's server takes the version 1 shim over.
+    server.start_again(&[]);
+
+    let second = SharedOutput::default();
+    let status = server.block_on(async {
+        let mut process = server.client.attach(&handle, &spec.id, output_io(&second)).await.unwrap();
+        process.write_stdin(b"old\n").await.unwrap();
+        process.wait().await.unwrap()
+    });
+    assert_eq!(status, 4);
+    assert_eq!(String::from_utf8_lossy(&second.take()), "while-down\ngot-old\n");
+    let log = server.log_text();
+    let reconnected = log.lines().find(|line| line.contains("process shim reconnected") && line.contains(&spec.id));
+    let reconnected = reconnected.expect("the restarted server logs the reconnected shim");
+    assert!(reconnected.contains(r#""protocol_version":1"#), "the shim did not speak version 1: {reconnected}");
+
+    // A process of this release's shim still runs alongside.
+    let output = server.run_command(&handle, "echo", &["new"]);
+    assert_eq!(output.stdout_text(), "new\n");
+}
