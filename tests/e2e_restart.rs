@@ -786,7 +786,7 @@ fn numbered_script(last: u32) -> String {
     )
 }
 
-/// Waits until `received` plus the output collected so far holds at
+/// Waits until `received` plus the output collected so far contains at
 /// least `lines` lines; panics after a minute.
 fn wait_for_lines(received: &[u8], output: &SharedOutput, lines: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
