@@ -902,3 +902,26 @@ fn previous_release_shim_reattached() {
     let output = server.run_command(&handle, "echo", &["new"]);
     assert_eq!(output.stdout_text(), "new\n");
 }
+
+#[test]
+fn lost_shim_reported_on_attach() {
+    let Some(mut server) = TestServer::start("lost_shim_reported_on_attach") else { return };
+    let handle = server.create("lost-shim");
+    let spec = ProcessSpec { id: format!("{}-lost", server.name), ..command_spec("sleep", &["1000"]) };
+    server.block_on(server.client.run(&handle, &spec, ProcessIo::default())).unwrap();
+    server.kill_server();
+
+    // The shim this test's server started goes away while no server runs.
+    let shims = support::processes_working_under(&server.depot);
+    assert_eq!(shims.len(), 1, "one shim runs: {shims:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shims[0].0 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    server.start_again(&[]);
+
+    let result = server.block_on(async {
+        let mut process = server.client.attach(&handle, &spec.id, ProcessIo::default()).await.unwrap();
+        process.wait().await
+    });
+    let error = result.expect_err("the attach of a process whose shim is gone reports an error").to_string();
+    assert!(error.contains("unreachable"), "the error does not say why: {error}");
+    server.block_on(server.client.destroy(&handle)).unwrap();
+}

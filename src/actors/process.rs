@@ -754,6 +754,9 @@ async fn read_shim_frames(
                 continue;
             }
             Ok(Some(ShimFrame::Exited { status })) => break ExitOutcome::Status(status),
+            // A process that could not be reattached after a restart is
+            // replayed as this frame, so its attach reports why.
+            Ok(Some(ShimFrame::StartFailed { message, .. })) => break ExitOutcome::Error(message),
             Ok(Some(other)) => {
                 debug!(logger, "unexpected shim frame ignored"; "frame" => format!("{other:?}"));
                 continue;
@@ -822,5 +825,27 @@ mod tests {
         let mut ring = RecentOutput::new(4);
         ring.push(Bytes::from_static(b"0123456789"));
         assert_eq!(ring.take().unwrap(), Bytes::from_static(b"6789"));
+    }
+
+    #[actix::test]
+    async fn start_failed_frame_ends_with_its_message() {
+        let mut frames = BytesMut::new();
+        let message = "the shim speaks protocol version 9".to_string();
+        ShimFrame::StartFailed { failure: crate::runtime::stdio::StartFailure::Other, message: message.clone() }.encode(&mut frames);
+        let process = Process::start_with(ProcessStart {
+            process_id: "p".into(),
+            pid: 0,
+            tty: false,
+            logger: Logger::root(slog::Discard, o!()),
+            stream_table: StreamTable::default(),
+            leftover: BytesMut::new(),
+            reader: Box::new(std::io::Cursor::new(frames.to_vec())),
+            writer: Box::new(tokio::io::sink()),
+            acknowledge: false,
+            exit_listener: None,
+        });
+        let mut stream = process.send(OpenStream { stream_id: "1".into() }).await.unwrap();
+        let outcome = stream.exit.wait_for(Option::is_some).await.unwrap().clone();
+        assert_eq!(outcome, Some(ExitOutcome::Error(message)));
     }
 }

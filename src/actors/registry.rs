@@ -28,6 +28,7 @@ use crate::pools::port::ClaimPort;
 use crate::pools::subnet::{AllocateNetwork, ClaimNetwork, ReleaseNetwork};
 use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
 use crate::pools::NetworkPools;
+use crate::runtime::stdio::{ShimFrame, StartFailure};
 use crate::runtime::{ContainerConfig, ContainerRuntime, Runtime, StartedProcess, StdioConnection};
 use crate::state::{self, StateError};
 
@@ -218,7 +219,9 @@ impl Registry {
                 // The process stays known, and an attach reports the error
                 // as its end.
                 warn!(self.logger, "process cannot be reattached"; "handle" => handle, "process_id" => &process_id, "error" => %error);
-                StartedProcess { pid: 0, stdio: StdioConnection::Replay(Vec::new()) }
+                let mut frames = bytes::BytesMut::new();
+                ShimFrame::StartFailed { failure: StartFailure::Other, message: error.to_string() }.encode(&mut frames);
+                StartedProcess { pid: 0, stdio: StdioConnection::Replay(frames.to_vec()) }
             });
             addr.do_send(AdoptProcess { process_id, started });
         }
