@@ -889,3 +889,132 @@ impl IoLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns an I/O loop of `version` connected to the returned server
+    /// end, with pipes for stdio, for bookkeeping tests that need no
+    /// process.
+    fn io_loop(version: u32) -> (IoLoop, UnixStream) {
+        let (shim_end, server_end) = UnixStream::pair().unwrap();
+        let pidfd = syscalls::pidfd_open(std::process::id() as i32).unwrap();
+        let (stdin, _) = pipe().unwrap();
+        let (stdout, _) = pipe().unwrap();
+        let (stderr, _) = pipe().unwrap();
+        let stdio = ParentStdio::Pipes { stdin, stdout, stderr };
+        let io_loop = IoLoop::new(shim_end, None, Pid::this(), pidfd, stdio, version).unwrap();
+        (io_loop, server_end)
+    }
+
+    /// Decodes every frame the server end has received so far.
+    fn received(server_end: &mut UnixStream) -> Vec<ShimFrame> {
+        server_end.set_nonblocking(true).unwrap();
+        let mut buffer = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(count) = server_end.read(&mut chunk) {
+            if count == 0 {
+                break;
+            }
+            buffer.extend_from_slice(&chunk[..count]);
+        }
+        std::iter::from_fn(|| ShimFrame::decode(&mut buffer).unwrap()).collect()
+    }
+
+    fn stdout(text: &'static str) -> ShimFrame {
+        ShimFrame::Stdout(Bytes::from_static(text.as_bytes()))
+    }
+
+    fn stderr(text: &'static str) -> ShimFrame {
+        ShimFrame::Stderr(Bytes::from_static(text.as_bytes()))
+    }
+
+    /// Returns the frames queued for the next server, decoded.
+    fn queued(io_loop: &IoLoop) -> Vec<ShimFrame> {
+        let mut buffer: BytesMut = io_loop.to_server.iter().flat_map(|frame| frame.iter().copied()).collect();
+        std::iter::from_fn(|| ShimFrame::decode(&mut buffer).unwrap()).collect()
+    }
+
+    #[test]
+    fn unacknowledged_output_is_resent_in_order() {
+        let (mut io_loop, mut server_end) = io_loop(2);
+        for frame in [stdout("one"), stderr("two"), stdout("three"), stderr("four")] {
+            io_loop.push(frame);
+        }
+        io_loop.flush_socket();
+        assert_eq!(received(&mut server_end), vec![stdout("one"), stderr("two"), stdout("three"), stderr("four")]);
+        assert_eq!(io_loop.unacknowledged.len(), 4);
+
+        // The server is done with "one" and "two", and with the first
+        // byte of "four" only.
+        io_loop.acknowledge([3, 4]);
+        assert_eq!(io_loop.unacknowledged.len(), 2);
+        io_loop.push(stdout("five"));
+        io_loop.server_gone();
+        assert_eq!(queued(&io_loop), vec![stdout("three"), stderr("four"), stdout("five")]);
+        let mut encoded = BytesMut::new();
+        for frame in queued(&io_loop) {
+            frame.encode(&mut encoded);
+        }
+        assert_eq!(io_loop.to_server_bytes, encoded.len());
+    }
+
+    #[test]
+    fn reconnect_sends_hello_then_resends() {
+        let (mut io_loop, mut server_end) = io_loop(2);
+        io_loop.push(stdout("abc"));
+        io_loop.flush_socket();
+        received(&mut server_end);
+        io_loop.server_gone();
+
+        let directory = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(directory.path().join(SOCKET_NAME)).unwrap();
+        io_loop.listener = Some(listener);
+        let mut new_server_end = UnixStream::connect(directory.path().join(SOCKET_NAME)).unwrap();
+        io_loop.accept_server();
+        io_loop.flush_socket();
+        let pid = std::process::id();
+        assert_eq!(
+            received(&mut new_server_end),
+            vec![ShimFrame::Hello { version: 2 }, ShimFrame::Started { pid }, stdout("abc")]
+        );
+
+        // The new connection counts from zero again.
+        io_loop.acknowledge([3, 0]);
+        assert!(io_loop.unacknowledged.is_empty(), "three bytes of the new connection cover the frame");
+    }
+
+    #[test]
+    fn version_one_keeps_nothing_after_sending() {
+        let (mut io_loop, mut server_end) = io_loop(1);
+        io_loop.push(stdout("gone"));
+        io_loop.flush_socket();
+        assert_eq!(received(&mut server_end), vec![stdout("gone")]);
+        assert!(io_loop.unacknowledged.is_empty());
+        io_loop.server_gone();
+        assert!(queued(&io_loop).is_empty());
+    }
+
+    #[test]
+    fn kept_output_is_bounded() {
+        let (mut io_loop, mut server_end) = io_loop(2);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let reader = std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = server_end.read_to_end(&mut sink);
+            sink.len()
+        });
+        for _ in 0..40 {
+            io_loop.push(ShimFrame::Stdout(chunk.clone()));
+            io_loop.socket.set_nonblocking(false).unwrap();
+            io_loop.flush_socket();
+        }
+        assert!(io_loop.unacknowledged_bytes <= DETACHED_OUTPUT_LIMIT, "{} bytes kept", io_loop.unacknowledged_bytes);
+        assert!(io_loop.unacknowledged_bytes > DETACHED_OUTPUT_LIMIT - 2 * chunk.len());
+        io_loop.server_gone();
+        assert!(io_loop.to_server_bytes <= DETACHED_OUTPUT_LIMIT);
+        drop(io_loop);
+        assert!(reader.join().unwrap() >= 40 * chunk.len());
+    }
+}
