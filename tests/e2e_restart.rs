@@ -369,22 +369,61 @@ fn orphan_cgroup_removed_at_startup() {
     assert!(log.lines().any(|line| line.contains("orphan removed at start-up") && line.contains(&stray_name)), "the removal is logged");
 }
 
+/// Polls the list until `handle` is gone and returns when it was first
+/// seen missing; panics after a minute.
+fn wait_until_unlisted(server: &TestServer, handle: &str) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if !listed(server).contains(handle) {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "{handle} was not reaped within a minute");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn grace_timer_resumes_after_restart() {
+    const LONG: Duration = Duration::from_secs(10);
+    const SHORT: Duration = Duration::from_secs(3);
     let Some(mut server) = TestServer::start("grace_timer_resumes_after_restart") else { return };
-    let handle = server.unique_handle("graced");
-    let spec = ContainerSpec { handle: handle.clone(), grace_time: 2_000_000_000, ..ContainerSpec::default() };
-    server.block_on(server.client.create(&spec)).unwrap();
-    server.stop();
-    server.start_again(&[]);
-    assert!(listed(&server).contains(&handle), "the container is restored before its grace time ends");
-
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while listed(&server).contains(&handle) {
-        assert!(Instant::now() < deadline, "the restored container was not reaped after its grace time");
-        std::thread::sleep(Duration::from_millis(200));
+    let resumed = server.unique_handle("resumed");
+    let expired = server.unique_handle("expired");
+    let created_at = Instant::now();
+    for (handle, grace) in [(&resumed, LONG), (&expired, SHORT)] {
+        let spec = ContainerSpec { handle: handle.clone(), grace_time: grace.as_nanos() as i64, ..ContainerSpec::default() };
+        server.block_on(server.client.create(&spec)).unwrap();
     }
-    assert!(!server.depot.join(&handle).exists());
+
+    // The short deadline passes while no server runs.
+    server.stop();
+    while Instant::now() < created_at + SHORT + Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let restarted_at = Instant::now();
+    server.start_again(&[]);
+    assert!(listed(&server).contains(&resumed), "the container with time left is restored");
+    let expired_gone = wait_until_unlisted(&server, &expired);
+    assert!(
+        expired_gone < restarted_at + SHORT,
+        "the container whose deadline passed was reaped {:?} after the restart, not promptly",
+        expired_gone - restarted_at
+    );
+    assert!(server.log_text().contains("grace time ran out while no server was running"), "the late reap is not logged");
+
+    // A crash of the restarted server keeps the original deadline too.
+    server.kill_server();
+    server.start_again(&[]);
+    assert!(listed(&server).contains(&resumed), "the container is restored again after SIGKILL");
+    let resumed_gone = wait_until_unlisted(&server, &resumed);
+    assert!(resumed_gone >= created_at + LONG, "reaped {:?} after create, before its grace time", resumed_gone - created_at);
+    assert!(
+        resumed_gone < restarted_at + LONG,
+        "reaped {:?} after the first restart: the timer restarted in full",
+        resumed_gone - restarted_at
+    );
+    assert!(!server.depot.join(&resumed).exists());
+    assert!(!server.depot.join(&expired).exists());
 }
 
 #[test]
@@ -714,4 +753,175 @@ fn crash_during_net_in_and_out() {
     server.block_on(server.client.destroy(&handle)).unwrap();
     assert_eq!(server.leftovers(), Vec::<String>::new());
     assert_eq!(server.network_leftovers(), Vec::<String>::new());
+}
+
+/// Waits until `output` has stopped growing for half a second and returns
+/// its bytes, so a client cut off by a killed server has read everything
+/// the kernel still held for it.
+fn settled(output: &SharedOutput) -> Vec<u8> {
+    let mut length = output.len();
+    let mut stable_since = Instant::now();
+    while stable_since.elapsed() < Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(50));
+        if output.len() != length {
+            length = output.len();
+            stable_since = Instant::now();
+        }
+    }
+    output.take()
+}
+
+/// Returns the lines `1` to `last`, as `seq` prints them.
+fn numbered_lines(last: u32) -> String {
+    (1..=last).map(|number| format!("{number}\n")).collect()
+}
+
+/// Returns a script that prints the lines `1` to `last` in bursts of 100,
+/// a tenth of a second apart, then `end`, and exits 0 once `/seq-go`
+/// exists.
+fn numbered_script(last: u32) -> String {
+    format!(
+        "i=1; while [ $i -le {last} ]; do seq $i $((i + 99)); i=$((i + 100)); sleep 0.1; done; echo end; \
+         while [ ! -e /seq-go ]; do sleep 0.05; done"
+    )
+}
+
+/// Waits until `received` plus the output collected so far contains at
+/// least `lines` lines; panics after a minute.
+fn wait_for_lines(received: &[u8], output: &SharedOutput, lines: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = received.iter().filter(|byte| **byte == b'\n').count() + output.count_lines();
+        if seen >= lines {
+            return;
+        }
+        assert!(Instant::now() < deadline, "waited a minute for {lines} lines, have {seen}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn output_exactly_once_across_kills() {
+    const LAST: u32 = 8000;
+    let Some(mut server) = TestServer::start("output_exactly_once_across_kills") else { return };
+    let handle = server.create("numbered");
+    let root = container_root(&server, &handle);
+    let spec = ProcessSpec { id: format!("{}-numbered", server.name), ..command_spec("sh", &["-c", &numbered_script(LAST)]) };
+    let mut received = Vec::new();
+
+    // Killed while a client is attached and output flows to it.
+    let first = SharedOutput::default();
+    server.block_on(async {
+        let process = server.client.run(&handle, &spec, output_io(&first)).await.unwrap();
+        std::mem::forget(process);
+    });
+    wait_for_lines(&received, &first, 1500);
+    server.kill_server();
+    received.extend(settled(&first));
+    server.start_again(&[]);
+
+    // Killed while no client is attached: the output waits in the new
+    // server's buffer and the shim, unacknowledged.
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill_server();
+    server.start_again(&[]);
+
+    // Attached again, then killed a third time while output flows.
+    let second = SharedOutput::default();
+    server.block_on(async {
+        let process = server.client.attach(&handle, &spec.id, output_io(&second)).await.unwrap();
+        std::mem::forget(process);
+    });
+    wait_for_lines(&received, &second, 5000);
+    server.kill_server();
+    received.extend(settled(&second));
+    server.start_again(&[]);
+
+    let last = SharedOutput::default();
+    let status = server.block_on(async {
+        let mut process = server.client.attach(&handle, &spec.id, output_io(&last)).await.unwrap();
+        wait_for_text(&last, "end\n").await;
+        fs::write(root.join("seq-go"), b"").unwrap();
+        process.wait().await.unwrap()
+    });
+    assert_eq!(status, 0);
+    received.extend(last.take());
+
+    let expected = numbered_lines(LAST) + "end\n";
+    let text = String::from_utf8(received).unwrap();
+    if text != expected {
+        let lines: Vec<&str> = text.lines().collect();
+        let first_wrong = lines.iter().zip(expected.lines()).position(|(seen, wanted)| seen != &wanted);
+        panic!(
+            "the output across attaches is not the sequence exactly once: {} lines instead of {}, first difference at line {:?}",
+            lines.len(),
+            LAST + 1,
+            first_wrong.map(|index| (index + 1, lines[index]))
+        );
+    }
+}
+
+#[test]
+fn previous_release_shim_reattached() {
+    let Some(mut server) = TestServer::start("previous_release_shim_reattached") else { return };
+    let handle = server.create("old-shim");
+    let root = container_root(&server, &handle);
+
+    // A server whose shims speak protocol version 1, as the previous
+    // release's do, starts the process.
+    server.stop();
+    server.start_again(&[(trellis::linux::shim::PROTOCOL_VARIABLE, "1")]);
+    let spec = ProcessSpec { id: format!("{}-old", server.name), ..command_spec("sh", &["-c", &gated_script(4, true)]) };
+    let first = SharedOutput::default();
+    server.block_on(async {
+        let process = server.client.run(&handle, &spec, output_io(&first)).await.unwrap();
+        wait_for_text(&first, "ready\n").await;
+        std::mem::forget(process);
+    });
+
+    server.kill_server();
+    fs::write(root.join("restart-go"), b"").unwrap();
+    wait_for_file(&root.join("restart-done"));
+    // This release's server takes the version 1 shim over.
+    server.start_again(&[]);
+
+    let second = SharedOutput::default();
+    let status = server.block_on(async {
+        let mut process = server.client.attach(&handle, &spec.id, output_io(&second)).await.unwrap();
+        process.write_stdin(b"old\n").await.unwrap();
+        process.wait().await.unwrap()
+    });
+    assert_eq!(status, 4);
+    assert_eq!(String::from_utf8_lossy(&second.take()), "while-down\ngot-old\n");
+    let log = server.log_text();
+    let reconnected = log.lines().find(|line| line.contains("process shim reconnected") && line.contains(&spec.id));
+    let reconnected = reconnected.expect("the restarted server logs the reconnected shim");
+    assert!(reconnected.contains(r#""protocol_version":1"#), "the shim did not speak version 1: {reconnected}");
+
+    // A process of this release's shim still runs alongside.
+    let output = server.run_command(&handle, "echo", &["new"]);
+    assert_eq!(output.stdout_text(), "new\n");
+}
+
+#[test]
+fn lost_shim_reported_on_attach() {
+    let Some(mut server) = TestServer::start("lost_shim_reported_on_attach") else { return };
+    let handle = server.create("lost-shim");
+    let spec = ProcessSpec { id: format!("{}-lost", server.name), ..command_spec("sleep", &["1000"]) };
+    server.block_on(server.client.run(&handle, &spec, ProcessIo::default())).unwrap();
+    server.kill_server();
+
+    // The shim this test's server started goes away while no server runs.
+    let shims = support::processes_working_under(&server.depot);
+    assert_eq!(shims.len(), 1, "one shim runs: {shims:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shims[0].0 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    server.start_again(&[]);
+
+    let result = server.block_on(async {
+        let mut process = server.client.attach(&handle, &spec.id, ProcessIo::default()).await.unwrap();
+        process.wait().await
+    });
+    let error = result.expect_err("the attach of a process whose shim is gone reports an error").to_string();
+    assert!(error.contains("unreachable"), "the error does not say why: {error}");
+    server.block_on(server.client.destroy(&handle)).unwrap();
 }

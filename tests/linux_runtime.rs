@@ -135,7 +135,7 @@ fn process(path: &str, args: &[&str]) -> ProcessSpec {
 
 fn connection(stdio: StdioConnection) -> UnixStream {
     match stdio {
-        StdioConnection::Unix(stream) => stream,
+        StdioConnection::Unix(stream) | StdioConnection::UnixAcknowledged(stream) => stream,
         StdioConnection::Memory(_) | StdioConnection::Replay(_) => {
             panic!("the Linux runtime returned no shim connection for a new process")
         }

@@ -903,7 +903,7 @@ impl Handler<RunProcess> for Container {
             let run_id = id.clone();
             let started = blocking(move || runtime.run(&run_id, &spec)).await?;
             crate::state::fault_point("run.after-start");
-            let (pid, leftover, reader, writer) = split_stdio(started)?;
+            let (pid, leftover, reader, writer, acknowledge) = split_stdio(started)?;
             info!(logger, "process started"; "process_id" => &id, "pid" => pid,
                 "duration_ms" => started_at.elapsed().as_millis() as u64);
             Ok(Process::start_with(ProcessStart {
@@ -915,6 +915,7 @@ impl Handler<RunProcess> for Container {
                 leftover,
                 reader,
                 writer,
+                acknowledge,
                 exit_listener: Some(exit_listener),
             }))
         };
@@ -1070,7 +1071,7 @@ impl Handler<AdoptProcess> for Container {
                 false
             }
         };
-        let (pid, leftover, reader, writer) = match split_stdio(message.started) {
+        let (pid, leftover, reader, writer, acknowledge) = match split_stdio(message.started) {
             Ok(halves) => halves,
             Err(error) => {
                 warn!(self.logger, "reattaching a process failed"; "process_id" => &process_id, "error" => %error);
@@ -1086,6 +1087,7 @@ impl Handler<AdoptProcess> for Container {
             leftover,
             reader,
             writer,
+            acknowledge,
             exit_listener: Some(ctx.address().recipient()),
         });
         info!(self.logger, "process reattached"; "process_id" => &process_id, "pid" => pid);
@@ -1292,11 +1294,14 @@ type ShimHalves = (
     BytesMut,
     Box<dyn tokio::io::AsyncRead + Send + Unpin>,
     Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    bool,
 );
 
 /// Splits a started process's stdio connection into its two halves. The
-/// runtime has already consumed the start frame.
+/// last element is whether the shim expects acknowledgements of its
+/// output. The runtime has already consumed the start frame.
 fn split_stdio(started: StartedProcess) -> Result<ShimHalves, ContainerError> {
+    let acknowledge = matches!(started.stdio, StdioConnection::UnixAcknowledged(_));
     let (reader, writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) =
         match started.stdio {
             StdioConnection::Memory(stream) => {
@@ -1304,7 +1309,7 @@ fn split_stdio(started: StartedProcess) -> Result<ShimHalves, ContainerError> {
                 (Box::new(reader), Box::new(writer))
             }
             StdioConnection::Replay(frames) => (Box::new(std::io::Cursor::new(frames)), Box::new(tokio::io::sink())),
-            StdioConnection::Unix(stream) => {
+            StdioConnection::Unix(stream) | StdioConnection::UnixAcknowledged(stream) => {
                 let io_error = |error: std::io::Error| {
                     ContainerError::from(RuntimeError::failed(format!("cannot use the process shim socket: {error}")))
                 };
@@ -1314,7 +1319,7 @@ fn split_stdio(started: StartedProcess) -> Result<ShimHalves, ContainerError> {
                 (Box::new(reader), Box::new(writer))
             }
         };
-    Ok((started.pid, BytesMut::new(), reader, writer))
+    Ok((started.pid, BytesMut::new(), reader, writer, acknowledge))
 }
 
 #[cfg(test)]

@@ -19,6 +19,16 @@
 //! then goes to the ring buffer again, so a process blocks on an absent
 //! reader for that long at most.
 //!
+//! A shim of protocol version 2 keeps each output frame until the actor
+//! acknowledges it, and sends the unacknowledged frames again to the next
+//! server after a restart. The actor acknowledges output once it has been
+//! written to an attached client's connection or dropped by the ring
+//! buffer's bound. Output still in the ring buffer or in a reader's queue
+//! is not acknowledged, so a crash of the server does not lose it. A crash
+//! between a write to a client and its acknowledgement makes the shim send
+//! that chunk again, so the next attacher may receive up to one chunk
+//! twice.
+//!
 //! Each Run or Attach opens a stream with a server-wide id. The client's C1
 //! handler holds the stream's exit receiver and a liveness channel: it sends
 //! the exit message only after every stdout or stderr connection of its
@@ -175,6 +185,11 @@ struct OutputState {
     unattached: RecentOutput,
     readers: Vec<Reader>,
     delivered_bytes: u64,
+    /// Payload bytes received on the current shim connection.
+    received: u64,
+    /// Bytes of the output, from the start of the shim connection, that
+    /// the actor is done with: written to a client or dropped.
+    done: u64,
 }
 
 impl OutputState {
@@ -185,7 +200,7 @@ impl OutputState {
 
 impl Default for OutputState {
     fn default() -> Self {
-        OutputState { unattached: RecentOutput::new(UNATTACHED_BUFFER_BYTES), readers: Vec::new(), delivered_bytes: 0 }
+        OutputState { unattached: RecentOutput::new(UNATTACHED_BUFFER_BYTES), readers: Vec::new(), delivered_bytes: 0, received: 0, done: 0 }
     }
 }
 
@@ -194,9 +209,10 @@ struct StreamRecord {
     /// Dropped when the stream finishes. Each attached output connection
     /// keeps a clone, so the C1 handler's receiver ends once all are done.
     liveness: Option<mpsc::Sender<()>>,
-    /// The queues of the stream's reserved readers, by output, until the
-    /// stdout or stderr connection takes them over.
-    expected: [Option<mpsc::Receiver<Bytes>>; 2],
+    /// The queues of the stream's reserved readers, by output, with the
+    /// position of their first chunk, until the stdout or stderr
+    /// connection takes them over.
+    expected: [Option<(mpsc::Receiver<Bytes>, u64)>; 2],
 }
 
 /// The actor of one process.
@@ -223,6 +239,8 @@ pub struct Process {
     /// the container, which records the exit status in its state file and
     /// bounds how many finished processes it keeps.
     exit_listener: Option<Recipient<ProcessExited>>,
+    /// Whether the shim expects acknowledgements (protocol version 2).
+    acknowledge: bool,
 }
 
 /// Everything the process actor needs at start.
@@ -236,6 +254,8 @@ pub struct ProcessStart {
     pub leftover: BytesMut,
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
     pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Whether the shim expects acknowledgements of its output.
+    pub acknowledge: bool,
     /// Receives [`ProcessExited`] once the process has exited.
     pub exit_listener: Option<Recipient<ProcessExited>>,
 }
@@ -272,6 +292,7 @@ impl Process {
             start_reading: Some(start_reading),
             mailbox: MailboxStats::default(),
             exit_listener: start.exit_listener,
+            acknowledge: start.acknowledge,
         };
         let addr = process.start();
         actix_rt::spawn(write_shim_frames(start.writer, shim_receiver, logger.clone()));
@@ -282,17 +303,31 @@ impl Process {
     /// Registers a reader for `kind` on behalf of a stream whose output
     /// connection has not arrived yet. The first reader of an output also
     /// receives what the ring buffer kept.
-    fn reserve_reader(&mut self, stream_id: &str, kind: OutputKind) -> Option<mpsc::Receiver<Bytes>> {
+    fn reserve_reader(&mut self, stream_id: &str, kind: OutputKind) -> Option<(mpsc::Receiver<Bytes>, u64)> {
         let (sender, receiver) = mpsc::channel(READER_QUEUE_CHUNKS);
         let output = &mut self.outputs[kind.index()];
         output.readers.retain(|reader| !reader.sender.is_closed());
+        let mut start = output.received;
         if !output.has_connected_reader() {
             if let Some(kept) = output.unattached.snapshot() {
+                start -= kept.len() as u64;
                 sender.try_send(kept).expect("a new queue has room for one chunk");
             }
         }
         output.readers.push(Reader { stream_id: stream_id.to_string(), sender, connected: false });
-        Some(receiver)
+        Some((receiver, start))
+    }
+
+    /// Sends the shim the positions the actor is done with, when the shim
+    /// expects acknowledgements. A full queue skips this one: the next
+    /// acknowledgement covers it, because the counts are cumulative.
+    fn acknowledge(&mut self) {
+        if !self.acknowledge {
+            return;
+        }
+        if let Some(shim) = &self.shim {
+            let _ = shim.try_send(ServerFrame::Ack { stdout: self.outputs[0].done, stderr: self.outputs[1].done });
+        }
     }
 
     /// Gives up the reserved readers of a stream whose output connections
@@ -307,7 +342,7 @@ impl Process {
             return;
         }
         for kind in [OutputKind::Stdout, OutputKind::Stderr] {
-            let Some(mut receiver) = record.expected[kind.index()].take() else {
+            let Some((mut receiver, _)) = record.expected[kind.index()].take() else {
                 continue;
             };
             let output = &mut self.outputs[kind.index()];
@@ -339,7 +374,7 @@ impl Process {
         }
         if reclaim {
             for kind in [OutputKind::Stdout, OutputKind::Stderr] {
-                let Some(mut receiver) = record.expected[kind.index()].take() else {
+                let Some((mut receiver, _)) = record.expected[kind.index()].take() else {
                     continue;
                 };
                 receiver.close();
@@ -448,6 +483,46 @@ pub struct OutputSubscription {
     pub chunks: mpsc::Receiver<Bytes>,
     /// Held until the connection has written everything and closed.
     pub liveness: Option<mpsc::Sender<()>>,
+    /// The connection's position in its output, reported to the actor.
+    progress: OutputProgress,
+}
+
+impl OutputSubscription {
+    /// Records that the connection wrote `bytes` more bytes of output to
+    /// its client, so the shim may forget them.
+    pub fn written(&mut self, bytes: usize) {
+        self.progress.position += bytes as u64;
+        let progress = &self.progress;
+        progress.process.do_send(OutputWritten { kind: progress.kind, position: progress.position });
+    }
+}
+
+/// A reader's position in its output.
+struct OutputProgress {
+    process: Addr<Process>,
+    kind: OutputKind,
+    position: u64,
+}
+
+/// A stdout or stderr connection has written the output up to `position`.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct OutputWritten {
+    kind: OutputKind,
+    position: u64,
+}
+
+impl Handler<OutputWritten> for Process {
+    type Result = ();
+
+    fn handle(&mut self, message: OutputWritten, _ctx: &mut Context<Self>) {
+        self.mailbox.count();
+        let output = &mut self.outputs[message.kind.index()];
+        if message.position > output.done {
+            output.done = message.position;
+            self.acknowledge();
+        }
+    }
 }
 
 /// Attaches a stdout or stderr connection (C2 or C3) to a stream. Returns
@@ -462,13 +537,14 @@ pub struct AttachOutput {
 impl Handler<AttachOutput> for Process {
     type Result = MessageResult<AttachOutput>;
 
-    fn handle(&mut self, message: AttachOutput, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, message: AttachOutput, ctx: &mut Context<Self>) -> Self::Result {
         self.mailbox.count();
         let Some(record) = self.streams.get_mut(&message.stream_id) else {
             return MessageResult(None);
         };
         let output = &mut self.outputs[message.kind.index()];
-        if let Some(chunks) = record.expected[message.kind.index()].take() {
+        let progress = |position| OutputProgress { process: ctx.address(), kind: message.kind, position };
+        if let Some((chunks, start)) = record.expected[message.kind.index()].take() {
             // The reservation's queue holds the kept output, so the ring
             // buffer is not given to anyone again.
             for reader in output.readers.iter_mut().filter(|reader| reader.stream_id == message.stream_id) {
@@ -476,12 +552,14 @@ impl Handler<AttachOutput> for Process {
             }
             output.unattached.clear();
             debug!(self.logger, "output attached"; "stream_id" => &message.stream_id, "stream" => message.kind.name());
-            return MessageResult(Some(OutputSubscription { chunks, liveness: record.liveness.clone() }));
+            return MessageResult(Some(OutputSubscription { chunks, liveness: record.liveness.clone(), progress: progress(start) }));
         }
         let (sender, chunks) = mpsc::channel(READER_QUEUE_CHUNKS);
         output.readers.retain(|reader| !reader.sender.is_closed());
+        let mut start = output.received;
         if !output.has_connected_reader() {
             if let Some(kept) = output.unattached.take() {
+                start -= kept.len() as u64;
                 sender.try_send(kept).expect("a new queue has room for one chunk");
             }
         }
@@ -490,7 +568,7 @@ impl Handler<AttachOutput> for Process {
             output.readers.push(Reader { stream_id: message.stream_id.clone(), sender, connected: true });
         }
         debug!(self.logger, "output attached"; "stream_id" => &message.stream_id, "stream" => message.kind.name());
-        MessageResult(Some(OutputSubscription { chunks, liveness }))
+        MessageResult(Some(OutputSubscription { chunks, liveness, progress: progress(start) }))
     }
 }
 
@@ -511,10 +589,18 @@ impl Handler<ShimOutput> for Process {
         let output = &mut self.outputs[kind.index()];
         output.readers.retain(|reader| !reader.sender.is_closed());
         output.delivered_bytes += message.data.len() as u64;
+        output.received += message.data.len() as u64;
         let mirrored = !output.has_connected_reader();
         if mirrored {
             output.unattached.push(message.data.clone());
+            // What the ring buffer's bound dropped is done with.
+            let ring_start = output.received - output.unattached.len() as u64;
+            if ring_start > output.done {
+                output.done = ring_start;
+                self.acknowledge();
+            }
         }
+        let output = &mut self.outputs[kind.index()];
         if output.readers.is_empty() {
             return Box::pin(actix::fut::ready(()));
         }
@@ -668,6 +754,9 @@ async fn read_shim_frames(
                 continue;
             }
             Ok(Some(ShimFrame::Exited { status })) => break ExitOutcome::Status(status),
+            // A process that could not be reattached after a restart is
+            // replayed as this frame, so its attach reports why.
+            Ok(Some(ShimFrame::StartFailed { message, .. })) => break ExitOutcome::Error(message),
             Ok(Some(other)) => {
                 debug!(logger, "unexpected shim frame ignored"; "frame" => format!("{other:?}"));
                 continue;
@@ -736,5 +825,27 @@ mod tests {
         let mut ring = RecentOutput::new(4);
         ring.push(Bytes::from_static(b"0123456789"));
         assert_eq!(ring.take().unwrap(), Bytes::from_static(b"6789"));
+    }
+
+    #[actix::test]
+    async fn start_failed_frame_ends_with_its_message() {
+        let mut frames = BytesMut::new();
+        let message = "the shim speaks protocol version 9".to_string();
+        ShimFrame::StartFailed { failure: crate::runtime::stdio::StartFailure::Other, message: message.clone() }.encode(&mut frames);
+        let process = Process::start_with(ProcessStart {
+            process_id: "p".into(),
+            pid: 0,
+            tty: false,
+            logger: Logger::root(slog::Discard, o!()),
+            stream_table: StreamTable::default(),
+            leftover: BytesMut::new(),
+            reader: Box::new(std::io::Cursor::new(frames.to_vec())),
+            writer: Box::new(tokio::io::sink()),
+            acknowledge: false,
+            exit_listener: None,
+        });
+        let mut stream = process.send(OpenStream { stream_id: "1".into() }).await.unwrap();
+        let outcome = stream.exit.wait_for(Option::is_some).await.unwrap().clone();
+        assert_eq!(outcome, Some(ExitOutcome::Error(message)));
     }
 }

@@ -28,6 +28,7 @@ use crate::pools::port::ClaimPort;
 use crate::pools::subnet::{AllocateNetwork, ClaimNetwork, ReleaseNetwork};
 use crate::pools::uid::{AcquireIdMappings, ReleaseIdMappings, UidPool};
 use crate::pools::NetworkPools;
+use crate::runtime::stdio::{ShimFrame, StartFailure};
 use crate::runtime::{ContainerConfig, ContainerRuntime, Runtime, StartedProcess, StdioConnection};
 use crate::state::{self, StateError};
 
@@ -218,7 +219,9 @@ impl Registry {
                 // The process stays known, and an attach reports the error
                 // as its end.
                 warn!(self.logger, "process cannot be reattached"; "handle" => handle, "process_id" => &process_id, "error" => %error);
-                StartedProcess { pid: 0, stdio: StdioConnection::Replay(Vec::new()) }
+                let mut frames = bytes::BytesMut::new();
+                ShimFrame::StartFailed { failure: StartFailure::Other, message: error.to_string() }.encode(&mut frames);
+                StartedProcess { pid: 0, stdio: StdioConnection::Replay(frames.to_vec()) }
             });
             addr.do_send(AdoptProcess { process_id, started });
         }
@@ -226,7 +229,7 @@ impl Registry {
             self.uid_pool.do_send(AcquireIdMappings);
         }
         self.entries.insert(handle.to_string(), Entry::Ready { addr, privileged });
-        self.reaper.do_send(Strap { handle: handle.to_string(), grace_time });
+        self.reaper.do_send(Strap { handle: handle.to_string(), grace_time, resume: true });
         info!(self.logger, "container restored"; "handle" => handle);
         Restore::Served
     }
@@ -439,7 +442,7 @@ impl Handler<CreateContainer> for Registry {
         Box::pin(create.into_actor(self).map(move |result, registry, _| match result {
             Ok(addr) => {
                 registry.entries.insert(handle.clone(), Entry::Ready { addr, privileged });
-                registry.reaper.do_send(Strap { handle: handle.clone(), grace_time });
+                registry.reaper.do_send(Strap { handle: handle.clone(), grace_time, resume: false });
                 Ok(handle)
             }
             Err(error) => {

@@ -340,6 +340,7 @@ fn frame_name(frame: &ServerFrame) -> &'static str {
         ServerFrame::CloseStdin => "close-stdin",
         ServerFrame::Signal { .. } => "signal",
         ServerFrame::Resize { .. } => "resize",
+        ServerFrame::Ack { .. } => "ack",
     }
 }
 
@@ -377,6 +378,7 @@ where
                             if io.write_all(&chunk).await.is_err() {
                                 break "client gone";
                             }
+                            subscription.written(chunk.len());
                         }
                         None => break "stream finished",
                     },
@@ -386,6 +388,7 @@ where
                             if io.write_all(&chunk).await.is_err() {
                                 break;
                             }
+                            subscription.written(chunk.len());
                         }
                         break "server stopping";
                     }

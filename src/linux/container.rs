@@ -24,7 +24,7 @@ use super::rootfs::{self, ContainerRootfs, RootfsError};
 use super::shim::{self, ShimConfig};
 use super::{syscalls, users, LinuxRuntime};
 use crate::api::{CpuLimits, Limits, Metrics, ProcessSpec};
-use crate::runtime::stdio::{ShimFrame, StartFailure};
+use crate::runtime::stdio::{ShimFrame, StartFailure, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use crate::runtime::{ContainerConfig, ContainerRuntime, OomWatch, RuntimeError, StartedProcess, StdioConnection};
 
 /// How long create waits for garden-init and run for a shim's first frame.
@@ -632,6 +632,33 @@ fn read_one_frame(stream: &mut UnixStream) -> io::Result<ShimFrame> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "incomplete frame from shim"))
 }
 
+/// Reads the first frames of a shim connection: a version 2 shim sends
+/// `Hello` before its first real frame, and a version 1 shim sends that
+/// frame at once. Returns the protocol version and the first real frame.
+/// A shim of a newer version than this server speaks is an error.
+fn read_handshake(stream: &mut UnixStream) -> io::Result<(u32, ShimFrame)> {
+    match read_one_frame(stream)? {
+        ShimFrame::Hello { version } if version > PROTOCOL_VERSION => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("the shim speaks protocol version {version}, newer than version {PROTOCOL_VERSION} of this server; upgrade the server"),
+        )),
+        ShimFrame::Hello { version } if version < 2 => {
+            Err(io::Error::new(io::ErrorKind::InvalidData, format!("invalid hello from the shim: protocol version {version} has no hello")))
+        }
+        ShimFrame::Hello { version } => Ok((version, read_one_frame(stream)?)),
+        frame => Ok((OLDEST_PROTOCOL_VERSION, frame)),
+    }
+}
+
+/// Wraps a shim connection of protocol `version` for the server.
+fn shim_connection(version: u32, stream: UnixStream) -> StdioConnection {
+    if version >= 2 {
+        StdioConnection::UnixAcknowledged(stream)
+    } else {
+        StdioConnection::Unix(stream)
+    }
+}
+
 impl ContainerRuntime for LinuxContainer {
     fn run(&self, process_id: &str, spec: &ProcessSpec) -> Result<StartedProcess, RuntimeError> {
         let init_pid = self.init_pid();
@@ -674,11 +701,11 @@ impl ContainerRuntime for LinuxContainer {
         })?;
 
         server_end.set_read_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
-        let frame = read_one_frame(&mut server_end);
+        let handshake = read_handshake(&mut server_end);
         // The next Run's shim starts now that this one has done its work,
         // rather than competing with it for the CPU.
         self.shims.refill();
-        let frame = frame.map_err(|error| {
+        let (version, frame) = handshake.map_err(|error| {
             let log = fs::read_to_string(&log_path).unwrap_or_default();
             RuntimeError::failed(format!("failed to read the shim's start report: {error} {}", log.trim()))
         })?;
@@ -686,7 +713,7 @@ impl ContainerRuntime for LinuxContainer {
         match frame {
             ShimFrame::Started { pid } => {
                 slog::debug!(self.logger, "process started"; "process_id" => process_id, "pid" => pid);
-                Ok(StartedProcess { pid, stdio: StdioConnection::Unix(server_end) })
+                Ok(StartedProcess { pid, stdio: shim_connection(version, server_end) })
             }
             ShimFrame::StartFailed { failure, message } => Err(match failure {
                 StartFailure::ExecutableNotFound => RuntimeError::ExecutableNotFound { message },

@@ -41,7 +41,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use super::exec::{self, ChildError, ChildSetup, ChildStdio, Namespaces};
 use super::syscalls;
 use crate::api::ProcessSpec;
-use crate::runtime::stdio::{ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD};
+use crate::runtime::stdio::{encoded_output_stream, ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION};
 
 /// Settings a shim starts one process from.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -138,6 +138,21 @@ pub const SOCKET_NAME: &str = "sock";
 /// Name of the file holding the frames of output that no server received
 /// before the process ended, in the process's directory.
 pub const OUTPUT_FILE: &str = "output";
+/// Environment variable that makes a shim of a debug build speak an older
+/// protocol version, as a shim of the previous release does. Tests use it
+/// to check that a server still serves such shims; release builds ignore
+/// it.
+pub const PROTOCOL_VARIABLE: &str = "TRELLIS_SHIM_PROTOCOL";
+
+/// Returns the protocol version this shim speaks: [`PROTOCOL_VERSION`],
+/// or the version [`PROTOCOL_VARIABLE`] sets in a debug build.
+fn protocol_version() -> u32 {
+    let requested = std::env::var(PROTOCOL_VARIABLE).ok().and_then(|value| value.parse().ok());
+    match requested {
+        Some(version) if cfg!(debug_assertions) => version,
+        _ => PROTOCOL_VERSION,
+    }
+}
 
 /// Entry point of the shim.
 pub fn main(_args: Vec<OsString>) -> ExitCode {
@@ -306,7 +321,10 @@ fn serve(config: &ShimConfig, mut socket: UnixStream, filter: Option<seccompiler
             None
         }
     };
-    let mut io_loop = IoLoop::new(socket, listener, child, pidfd, parent_stdio)?;
+    let mut io_loop = IoLoop::new(socket, listener, child, pidfd, parent_stdio, protocol_version())?;
+    if io_loop.acknowledged() {
+        io_loop.push(ShimFrame::Hello { version: io_loop.protocol_version });
+    }
     io_loop.push(ShimFrame::Started { pid: child.as_raw() as u32 });
     let status = io_loop.run()?;
     io_loop.finish(status, &config.exit_status_path);
@@ -464,6 +482,17 @@ struct IoLoop {
     front_written: usize,
     /// Output bytes dropped while no server was connected.
     dropped_bytes: u64,
+    /// The protocol version spoken with every server; from version 2 on the
+    /// server acknowledges output.
+    protocol_version: u32,
+    /// Output frames written to the current server and not yet
+    /// acknowledged, oldest first, with the end of each frame's payload in
+    /// its stream's count of the connection. Empty before version 2.
+    unacknowledged: VecDeque<(Bytes, usize, u64)>,
+    /// Bytes of `unacknowledged`.
+    unacknowledged_bytes: usize,
+    /// Payload bytes of stdout and stderr written on this connection.
+    sent: [u64; 2],
     /// Output read ends; an entry becomes `None` at end of file.
     outputs: Vec<(Option<OwnedFd>, Stream)>,
     stdin: Option<OwnedFd>,
@@ -476,7 +505,7 @@ struct IoLoop {
 }
 
 impl IoLoop {
-    fn new(socket: UnixStream, listener: Option<UnixListener>, child: Pid, pidfd: OwnedFd, stdio: ParentStdio) -> io::Result<IoLoop> {
+    fn new(socket: UnixStream, listener: Option<UnixListener>, child: Pid, pidfd: OwnedFd, stdio: ParentStdio, protocol_version: u32) -> io::Result<IoLoop> {
         socket.set_nonblocking(true)?;
         let (outputs, stdin, tty_master) = match stdio {
             ParentStdio::Pipes { stdin, stdout, stderr } => {
@@ -501,6 +530,10 @@ impl IoLoop {
             to_server_bytes: 0,
             front_written: 0,
             dropped_bytes: 0,
+            protocol_version,
+            unacknowledged: VecDeque::new(),
+            unacknowledged_bytes: 0,
+            sent: [0; 2],
             outputs,
             stdin,
             stdin_buffer: BytesMut::new(),
@@ -509,6 +542,12 @@ impl IoLoop {
             child,
             pidfd,
         })
+    }
+
+    /// Returns whether the server acknowledges output, in which case
+    /// output frames are kept until it does.
+    fn acknowledged(&self) -> bool {
+        self.protocol_version >= 2
     }
 
     fn push(&mut self, frame: ShimFrame) {
@@ -554,10 +593,17 @@ impl IoLoop {
         self.socket = stream;
         self.socket_open = true;
         self.from_server.clear();
+        self.sent = [0; 2];
         let mut started = BytesMut::new();
         ShimFrame::Started { pid: self.child.as_raw() as u32 }.encode(&mut started);
         self.to_server_bytes += started.len();
         self.to_server.push_front(started.freeze());
+        if self.acknowledged() {
+            let mut hello = BytesMut::new();
+            ShimFrame::Hello { version: self.protocol_version }.encode(&mut hello);
+            self.to_server_bytes += hello.len();
+            self.to_server.push_front(hello.freeze());
+        }
     }
 
     /// Runs until the process exits and returns its Garden exit status.
@@ -658,8 +704,9 @@ impl IoLoop {
                     self.front_written += count;
                     if self.front_written == front.len() {
                         self.to_server_bytes -= front.len();
-                        self.to_server.pop_front();
+                        let written = self.to_server.pop_front().expect("the front frame exists");
                         self.front_written = 0;
+                        self.keep_until_acknowledged(written);
                     }
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
@@ -669,18 +716,64 @@ impl IoLoop {
         }
     }
 
-    /// Keeps the unsent whole frames for the next server. A frame the old
-    /// server received in part is dropped, because a new connection must
+    /// Keeps a written output frame until the server acknowledges it,
+    /// dropping the oldest kept frames beyond [`DETACHED_OUTPUT_LIMIT`]:
+    /// those are with the server, and only a server crash loses them.
+    fn keep_until_acknowledged(&mut self, frame: Bytes) {
+        if !self.acknowledged() {
+            return;
+        }
+        let Some((stream, payload)) = encoded_output_stream(&frame) else { return };
+        self.sent[stream] += payload as u64;
+        self.unacknowledged_bytes += frame.len();
+        self.unacknowledged.push_back((frame, stream, self.sent[stream]));
+        while self.unacknowledged_bytes > DETACHED_OUTPUT_LIMIT {
+            let Some((dropped, _, _)) = self.unacknowledged.pop_front() else { break };
+            self.unacknowledged_bytes -= dropped.len();
+        }
+    }
+
+    /// Forgets the kept frames the server is done with. A frame acknowledged
+    /// only in part is kept whole.
+    fn acknowledge(&mut self, done: [u64; 2]) {
+        let mut released = 0;
+        self.unacknowledged.retain(|(frame, stream, end)| {
+            let keep = *end > done[*stream];
+            if !keep {
+                released += frame.len();
+            }
+            keep
+        });
+        self.unacknowledged_bytes -= released;
+    }
+
+    /// Keeps the unsent whole frames for the next server, after the
+    /// unacknowledged ones, which go first because they are older. A frame
+    /// the old server received in part is sent again whole from version 2
+    /// on. Before version 2 it is dropped, because a new connection must
     /// start at a frame boundary.
     fn server_gone(&mut self) {
         self.socket_open = false;
         self.from_server.clear();
         if self.front_written > 0 {
-            if let Some(front) = self.to_server.pop_front() {
-                self.to_server_bytes -= front.len();
+            if !self.acknowledged() {
+                if let Some(front) = self.to_server.pop_front() {
+                    self.to_server_bytes -= front.len();
+                }
             }
             self.front_written = 0;
         }
+        // A `Hello` or `Started` not yet sent is made again for the next
+        // server.
+        while self.to_server.front().is_some_and(|frame| encoded_output_stream(frame).is_none()) {
+            let frame = self.to_server.pop_front().expect("the front frame exists");
+            self.to_server_bytes -= frame.len();
+        }
+        while let Some((frame, _, _)) = self.unacknowledged.pop_back() {
+            self.to_server_bytes += frame.len();
+            self.to_server.push_front(frame);
+        }
+        self.unacknowledged_bytes = 0;
         self.trim_detached();
     }
 
@@ -724,6 +817,7 @@ impl IoLoop {
                     let _ = nix::sys::signal::kill(self.child, signal);
                 }
             }
+            ServerFrame::Ack { stdout, stderr } => self.acknowledge([stdout, stderr]),
             ServerFrame::Resize { columns, rows } => {
                 if let Some(master) = self.tty_master {
                     let size = libc::winsize { ws_row: rows, ws_col: columns, ws_xpixel: 0, ws_ypixel: 0 };
@@ -888,5 +982,129 @@ mod tests {
         let report = ReadyReport::own().expect("reads /proc/self/exe");
         let executable = fs::metadata(std::env::current_exe().expect("current executable")).expect("stat");
         assert_eq!((report.pid, report.executable_dev, report.executable_ino), (std::process::id(), executable.dev(), executable.ino()));
+    }
+
+    /// Returns an I/O loop of `version` connected to the returned server
+    /// end, with pipes for stdio, for bookkeeping tests that need no
+    /// process.
+    fn io_loop(version: u32) -> (IoLoop, UnixStream) {
+        let (shim_end, server_end) = UnixStream::pair().unwrap();
+        let pidfd = syscalls::pidfd_open(std::process::id() as i32).unwrap();
+        let (stdin, _) = pipe().unwrap();
+        let (stdout, _) = pipe().unwrap();
+        let (stderr, _) = pipe().unwrap();
+        let stdio = ParentStdio::Pipes { stdin, stdout, stderr };
+        let io_loop = IoLoop::new(shim_end, None, Pid::this(), pidfd, stdio, version).unwrap();
+        (io_loop, server_end)
+    }
+
+    /// Decodes every frame the server end has received so far.
+    fn received(server_end: &mut UnixStream) -> Vec<ShimFrame> {
+        server_end.set_nonblocking(true).unwrap();
+        let mut buffer = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(count) = server_end.read(&mut chunk) {
+            if count == 0 {
+                break;
+            }
+            buffer.extend_from_slice(&chunk[..count]);
+        }
+        std::iter::from_fn(|| ShimFrame::decode(&mut buffer).unwrap()).collect()
+    }
+
+    fn stdout(text: &'static str) -> ShimFrame {
+        ShimFrame::Stdout(Bytes::from_static(text.as_bytes()))
+    }
+
+    fn stderr(text: &'static str) -> ShimFrame {
+        ShimFrame::Stderr(Bytes::from_static(text.as_bytes()))
+    }
+
+    /// Returns the frames queued for the next server, decoded.
+    fn queued(io_loop: &IoLoop) -> Vec<ShimFrame> {
+        let mut buffer: BytesMut = io_loop.to_server.iter().flat_map(|frame| frame.iter().copied()).collect();
+        std::iter::from_fn(|| ShimFrame::decode(&mut buffer).unwrap()).collect()
+    }
+
+    #[test]
+    fn unacknowledged_output_is_resent_in_order() {
+        let (mut io_loop, mut server_end) = io_loop(2);
+        for frame in [stdout("one"), stderr("two"), stdout("three"), stderr("four")] {
+            io_loop.push(frame);
+        }
+        io_loop.flush_socket();
+        assert_eq!(received(&mut server_end), vec![stdout("one"), stderr("two"), stdout("three"), stderr("four")]);
+        assert_eq!(io_loop.unacknowledged.len(), 4);
+
+        // The server is done with "one" and "two", and with the first
+        // byte of "four" only.
+        io_loop.acknowledge([3, 4]);
+        assert_eq!(io_loop.unacknowledged.len(), 2);
+        io_loop.push(stdout("five"));
+        io_loop.server_gone();
+        assert_eq!(queued(&io_loop), vec![stdout("three"), stderr("four"), stdout("five")]);
+        let mut encoded = BytesMut::new();
+        for frame in queued(&io_loop) {
+            frame.encode(&mut encoded);
+        }
+        assert_eq!(io_loop.to_server_bytes, encoded.len());
+    }
+
+    #[test]
+    fn reconnect_sends_hello_then_resends() {
+        let (mut io_loop, mut server_end) = io_loop(2);
+        io_loop.push(stdout("abc"));
+        io_loop.flush_socket();
+        received(&mut server_end);
+        io_loop.server_gone();
+
+        let directory = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(directory.path().join(SOCKET_NAME)).unwrap();
+        io_loop.listener = Some(listener);
+        let mut new_server_end = UnixStream::connect(directory.path().join(SOCKET_NAME)).unwrap();
+        io_loop.accept_server();
+        io_loop.flush_socket();
+        let pid = std::process::id();
+        assert_eq!(
+            received(&mut new_server_end),
+            vec![ShimFrame::Hello { version: 2 }, ShimFrame::Started { pid }, stdout("abc")]
+        );
+
+        // The new connection counts from zero again.
+        io_loop.acknowledge([3, 0]);
+        assert!(io_loop.unacknowledged.is_empty(), "three bytes of the new connection cover the frame");
+    }
+
+    #[test]
+    fn version_one_keeps_nothing_after_sending() {
+        let (mut io_loop, mut server_end) = io_loop(1);
+        io_loop.push(stdout("gone"));
+        io_loop.flush_socket();
+        assert_eq!(received(&mut server_end), vec![stdout("gone")]);
+        assert!(io_loop.unacknowledged.is_empty());
+        io_loop.server_gone();
+        assert!(queued(&io_loop).is_empty());
+    }
+
+    #[test]
+    fn kept_output_is_bounded() {
+        let (mut io_loop, mut server_end) = io_loop(2);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let reader = std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = server_end.read_to_end(&mut sink);
+            sink.len()
+        });
+        for _ in 0..40 {
+            io_loop.push(ShimFrame::Stdout(chunk.clone()));
+            io_loop.socket.set_nonblocking(false).unwrap();
+            io_loop.flush_socket();
+        }
+        assert!(io_loop.unacknowledged_bytes <= DETACHED_OUTPUT_LIMIT, "{} bytes kept", io_loop.unacknowledged_bytes);
+        assert!(io_loop.unacknowledged_bytes > DETACHED_OUTPUT_LIMIT - 2 * chunk.len());
+        io_loop.server_gone();
+        assert!(io_loop.to_server_bytes <= DETACHED_OUTPUT_LIMIT);
+        drop(io_loop);
+        assert!(reader.join().unwrap() >= 40 * chunk.len());
     }
 }

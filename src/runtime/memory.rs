@@ -441,6 +441,9 @@ impl ScriptedProcess {
                     self.act(&actions, out)
                 }
                 ServerFrame::Signal { signal } => self.handle_signal(signal, out),
+                // Scripted processes speak protocol version 1, so the server
+                // sends them no acknowledgements.
+                ServerFrame::Ack { .. } => Step::Continue,
                 ServerFrame::Resize { columns, rows } => {
                     self.runtime.record(format!("resize {} {columns}x{rows}", self.process_id));
                     self.window = (columns, rows);

@@ -97,8 +97,13 @@ impl RuntimeError {
 /// frames of [`stdio`].
 #[derive(Debug)]
 pub enum StdioConnection {
-    /// A connected Unix socket to a process shim.
+    /// A connected Unix socket to a process shim of protocol version 1,
+    /// which expects no acknowledgements.
     Unix(UnixStream),
+    /// A connected Unix socket to a process shim of protocol version 2 or
+    /// later, which keeps output until the server acknowledges it (see
+    /// [`stdio`]).
+    UnixAcknowledged(UnixStream),
     /// An in-process pipe to a scripted process of the in-memory runtime.
     Memory(tokio::io::DuplexStream),
     /// The recorded frames of a process that ended while no server was

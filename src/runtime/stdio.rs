@@ -7,6 +7,25 @@
 //! frames, then `Exited` once everything the process wrote before it exited
 //! has been sent. The in-memory test runtime speaks the same frames over an
 //! in-process pipe, so the server's process handling is the same for both.
+//!
+//! Protocol versions, which the shim announces with `Hello` as the first
+//! frame of every connection:
+//!
+//! - 1: no `Hello` (the first frame is `Started`) and no acknowledgements.
+//!   Output the shim has written to a server that dies before delivering
+//!   it is lost.
+//! - 2: `Hello { version: 2 }`, then `Started`. The server acknowledges
+//!   output with `Ack`, and the shim keeps each output frame until it is
+//!   acknowledged, within its detached output bound, and sends the
+//!   unacknowledged frames again, oldest first, to the next server that
+//!   connects.
+//!
+//! `Ack` counts, per stream, the payload bytes of the output frames of the
+//! current connection that the server is done with. The server is done
+//! with output once it has written it to an attached client's connection,
+//! or once its own bound on output kept for clients that are not attached
+//! has dropped it. The counts start at zero on each connection, so a
+//! reconnected server needs no state from its predecessor.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -21,10 +40,19 @@ const KIND_START_FAILED: u8 = 0x02;
 const KIND_STDOUT: u8 = 0x03;
 const KIND_STDERR: u8 = 0x04;
 const KIND_EXITED: u8 = 0x05;
+const KIND_HELLO: u8 = 0x06;
 const KIND_STDIN: u8 = 0x10;
 const KIND_CLOSE_STDIN: u8 = 0x11;
 const KIND_SIGNAL: u8 = 0x12;
 const KIND_RESIZE: u8 = 0x13;
+const KIND_ACK: u8 = 0x14;
+
+/// The protocol version of the shim and the server of this release.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version this server still serves: shims of the
+/// previous release, which send no `Hello` and expect no `Ack`.
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
 
 /// Why a process could not be started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +78,9 @@ pub enum ShimFrame {
     /// The exit status as Garden reports it: the exit code, or 128 plus the
     /// number of the signal that ended the process.
     Exited { status: i32 },
+    /// The protocol version the shim speaks; the first frame of each
+    /// connection from version 2 on.
+    Hello { version: u32 },
 }
 
 /// A frame sent by the server to the shim.
@@ -61,6 +92,10 @@ pub enum ServerFrame {
     /// A raw signal number for the process (SIGTERM is 15, SIGKILL 9).
     Signal { signal: i32 },
     Resize { columns: u16, rows: u16 },
+    /// Payload bytes of stdout and stderr frames received on this
+    /// connection that the server is done with, each counted from the start
+    /// of the connection. Version 2 and later only.
+    Ack { stdout: u64, stderr: u64 },
 }
 
 /// A frame that could not be decoded.
@@ -112,6 +147,10 @@ impl ShimFrame {
                 put_header(buffer, KIND_EXITED, 4);
                 buffer.put_i32(*status);
             }
+            ShimFrame::Hello { version } => {
+                put_header(buffer, KIND_HELLO, 4);
+                buffer.put_u32(*version);
+            }
         }
     }
 
@@ -136,7 +175,8 @@ impl ShimFrame {
             KIND_STDOUT => ShimFrame::Stdout(payload),
             KIND_STDERR => ShimFrame::Stderr(payload),
             KIND_EXITED if length == 4 => ShimFrame::Exited { status: payload.get_i32() },
-            KIND_STARTED | KIND_START_FAILED | KIND_EXITED => return Err(FrameError::Malformed { kind, length }),
+            KIND_HELLO if length == 4 => ShimFrame::Hello { version: payload.get_u32() },
+            KIND_STARTED | KIND_START_FAILED | KIND_EXITED | KIND_HELLO => return Err(FrameError::Malformed { kind, length }),
             _ => return Err(FrameError::UnknownKind { kind }),
         };
         Ok(Some(frame))
@@ -162,6 +202,11 @@ impl ServerFrame {
                 buffer.put_u16(*columns);
                 buffer.put_u16(*rows);
             }
+            ServerFrame::Ack { stdout, stderr } => {
+                put_header(buffer, KIND_ACK, 16);
+                buffer.put_u64(*stdout);
+                buffer.put_u64(*stderr);
+            }
         }
     }
 
@@ -177,11 +222,24 @@ impl ServerFrame {
             KIND_CLOSE_STDIN if length == 0 => ServerFrame::CloseStdin,
             KIND_SIGNAL if length == 4 => ServerFrame::Signal { signal: payload.get_i32() },
             KIND_RESIZE if length == 4 => ServerFrame::Resize { columns: payload.get_u16(), rows: payload.get_u16() },
-            KIND_CLOSE_STDIN | KIND_SIGNAL | KIND_RESIZE => return Err(FrameError::Malformed { kind, length }),
+            KIND_ACK if length == 16 => ServerFrame::Ack { stdout: payload.get_u64(), stderr: payload.get_u64() },
+            KIND_CLOSE_STDIN | KIND_SIGNAL | KIND_RESIZE | KIND_ACK => return Err(FrameError::Malformed { kind, length }),
             _ => return Err(FrameError::UnknownKind { kind }),
         };
         Ok(Some(frame))
     }
+}
+
+/// Returns the stream of an encoded output frame (0 for stdout, 1 for
+/// stderr, the order of the counts in `Ack`) and its payload length, or
+/// `None` for any other frame.
+pub fn encoded_output_stream(frame: &[u8]) -> Option<(usize, usize)> {
+    let stream = match frame.first()? {
+        &KIND_STDOUT => 0,
+        &KIND_STDERR => 1,
+        _ => return None,
+    };
+    Some((stream, frame.len().saturating_sub(HEADER_LEN)))
 }
 
 /// Splits one frame off the front of `buffer` as its kind and payload.
@@ -214,6 +272,7 @@ mod tests {
             ShimFrame::Stdout(Bytes::from_static(b"out")),
             ShimFrame::Stderr(Bytes::new()),
             ShimFrame::Exited { status: 137 },
+            ShimFrame::Hello { version: PROTOCOL_VERSION },
         ];
         let mut buffer = BytesMut::new();
         for frame in &frames {
@@ -232,6 +291,7 @@ mod tests {
             ServerFrame::CloseStdin,
             ServerFrame::Signal { signal: 15 },
             ServerFrame::Resize { columns: 132, rows: 43 },
+            ServerFrame::Ack { stdout: 1 << 40, stderr: 7 },
         ];
         let mut buffer = BytesMut::new();
         for frame in &frames {
@@ -263,5 +323,36 @@ mod tests {
         assert_eq!(ShimFrame::decode(&mut buffer), Err(FrameError::UnknownKind { kind: 0x7f }));
         let mut buffer = BytesMut::from(&[KIND_SIGNAL, 0, 0, 0, 1, 9][..]);
         assert!(matches!(ServerFrame::decode(&mut buffer), Err(FrameError::Malformed { .. })));
+    }
+
+    #[test]
+    fn hello_and_ack_have_fixed_layout() {
+        let mut buffer = BytesMut::new();
+        ShimFrame::Hello { version: 2 }.encode(&mut buffer);
+        assert_eq!(&buffer[..], &[0x06, 0, 0, 0, 4, 0, 0, 0, 2]);
+        let mut buffer = BytesMut::new();
+        ServerFrame::Ack { stdout: 0x0102, stderr: 3 }.encode(&mut buffer);
+        assert_eq!(&buffer[..], &[0x14, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 3]);
+    }
+
+    #[test]
+    fn short_hello_and_ack_are_malformed() {
+        let mut buffer = BytesMut::from(&[KIND_HELLO, 0, 0, 0, 2, 0, 2][..]);
+        assert_eq!(ShimFrame::decode(&mut buffer), Err(FrameError::Malformed { kind: KIND_HELLO, length: 2 }));
+        let mut buffer = BytesMut::from(&[KIND_ACK, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1][..]);
+        assert_eq!(ServerFrame::decode(&mut buffer), Err(FrameError::Malformed { kind: KIND_ACK, length: 8 }));
+    }
+
+    #[test]
+    fn output_stream_of_encoded_frames() {
+        let mut stderr = BytesMut::new();
+        ShimFrame::Stderr(Bytes::from_static(b"abc")).encode(&mut stderr);
+        assert_eq!(encoded_output_stream(&stderr), Some((1, 3)));
+        let mut stdout = BytesMut::new();
+        ShimFrame::Stdout(Bytes::new()).encode(&mut stdout);
+        assert_eq!(encoded_output_stream(&stdout), Some((0, 0)));
+        let mut started = BytesMut::new();
+        ShimFrame::Started { pid: 1 }.encode(&mut started);
+        assert_eq!(encoded_output_stream(&started), None);
     }
 }

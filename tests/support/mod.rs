@@ -992,6 +992,10 @@ impl SharedOutput {
     }
 
     /// Returns the number of bytes collected so far.
+    pub fn count_lines(&self) -> usize {
+        self.0.lock().unwrap().iter().filter(|byte| **byte == b'\n').count()
+    }
+
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().len()
     }

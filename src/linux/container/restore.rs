@@ -16,13 +16,13 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
-use super::{cgroup_name, read_one_frame, InitProcess, LinuxContainer, EXIT_STATUS_FILE, PROCESSES_DIR};
+use super::{cgroup_name, read_handshake, shim_connection, InitProcess, LinuxContainer, EXIT_STATUS_FILE, PROCESSES_DIR};
 use crate::linux::cgroup::ContainerCgroup;
 use crate::linux::disk::DiskImage;
 use crate::linux::rootfs::{self, ContainerRootfs};
 use crate::linux::shim::{OUTPUT_FILE, SOCKET_NAME};
 use crate::linux::{syscalls, LinuxRuntime};
-use crate::runtime::stdio::ShimFrame;
+use crate::runtime::stdio::{ShimFrame, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use crate::runtime::{ContainerConfig, RestoredContainer, RuntimeError, StartedProcess, StdioConnection};
 
 /// Name of the runtime's own record in the container directory.
@@ -275,6 +275,10 @@ pub(super) fn reattach_processes(container: &LinuxContainer) -> Vec<(String, Res
             continue;
         };
         let result = reattach(&dir);
+        if let Ok(StartedProcess { stdio: connection @ (StdioConnection::Unix(_) | StdioConnection::UnixAcknowledged(_)), pid }) = &result {
+            let version = if matches!(connection, StdioConnection::Unix(_)) { OLDEST_PROTOCOL_VERSION } else { PROTOCOL_VERSION };
+            slog::info!(container.logger, "process shim reconnected"; "process_id" => &process_id, "pid" => pid, "protocol_version" => version);
+        }
         reattached.push((process_id, result));
     }
     reattached
@@ -286,13 +290,18 @@ fn reattach(dir: &Path) -> Result<StartedProcess, RuntimeError> {
     }
     let connected = connect(dir).and_then(|mut stream| {
         stream.set_read_timeout(Some(RECONNECT_TIMEOUT))?;
-        let frame = read_one_frame(&mut stream)?;
+        let handshake = read_handshake(&mut stream)?;
         stream.set_read_timeout(None)?;
-        Ok((frame, stream))
+        Ok((handshake, stream))
     });
     let failure = match connected {
-        Ok((ShimFrame::Started { pid }, stream)) => return Ok(StartedProcess { pid, stdio: StdioConnection::Unix(stream) }),
-        Ok((other, _)) => format!("unexpected first frame {other:?}"),
+        Ok(((version, ShimFrame::Started { pid }), stream)) => return Ok(StartedProcess { pid, stdio: shim_connection(version, stream) }),
+        Ok(((_, other), _)) => format!("unexpected first frame {other:?}"),
+        // The shim runs and may keep running for long, so its exit file
+        // is not waited for.
+        Err(error) if error.kind() == io::ErrorKind::Unsupported => {
+            return Err(RuntimeError::failed(format!("cannot reattach the process of {}: {error}", dir.display())))
+        }
         Err(error) => error.to_string(),
     };
     // A shim that is finishing closes its socket only after it wrote the
@@ -353,5 +362,51 @@ mod tests {
         let mut frames = bytes::BytesMut::from(&exited_replay(dir.path()).unwrap()[..]);
         assert_eq!(ShimFrame::decode(&mut frames).unwrap(), Some(ShimFrame::Stdout(bytes::Bytes::from_static(b"late"))));
         assert_eq!(ShimFrame::decode(&mut frames).unwrap(), Some(ShimFrame::Exited { status: 7 }));
+    }
+
+    /// Serves one connection on `dir/sock` that sends `frames`, as a shim
+    /// would, and keeps it open until the peer closes it.
+    fn fake_shim(dir: &Path, frames: Vec<ShimFrame>) -> thread::JoinHandle<()> {
+        let listener = std::os::unix::net::UnixListener::bind(dir.join(SOCKET_NAME)).unwrap();
+        thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut encoded = bytes::BytesMut::new();
+            for frame in frames {
+                frame.encode(&mut encoded);
+            }
+            std::io::Write::write_all(&mut stream, &encoded).unwrap();
+            let _ = std::io::Read::read(&mut stream, &mut [0u8; 1]);
+        })
+    }
+
+    #[test]
+    fn reattach_tells_shim_versions_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let shim = fake_shim(dir.path(), vec![ShimFrame::Started { pid: 41 }]);
+        let started = reattach(dir.path()).unwrap();
+        assert_eq!(started.pid, 41);
+        assert!(matches!(started.stdio, StdioConnection::Unix(_)), "a shim without hello speaks version 1");
+        drop(started);
+        shim.join().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let shim = fake_shim(dir.path(), vec![ShimFrame::Hello { version: PROTOCOL_VERSION }, ShimFrame::Started { pid: 42 }]);
+        let started = reattach(dir.path()).unwrap();
+        assert_eq!(started.pid, 42);
+        assert!(matches!(started.stdio, StdioConnection::UnixAcknowledged(_)), "a version 2 shim gets acknowledgements");
+        drop(started);
+        shim.join().unwrap();
+    }
+
+    #[test]
+    fn reattach_rejects_newer_shim() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = PROTOCOL_VERSION + 1;
+        let shim = fake_shim(dir.path(), vec![ShimFrame::Hello { version: newer }, ShimFrame::Started { pid: 43 }]);
+        let error = reattach(dir.path()).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains(&format!("protocol version {newer}")), "{message}");
+        assert!(message.contains("upgrade the server"), "{message}");
+        shim.join().unwrap();
     }
 }
