@@ -161,64 +161,6 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&temporary, path)
 }
 
-/// Name of the file in the depot that records the grace timers, so a
-/// restarted server resumes each timer with the time it had left.
-pub const GRACE_TIMERS_FILE: &str = "grace-timers.json";
-
-/// The format version of [`GRACE_TIMERS_FILE`] this server writes.
-pub const GRACE_TIMERS_VERSION: u32 = 1;
-
-/// The grace timer of one container, as the reaper last recorded it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct GraceTimerRecord {
-    /// Grace time in nanoseconds that the timer counts down. A restored
-    /// timer is resumed only when the container's state file records the
-    /// same grace time, so a change that reached only one of the two files
-    /// falls back to a full timer.
-    pub grace_time: i64,
-    /// Wall-clock time in nanoseconds since the Unix epoch at which the
-    /// container last became idle (no request for it in flight), which is
-    /// when its timer started. `None` while a request is in flight.
-    pub idle_since_unix_ns: Option<u128>,
-}
-
-/// The contents of [`GRACE_TIMERS_FILE`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct GraceTimers {
-    #[serde(default)]
-    pub version: u32,
-    /// Timers by container handle. Containers without a grace time have
-    /// no entry.
-    #[serde(default)]
-    pub timers: BTreeMap<String, GraceTimerRecord>,
-}
-
-/// Reads the grace timers recorded in `depot`. A missing file, as a depot
-/// of an earlier release has, yields no timers.
-pub fn read_grace_timers(depot: &Path) -> Result<GraceTimers, StateError> {
-    let path = depot.join(GRACE_TIMERS_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(GraceTimers::default()),
-        Err(source) => return Err(StateError::Read { path, source }),
-    };
-    let timers: GraceTimers =
-        serde_json::from_slice(&bytes).map_err(|error| StateError::Invalid { path: path.clone(), reason: error.to_string() })?;
-    if timers.version > GRACE_TIMERS_VERSION {
-        return Err(StateError::NewerVersion { path, version: u64::from(timers.version), supported: GRACE_TIMERS_VERSION });
-    }
-    Ok(timers)
-}
-
-/// Replaces the grace timers recorded in `depot` atomically.
-pub fn write_grace_timers(depot: &Path, timers: &BTreeMap<String, GraceTimerRecord>) -> Result<(), StateError> {
-    let path = depot.join(GRACE_TIMERS_FILE);
-    let file = GraceTimers { version: GRACE_TIMERS_VERSION, timers: timers.clone() };
-    let mut bytes = serde_json::to_vec_pretty(&file).expect("grace timers serialise");
-    bytes.push(b'\n');
-    write_atomically(&path, &bytes).map_err(|source| StateError::Write { path, source })
-}
-
 /// Name of the file in the depot that holds the first stream id the next
 /// server run may use.
 pub const STREAM_IDS_FILE: &str = "stream-ids";
@@ -342,33 +284,6 @@ mod tests {
         let read = parse_record(Path::new("h/container.json"), &serde_json::to_vec(&value).unwrap(), "h").unwrap();
         let written: serde_json::Value = serde_json::from_slice(&read.to_bytes()).unwrap();
         assert_eq!(written["later_field"], serde_json::json!([1, 2]));
-    }
-
-    #[test]
-    fn grace_timers_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read_grace_timers(dir.path()).unwrap(), GraceTimers::default());
-        let timers: BTreeMap<String, GraceTimerRecord> = [
-            ("idle".to_string(), GraceTimerRecord { grace_time: 5, idle_since_unix_ns: Some(1_700_000_000_000_000_000) }),
-            ("busy".to_string(), GraceTimerRecord { grace_time: 7, idle_since_unix_ns: None }),
-        ]
-        .into_iter()
-        .collect();
-        write_grace_timers(dir.path(), &timers).unwrap();
-        let read = read_grace_timers(dir.path()).unwrap();
-        assert_eq!(read.version, GRACE_TIMERS_VERSION);
-        assert_eq!(read.timers, timers);
-    }
-
-    #[test]
-    fn grace_timers_newer_or_invalid_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(GRACE_TIMERS_FILE), br#"{"version":9,"timers":{}}"#).unwrap();
-        let error = read_grace_timers(dir.path()).unwrap_err();
-        assert!(matches!(error, StateError::NewerVersion { version: 9, .. }), "{error}");
-        std::fs::write(dir.path().join(GRACE_TIMERS_FILE), b"{\"version\":1,").unwrap();
-        let error = read_grace_timers(dir.path()).unwrap_err();
-        assert!(matches!(error, StateError::Invalid { .. }), "{error}");
     }
 
     #[test]

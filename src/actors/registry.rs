@@ -229,7 +229,7 @@ impl Registry {
             self.uid_pool.do_send(AcquireIdMappings);
         }
         self.entries.insert(handle.to_string(), Entry::Ready { addr, privileged });
-        self.reaper.do_send(Strap { handle: handle.to_string(), grace_time, resume: true });
+        self.reaper.do_send(Strap { handle: handle.to_string(), grace_time });
         info!(self.logger, "container restored"; "handle" => handle);
         Restore::Served
     }
@@ -442,7 +442,7 @@ impl Handler<CreateContainer> for Registry {
         Box::pin(create.into_actor(self).map(move |result, registry, _| match result {
             Ok(addr) => {
                 registry.entries.insert(handle.clone(), Entry::Ready { addr, privileged });
-                registry.reaper.do_send(Strap { handle: handle.clone(), grace_time, resume: false });
+                registry.reaper.do_send(Strap { handle: handle.clone(), grace_time });
                 Ok(handle)
             }
             Err(error) => {

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{info, o, warn, Logger};
+use slog::{info, o, Logger};
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::reaper::{Reaper, SetDestroyer};
@@ -116,7 +116,6 @@ pub struct Server {
     shutdown: CancellationToken,
     addr: ListenAddr,
     registry: Addr<Registry>,
-    reaper: Addr<Reaper>,
     metrics: Arc<metrics::Metrics>,
     logger: Logger,
 }
@@ -152,7 +151,7 @@ impl Server {
         debug_pools.insert("subnet".into(), network_pools.subnets.clone().recipient());
         debug_pools.insert("port".into(), network_pools.ports.clone().recipient());
         let stream_table = StreamTable::default();
-        let reaper = Reaper::with_persistence(logger.clone(), config.depot.clone()).start();
+        let reaper = Reaper::new(logger.clone()).start();
         let metrics = metrics::Metrics::new();
         let mut registry = Registry::new(
             runtime.clone(),
@@ -229,8 +228,7 @@ impl Server {
         let handle = server.handle();
         actix_rt::spawn(server);
         info!(logger, "server listening"; "address" => %addr, "debug_address" => %debug_addr);
-        let reaper = state.reaper.clone();
-        Ok(Server { handle, debug, debug_addr, shutdown, addr, registry, reaper, metrics: state.metrics.clone(), logger })
+        Ok(Server { handle, debug, debug_addr, shutdown, addr, registry, metrics: state.metrics.clone(), logger })
     }
 
     /// Returns the address the API listens on (with the real port when the
@@ -263,12 +261,6 @@ impl Server {
         self.shutdown.cancel();
         self.handle.stop(true).await;
         self.debug.stop(true).await;
-        // The requests have ended, so the grace timers record when each
-        // container became idle; the next server resumes them from there.
-        let flushed = self.reaper.send(crate::actors::reaper::FlushTimers);
-        if tokio::time::timeout(Duration::from_secs(5), flushed).await.is_err() {
-            warn!(self.logger, "timed out writing the grace timers; the next server may give full timers");
-        }
         if let ListenAddr::Unix(path) = &self.addr {
             let _ = std::fs::remove_file(path);
         }
