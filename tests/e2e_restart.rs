@@ -370,20 +370,30 @@ fn orphan_cgroup_removed_at_startup() {
 }
 
 #[test]
-fn grace_timer_resumes_after_restart() {
-    let Some(mut server) = TestServer::start("grace_timer_resumes_after_restart") else { return };
+fn grace_timer_restarts_full_after_restart() {
+    let Some(mut server) = TestServer::start("grace_timer_restarts_full_after_restart") else { return };
     let handle = server.unique_handle("graced");
-    let spec = ContainerSpec { handle: handle.clone(), grace_time: 2_000_000_000, ..ContainerSpec::default() };
+    let spec = ContainerSpec { handle: handle.clone(), grace_time: 4_000_000_000, ..ContainerSpec::default() };
     server.block_on(server.client.create(&spec)).unwrap();
+    // Most of the grace time passes before the stop.
+    std::thread::sleep(Duration::from_secs(3));
     server.stop();
     server.start_again(&[]);
-    assert!(listed(&server).contains(&handle), "the container is restored before its grace time ends");
+    let restarted = Instant::now();
+    assert!(listed(&server).contains(&handle), "the container is restored");
 
+    // A fresh, full timer: still there when the old deadline has long
+    // passed, and reaped once the new one has.
+    while restarted.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(listed(&server).contains(&handle), "the restored container kept the time left of its old timer");
     let deadline = Instant::now() + Duration::from_secs(60);
     while listed(&server).contains(&handle) {
         assert!(Instant::now() < deadline, "the restored container was not reaped after its grace time");
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert!(restarted.elapsed() >= Duration::from_secs(4), "reaped before a full grace time after the restart");
     assert!(!server.depot.join(&handle).exists());
 }
 
