@@ -274,8 +274,29 @@ pub fn build_runtime(config: &Config, logger: &Logger) -> Result<Arc<dyn Runtime
     Ok(Arc::new(runtime))
 }
 
+/// Number of glibc malloc arenas the server may use.
+const MALLOC_ARENAS: libc::c_int = 2;
+
+/// Caps glibc's malloc arenas before any thread starts. By default glibc
+/// gives new threads arenas of their own, up to eight per core, and each
+/// keeps the memory freed in it. Creates run on short-lived threads that
+/// parse the whole firewall table in libnftables, so every arena ended up
+/// holding a copy of that peak: with 100 containers the server used
+/// 30.5 MiB instead of 13.6 MiB. An operator's `MALLOC_ARENA_MAX` wins.
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    // SAFETY: mallopt changes a process-wide setting and is called before
+    // the server starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
+}
+
 /// Runs the server until SIGTERM or SIGINT.
 pub fn main(args: ServerArgs) -> ExitCode {
+    limit_malloc_arenas();
     let config = match load_config(&args) {
         Ok(config) => config,
         Err(error) => {
