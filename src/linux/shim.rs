@@ -41,7 +41,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use super::exec::{self, ChildError, ChildSetup, ChildStdio, Namespaces};
 use super::syscalls;
 use crate::api::ProcessSpec;
-use crate::runtime::stdio::{encoded_output_stream, ServerFrame, ShimFrame, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION};
+use crate::runtime::stdio::{encoded_output_stream, output_header, ServerFrame, ShimFrame, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION};
 
 /// Settings a shim starts one process from.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -553,8 +553,13 @@ impl IoLoop {
     fn push(&mut self, frame: ShimFrame) {
         let mut encoded = BytesMut::new();
         frame.encode(&mut encoded);
+        self.push_encoded(encoded.freeze());
+    }
+
+    /// Queues a frame that is already encoded.
+    fn push_encoded(&mut self, encoded: Bytes) {
         self.to_server_bytes += encoded.len();
-        self.to_server.push_back(encoded.freeze());
+        self.to_server.push_back(encoded);
         if !self.socket_open {
             self.trim_detached();
         }
@@ -683,15 +688,27 @@ impl IoLoop {
             self.flush_socket();
         }
         if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-            let mut chunk = vec![0u8; READ_CHUNK];
-            match self.socket.read(&mut chunk) {
-                Ok(0) => self.server_gone(),
-                Ok(count) => {
-                    self.from_server.extend_from_slice(&chunk[..count]);
+            // Read straight into the frame buffer: the server's frames are
+            // mostly acknowledgements of a few bytes.
+            self.from_server.reserve(READ_CHUNK);
+            let spare = self.from_server.spare_capacity_mut();
+            // SAFETY: reads into the buffer's spare capacity, of the given
+            // length; only the bytes read are marked as initialised.
+            let count = unsafe { libc::read(self.socket.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+            match count {
+                0 => self.server_gone(),
+                count if count > 0 => {
+                    // SAFETY: the read initialised `count` bytes after the
+                    // current length.
+                    unsafe { self.from_server.set_len(self.from_server.len() + count as usize) };
                     self.handle_server_frames();
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock || error.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => self.server_gone(),
+                _ => {
+                    let error = io::Error::last_os_error();
+                    if !matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+                        self.server_gone();
+                    }
+                }
             }
         }
     }
@@ -859,16 +876,19 @@ impl IoLoop {
     /// of file.
     fn read_output(&mut self, index: usize, limit: usize) -> usize {
         let (Some(fd), stream) = (&self.outputs[index].0, self.outputs[index].1) else { return 0 };
-        let mut chunk = vec![0u8; READ_CHUNK.min(limit).min(MAX_FRAME_PAYLOAD)];
-        // SAFETY: reads into a live buffer of the given length.
-        let count = unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
+        // The output is read straight into an encoded frame, after room
+        // for its header, so it is neither zeroed first nor copied after.
+        let capacity = READ_CHUNK.min(limit).min(MAX_FRAME_PAYLOAD);
+        let mut frame = BytesMut::with_capacity(FRAME_HEADER_LEN + capacity);
+        frame.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+        let spare = &mut frame.spare_capacity_mut()[..capacity];
+        // SAFETY: reads into the buffer's spare capacity, of the given length.
+        let count = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
         if count > 0 {
-            chunk.truncate(count as usize);
-            let data = Bytes::from(chunk);
-            self.push(match stream {
-                Stream::Stdout => ShimFrame::Stdout(data),
-                Stream::Stderr => ShimFrame::Stderr(data),
-            });
+            // SAFETY: the read initialised `count` bytes after the header.
+            unsafe { frame.set_len(FRAME_HEADER_LEN + count as usize) };
+            frame[..FRAME_HEADER_LEN].copy_from_slice(&output_header(matches!(stream, Stream::Stderr), count as usize));
+            self.push_encoded(frame.freeze());
             return count as usize;
         }
         if count < 0 && matches!(io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {

@@ -109,6 +109,19 @@ pub enum FrameError {
     Malformed { kind: u8, length: usize },
 }
 
+/// Length of a frame's header: its kind and its payload's length.
+pub const FRAME_HEADER_LEN: usize = HEADER_LEN;
+
+/// Returns the header of a stdout or stderr frame with a payload of
+/// `length` bytes, for a writer that reads the payload into place after
+/// it instead of encoding a [`ShimFrame`].
+pub fn output_header(stderr: bool, length: usize) -> [u8; HEADER_LEN] {
+    debug_assert!(length <= MAX_FRAME_PAYLOAD);
+    let kind = if stderr { KIND_STDERR } else { KIND_STDOUT };
+    let [a, b, c, d] = (length as u32).to_be_bytes();
+    [kind, a, b, c, d]
+}
+
 fn put_header(buffer: &mut BytesMut, kind: u8, length: usize) {
     debug_assert!(length <= MAX_FRAME_PAYLOAD);
     buffer.reserve(HEADER_LEN + length);
@@ -262,6 +275,15 @@ fn split_frame(buffer: &mut BytesMut) -> Result<Option<(u8, Bytes)>, FrameError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_header_matches_encoding() {
+        for (stderr, frame) in [(false, ShimFrame::Stdout(Bytes::from_static(b"abc"))), (true, ShimFrame::Stderr(Bytes::from_static(b"abc")))] {
+            let mut encoded = BytesMut::new();
+            frame.encode(&mut encoded);
+            assert_eq!(&encoded[..FRAME_HEADER_LEN], &output_header(stderr, 3));
+        }
+    }
 
     #[test]
     fn shim_frames_round_trip() {
