@@ -167,3 +167,46 @@ fn stalled_request_does_not_block_stop() {
     let _ = stalled.read_to_end(&mut rest);
     assert!(!String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"), "the stalled request was served");
 }
+
+/// Returns the inode and change time of the file at `path`, if it exists:
+/// a new file may reuse an old one's inode number.
+fn inode(path: &Path) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|metadata| (metadata.ino(), metadata.ctime(), metadata.ctime_nsec()))
+}
+
+#[test]
+fn stop_keeps_socket_of_newer_server() {
+    support::enter_private_network();
+    let directory = tempfile::Builder::new().prefix("trellis-test-shutdown").tempdir().unwrap();
+    let (mut first, socket) = start_server(directory.path());
+    let first_socket = inode(&socket).expect("the first server's socket file");
+
+    // A second server on the same path replaces the socket file while the
+    // first still runs, as an upgrade that starts the new server first does.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["server", "--runtime", "memory", "--log-level", "info", "--bind-socket"])
+        .arg(&socket)
+        .arg("--depot")
+        .arg(directory.path().join("second-depot"))
+        .args(["--debug-bind-port", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while inode(&socket) == Some(first_socket) || inode(&socket).is_none() {
+        assert!(Instant::now() < deadline, "the second server did not bind the socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_for_exit(&mut first).success());
+    assert!(inode(&socket).is_some(), "the stopping server removed the newer server's socket");
+    let reply = exchange(&socket, b"GET /ping HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(second.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_for_exit(&mut second).success());
+    assert!(inode(&socket).is_none(), "the last server left its socket file");
+}

@@ -115,6 +115,9 @@ pub struct Server {
     debug_addr: SocketAddr,
     shutdown: CancellationToken,
     addr: ListenAddr,
+    /// Identity of the socket file this server bound, so that a stop
+    /// removes it only while it is still this server's.
+    socket_file: Option<FileId>,
     registry: Addr<Registry>,
     metrics: Arc<metrics::Metrics>,
     logger: Logger,
@@ -209,9 +212,11 @@ impl Server {
             .workers(2)
             .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
             .disable_signals();
+        let mut socket_file = None;
         let (builder, addr) = match &config.bind_socket {
             Some(path) => {
                 let listener = bind_unix(path)?;
+                socket_file = file_id(path);
                 let factory_state = state.clone();
                 let builder = builder.listen_uds("garden-api", listener, move || demux::factory(factory_state.clone()))?;
                 (builder, ListenAddr::Unix(path.clone()))
@@ -228,7 +233,7 @@ impl Server {
         let handle = server.handle();
         actix_rt::spawn(server);
         info!(logger, "server listening"; "address" => %addr, "debug_address" => %debug_addr);
-        Ok(Server { handle, debug, debug_addr, shutdown, addr, registry, metrics: state.metrics.clone(), logger })
+        Ok(Server { handle, debug, debug_addr, shutdown, addr, socket_file, registry, metrics: state.metrics.clone(), logger })
     }
 
     /// Returns the address the API listens on (with the real port when the
@@ -261,11 +266,25 @@ impl Server {
         self.shutdown.cancel();
         self.handle.stop(true).await;
         self.debug.stop(true).await;
-        if let ListenAddr::Unix(path) = &self.addr {
-            let _ = std::fs::remove_file(path);
+        // A server started on the same path meanwhile has replaced the
+        // file with its own, which stays.
+        if let (ListenAddr::Unix(path), Some(bound)) = (&self.addr, self.socket_file) {
+            if file_id(path) == Some(bound) {
+                let _ = std::fs::remove_file(path);
+            }
         }
         info!(self.logger, "server stopped");
     }
+}
+
+/// Device, inode and change time of a file. The time tells a new file
+/// from an old one whose inode number it reused.
+type FileId = (u64, u64, i64, i64);
+
+/// Returns the identity of the file at `path`.
+fn file_id(path: &std::path::Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|metadata| (metadata.dev(), metadata.ino(), metadata.ctime(), metadata.ctime_nsec()))
 }
 
 /// Binds a Unix socket, replacing a stale socket file, with mode 0777 so
