@@ -145,7 +145,7 @@ pub fn parse_record(path: &Path, bytes: &[u8], directory: &str) -> Result<Contai
 /// over the old one.
 ///
 /// There is no fsync. What the depot records is needed after a server
-/// crash, when the page cache still holds it. After a host crash every
+/// crash, and the page cache still contains it then. After a host crash every
 /// garden-init is gone, so the next server destroys every container it
 /// finds, and a file torn by the crash is reported and removed as any
 /// other unreadable state. An fsync here cost 6 to 36 ms per write on the

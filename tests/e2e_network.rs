@@ -715,7 +715,7 @@ fn host_veths(server: &TestServer) -> Vec<String> {
     server.links_of_tag().into_iter().filter_map(|line| line.strip_prefix("link ").map(str::to_string)).filter(|name| name.starts_with(&format!("{prefix}h"))).collect()
 }
 
-/// Polls `condition` every 20 ms until it holds or `limit` passes.
+/// Polls `condition` every 20 ms until it is true or `limit` passes.
 fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     loop {

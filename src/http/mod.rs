@@ -277,8 +277,8 @@ impl Server {
     }
 }
 
-/// Device, inode and change time of a file. The time tells a new file
-/// from an old one whose inode number it reused.
+/// Device, inode and change time of a file. The change time distinguishes
+/// a new file from an old one whose inode number it reused.
 type FileId = (u64, u64, i64, i64);
 
 /// Returns the identity of the file at `path`.

@@ -368,8 +368,8 @@ fn start_init(
     }
 }
 
-/// `on_unshared` runs once garden-init's namespaces exist, before it is
-/// told to go on, while its first process still runs.
+/// `on_unshared` runs once garden-init's namespaces exist, before the
+/// `go` message, while its first process still runs.
 fn talk_to_init(
     container: &LinuxContainer,
     socket: &UnixStream,

@@ -260,7 +260,7 @@ fn start_shim(executable: &Path) -> Result<Spare, SpareError> {
             .stderr(Stdio::null())
             .spawn();
         match spawned {
-            // ETXTBSY: another process still holds the file open for
+            // ETXTBSY: another process still has the file open for
             // writing, as while an upgrade copies it or while a process
             // forked from a writer has not yet reached its exec.
             Err(error) if error.raw_os_error() == Some(libc::ETXTBSY) && attempt < SPAWN_ATTEMPTS => {

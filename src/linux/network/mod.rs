@@ -20,9 +20,9 @@
 //!   the old pair's name to be free. The janitor deletes a host end that is still
 //!   there [`VETH_CHECK_DELAY`] later.
 //! - A bridge whose last container went stays idle for `bridge-idle-time`,
-//!   so the next container of its subnet (the subnet pool hands out the
-//!   lowest free block, so usually the one just released) reuses it; the
-//!   janitor thread deletes it after that time.
+//!   so that the next container of its subnet reuses it. The subnet pool
+//!   hands out the lowest free block, usually the one just released. The
+//!   janitor thread deletes the bridge after that time.
 
 pub mod links;
 pub mod nft;
@@ -200,7 +200,7 @@ impl Links {
 
 /// Deletes idle bridges once they have been idle for `idle_time`, and host
 /// veths that outlived their namespace. Sleeps until the next deadline or
-/// a change; ends when the book says stopping.
+/// a change; returns once the book is marked as stopping.
 fn janitor(links: Arc<Links>, idle_time: Duration, logger: slog::Logger) {
     let mut book = links.lock();
     loop {
