@@ -25,17 +25,10 @@ fn tcp_rule(port: u16) -> NetOutRule {
     NetOutRule { protocol: PROTOCOL_TCP, networks: vec![single("192.0.2.2")], ports: vec![PortRange { start: port, end: port }], ..NetOutRule::default() }
 }
 
-/// Returns the suffix of a container's chain names: its address in six
-/// base-62 digits, as the server names them.
+/// Returns the suffix of a container's chain names, as the server names
+/// them.
 fn chain_id(container_ip: &str) -> String {
-    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-    let mut value = u64::from(u32::from(container_ip.parse::<std::net::Ipv4Addr>().unwrap()));
-    let mut digits = [b'0'; 6];
-    for digit in digits.iter_mut().rev() {
-        *digit = DIGITS[(value % 62) as usize];
-        value /= 62;
-    }
-    String::from_utf8(digits.to_vec()).unwrap()
+    trellis::linux::network::address_id(container_ip.parse().unwrap())
 }
 
 /// Returns the listing of one chain of the server's table, read with the
