@@ -32,6 +32,10 @@ const RESERVED_INODES: u64 = 11 + 4;
 const CAP_SYS_RESOURCE: u32 = 24;
 /// The image file and the mount point below the state directory.
 const IMAGE_FILE: &str = "disk.img";
+
+/// How long an unmount that finds the filesystem busy is tried again
+/// before the filesystem is detached lazily.
+const BUSY_UNMOUNT_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 const MOUNT_DIR: &str = "disk";
 
 /// Errors of disk limits.
@@ -308,15 +312,23 @@ impl DiskImage {
     }
 
     /// Unmounts the filesystem and removes the mount point and the image.
-    /// Anything already gone counts as removed. A filesystem still busy is
-    /// detached, and the kernel frees it and its loop device once the last
-    /// user closes it.
+    /// Anything already gone counts as removed. A filesystem still busy
+    /// after [`BUSY_UNMOUNT_WAIT`] is detached, and the kernel frees it and
+    /// its loop device once the last user closes it.
     pub fn remove(&self) -> Result<(), DiskError> {
         use nix::mount::{umount2, MntFlags};
+        let busy_until = std::time::Instant::now() + BUSY_UNMOUNT_WAIT;
         loop {
             match umount2(&self.mount, MntFlags::empty()) {
                 Ok(()) => continue,
                 Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => break,
+                // The overlay on this filesystem may still be referenced by
+                // the dead container's mount namespace: the kernel drops
+                // those last references from a work queue, a moment after
+                // garden-init is reaped.
+                Err(nix::errno::Errno::EBUSY) if std::time::Instant::now() < busy_until => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
                 Err(nix::errno::Errno::EBUSY) => {
                     umount2(&self.mount, MntFlags::MNT_DETACH)
                         .map_err(|errno| self.io("detach the disk filesystem", io::Error::from(errno)))?;
