@@ -228,3 +228,50 @@ fn cli_prints_server_error() {
     assert_eq!(text(&destroy.stderr), "trellis: unknown handle: nope\n");
     assert_eq!(text(&destroy.stdout), "");
 }
+
+#[test]
+fn stream_in_ends_when_server_killed() {
+    let Some(mut server) = TestServer::start("stream_in_ends_when_server_killed") else { return };
+    let handle = server.create("upload");
+    let directory = tempfile::Builder::new().prefix("trellis-cli-upload").tempdir().unwrap();
+    let source = directory.path().join("big.bin");
+    // Incompressible bytes, large enough that the upload is still running
+    // when the server is killed.
+    let block: Vec<u8> = (0..1 << 20).map(|index: u32| (index.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut file = std::fs::File::create(&source).unwrap();
+    for _ in 0..400 {
+        std::io::Write::write_all(&mut file, &block).unwrap();
+    }
+    drop(file);
+
+    let mut upload = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["stream-in", &handle])
+        .arg(&source)
+        .arg("/tmp/upload")
+        .env("TRELLIS_TARGET", &server.socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(upload.try_wait().unwrap().is_none(), "the upload ended before the server was killed");
+    server.kill_server();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = upload.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = upload.kill();
+            let _ = upload.wait();
+            panic!("trellis stream-in kept running after its server was killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut upload.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "the upload reported success: {stderr}");
+    assert!(!stderr.trim().is_empty(), "the failed upload printed no error");
+}

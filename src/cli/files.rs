@@ -203,8 +203,16 @@ pub async fn stream_in(args: StreamInArgs) -> Result<(), FilesError> {
         let metadata = tokio::fs::metadata(&source).await.map_err(|error| FilesError::Read { path: source.clone(), source: error })?;
         let (writer, reader) = tokio::io::duplex(PIPE_BYTES);
         let pack = pack(source.clone(), metadata.is_dir(), writer);
-        let mut body = Counting { inner: reader, bytes };
-        let upload = client.stream_in(&args.handle, &args.destination, &user, &mut body);
+        let (client, handle, destination, user) = (&client, &args.handle, &args.destination, &user);
+        let upload = async move {
+            let mut body = Counting { inner: reader, bytes };
+            let uploaded = client.stream_in(handle, destination, user, &mut body).await;
+            // Dropping the reader ends the packing with a broken pipe when
+            // the upload stopped early, as when the server went away;
+            // else packing would wait for a reader forever.
+            drop(body);
+            uploaded
+        };
         let (packed, uploaded) = tokio::join!(pack, upload);
         // A server error explains more than the broken pipe it causes.
         uploaded?;
