@@ -206,6 +206,17 @@ fn bad_state_files_reported_rest_served() {
     let truncated = server.create("truncated");
     let newer = server.create("newer");
     let good = server.create("good");
+    let newer_info = server.block_on(server.client.info(&newer)).unwrap();
+    let newer_port = server.block_on(server.client.net_in(&newer, 0, 8080)).unwrap().host_port;
+    // The newer container's links: its host veth, named in its runtime
+    // record, and its subnet's bridge.
+    let record: serde_json::Value = serde_json::from_slice(&fs::read(server.depot.join(&newer).join("runtime.json")).unwrap()).unwrap();
+    let gateway: std::net::Ipv4Addr = newer_info.host_ip.parse().unwrap();
+    let prefix = trellis::linux::network::link_prefix(&server.tag);
+    let newer_links = [
+        format!("link {}", record["host_veth"].as_str().expect("the runtime record names the host veth")),
+        format!("link {prefix}b{}", trellis::linux::network::address_id(std::net::Ipv4Addr::from(u32::from(gateway) - 1))),
+    ];
     server.stop();
 
     let truncated_file = server.depot.join(&truncated).join("container.json");
@@ -235,6 +246,19 @@ fn bad_state_files_reported_rest_served() {
     assert!(newer_file.exists(), "the newer container is left in place");
     let output = server.run_command(&good, "echo", &["served"]);
     assert_eq!(output.stdout_text(), "served\n");
+    // The newer container still runs: its links stay, and its address and
+    // host port are not given to another container.
+    let links_after = server.links_of_tag();
+    for link in &newer_links {
+        assert!(links_after.contains(link), "{link} of a container left in place was removed: {links_after:?}");
+    }
+    for _ in 0..3 {
+        let other = server.create("other");
+        let info = server.block_on(server.client.info(&other)).unwrap();
+        assert_ne!(info.container_ip, newer_info.container_ip, "a new container got the address of one left in place");
+        let port = server.block_on(server.client.net_in(&other, 0, 8080)).unwrap().host_port;
+        assert_ne!(port, newer_port, "a new container got the host port of one left in place");
+    }
 
     // Put the newer one back, so the cleanup can destroy it.
     server.stop();

@@ -158,6 +158,7 @@ impl Registry {
                 // destroyed: a downgrade must not lose it.
                 error!(self.logger, "container not restored and left in place"; "handle" => handle,
                     "reason" => crate::linux::error_chain(&error));
+                self.keep_in_place(handle, dir);
                 return Restore::LeftInPlace;
             }
             Err(error) => {
@@ -232,6 +233,27 @@ impl Registry {
         self.reaper.do_send(Strap { handle: handle.to_string(), grace_time });
         info!(self.logger, "container restored"; "handle" => handle);
         Restore::Served
+    }
+
+    /// Keeps what a container left in place holds: its subnet and host ports
+    /// go back to their pools as taken, and its links stay. The newer
+    /// format is read only for its `network` field, as this release writes
+    /// it; a container whose field cannot be read keeps only its links.
+    fn keep_in_place(&self, handle: &str, dir: &Path) {
+        let value: Option<serde_json::Value> = std::fs::read(dir.join(state::STATE_FILE)).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        if value.is_none() {
+            warn!(self.logger, "the state of a container left in place is not JSON, so its address and ports may be given again"; "handle" => handle);
+        }
+        let network = container::NetworkRecord::from_record(value.as_ref().and_then(|value| value.get("network")));
+        if let Some(allocation) = network.allocation {
+            self.network_pools.subnets.do_send(ClaimNetwork { allocation });
+        }
+        for mapping in &network.mapped_ports {
+            if let Ok(port) = u16::try_from(mapping.host_port) {
+                self.network_pools.ports.do_send(ClaimPort { port });
+            }
+        }
+        self.runtime.keep_in_place(handle, dir, network.allocation);
     }
 
     /// Destroys a container found at start-up that is not served, through

@@ -80,7 +80,7 @@ impl From<CgroupError> for RuntimeError {
     }
 }
 
-pub(in crate::linux) use restore::{remove_orphans, remove_unrestorable, restore};
+pub(in crate::linux) use restore::{keep_in_place, remove_orphans, remove_unrestorable, restore};
 
 /// Joins an error and its sources into one message.
 pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {

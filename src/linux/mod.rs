@@ -202,6 +202,10 @@ impl Runtime for LinuxRuntime {
         container::remove_orphans(self, owned)
     }
 
+    fn keep_in_place(&self, _handle: &str, container_dir: &std::path::Path, network: Option<crate::pools::subnet::NetworkAllocation>) {
+        container::keep_in_place(self, container_dir, network);
+    }
+
     /// Ends the spare shim.
     fn shutdown(&self) {
         self.shims.shutdown();

@@ -165,6 +165,11 @@ pub trait Runtime: Send + Sync + 'static {
         }
     }
 
+    /// Keeps the host objects of a container that is left in place without
+    /// being served (its state is of a newer format): its links must not be
+    /// taken for orphans. `network` is its allocation, when known.
+    fn keep_in_place(&self, _handle: &str, _container_dir: &Path, _network: Option<crate::pools::subnet::NetworkAllocation>) {}
+
     /// Removes host objects carrying the server's tag that belong to none
     /// of `owned` (container handles). Returns a description of each
     /// object removed or that could not be removed, for the log.

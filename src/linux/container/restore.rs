@@ -215,6 +215,17 @@ pub(in crate::linux) fn remove_unrestorable(runtime: &LinuxRuntime, handle: &str
     container.teardown(true)
 }
 
+/// Keeps the links of a container left in place unserved, whose garden-init
+/// still runs: they are not orphans, and its subnet's bridge stays in use.
+pub(in crate::linux) fn keep_in_place(runtime: &LinuxRuntime, container_dir: &Path, network: Option<crate::pools::subnet::NetworkAllocation>) {
+    let (Some(host_network), Some(allocation)) = (&runtime.network, network) else { return };
+    let Ok(record) = read_runtime_record(container_dir) else { return };
+    if open_init(&record).is_none() {
+        return;
+    }
+    host_network.keep_links(allocation, record.init_pid, record.host_veth.as_deref());
+}
+
 /// Removes the cgroups below the server's tag that belong to no handle in
 /// `owned`, killing the processes in them.
 pub(in crate::linux) fn remove_orphans(runtime: &LinuxRuntime, owned: &BTreeSet<String>) -> Vec<String> {
