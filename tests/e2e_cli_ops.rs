@@ -53,7 +53,7 @@ fn tables_and_json_output() {
     let header = lines.next().unwrap();
     assert!(header.starts_with("HANDLE"), "{list}");
     assert!(header.contains("STATE"), "{list}");
-    assert!(header.contains("PROCESSES"), "{list}");
+    assert!(header.contains("MAPPED PORTS"), "{list}");
     let row = lines.next().expect("a row for the container");
     assert!(row.starts_with(&handle), "{list}");
     assert!(row.contains("active"), "{list}");

@@ -163,13 +163,29 @@ pub async fn list(target: &TargetArgs, filter: Vec<(String, String)>, quiet: boo
             None => vec![handle.clone(), "unknown".into(), String::new(), String::new()],
         })
         .collect();
-    print!("{}", output::table(&["HANDLE", "STATE", "CONTAINER IP", "PROCESSES"], &rows));
+    print!("{}", output::table(&["HANDLE", "STATE", "CONTAINER IP", "MAPPED PORTS"], &rows));
     Ok(())
 }
 
+/// Returns a table row. Garden servers send no process ids in an info
+/// (`ProcessIDs` is null), so the row shows mapped ports instead.
 fn info_row(handle: &str, info: &ContainerInfo) -> Vec<String> {
-    let processes = info.process_ids.as_ref().map_or(0, Vec::len);
-    vec![handle.to_string(), info.state.clone(), dash_if_empty(&info.container_ip), processes.to_string()]
+    vec![handle.to_string(), info.state.clone(), dash_if_empty(&info.container_ip), mapped_ports(info)]
+}
+
+/// Returns the container's port mappings as `host->container`, or `-`.
+fn mapped_ports(info: &ContainerInfo) -> String {
+    let ports: Vec<String> = info
+        .mapped_ports
+        .iter()
+        .flatten()
+        .map(|mapping| format!("{}->{}", mapping.host_port, mapping.container_port))
+        .collect();
+    if ports.is_empty() {
+        "-".into()
+    } else {
+        ports.join(", ")
+    }
 }
 
 fn dash_if_empty(text: &str) -> String {
@@ -187,7 +203,6 @@ pub async fn info(target: &TargetArgs, handle: &str, output: OutputArgs) -> Resu
         print!("{}", output::json(&info));
         return Ok(());
     }
-    let process_ids = info.process_ids.clone().unwrap_or_default();
     let mut pairs = vec![
         ("handle", handle.to_string()),
         ("state", info.state.clone()),
@@ -195,15 +210,8 @@ pub async fn info(target: &TargetArgs, handle: &str, output: OutputArgs) -> Resu
         ("container ip", dash_if_empty(&info.container_ip)),
         ("external ip", dash_if_empty(&info.external_ip)),
         ("path", dash_if_empty(&info.container_path)),
-        ("processes", if process_ids.is_empty() { "-".into() } else { process_ids.join(", ") }),
     ];
-    let ports: Vec<String> = info
-        .mapped_ports
-        .iter()
-        .flatten()
-        .map(|mapping| format!("{}->{}", mapping.host_port, mapping.container_port))
-        .collect();
-    pairs.push(("mapped ports", if ports.is_empty() { "-".into() } else { ports.join(", ") }));
+    pairs.push(("mapped ports", mapped_ports(&info)));
     let events = info.events.clone().unwrap_or_default();
     pairs.push(("events", if events.is_empty() { "-".into() } else { events.join(", ") }));
     let properties = info.properties.clone().unwrap_or_default();
@@ -230,7 +238,7 @@ pub async fn bulk_info(target: &TargetArgs, handles: &[String], output: OutputAr
             None => info_row(handle, &entry.info),
         })
         .collect();
-    print!("{}", output::table(&["HANDLE", "STATE", "CONTAINER IP", "PROCESSES"], &rows));
+    print!("{}", output::table(&["HANDLE", "STATE", "CONTAINER IP", "MAPPED PORTS"], &rows));
     Ok(())
 }
 
