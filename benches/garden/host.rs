@@ -277,13 +277,6 @@ pub fn pss_kib(pid: u32) -> Option<u64> {
     proc_kib(pid, "smaps_rollup", "Pss:")
 }
 
-/// Returns the short name of `pid`, from /proc/<pid>/comm.
-pub fn comm(pid: u32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|name| name.trim().to_string())
-}
-
 /// Lists every process in the cgroup at `path` and its descendant cgroups.
 pub fn cgroup_pids(path: &Path) -> Vec<u32> {
     let mut found: Vec<u32> = fs::read_to_string(path.join("cgroup.procs"))

@@ -13,7 +13,8 @@
 //!   (`memory` names the memory figure).
 //! - `cargo test --bench garden` (part of `scripts/test`): the short mode,
 //!   a few iterations of every figure, so the harness can't rot. Nothing is
-//!   asserted about speed; the run fails only when an operation fails.
+//!   asserted about speed; the run fails only when an operation fails. It
+//!   writes `target/bench/garden-short.json`.
 
 mod crun_side;
 mod host;
@@ -110,7 +111,10 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     // nothing of the kind under `cargo test`.
     let full = args.iter().any(|arg| arg == "--bench") && !args.iter().any(|arg| arg == "--short");
     let mut iterations = 20;
-    let mut json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../bench/garden.json");
+    // The short mode writes a file of its own, so that a test run does not
+    // replace the results of the last full run.
+    let file_name = if full { "garden.json" } else { "garden-short.json" };
+    let mut json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../bench").join(file_name);
     let mut crun = true;
     let mut rootfs = None;
     let mut only = Vec::new();

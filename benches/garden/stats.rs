@@ -159,5 +159,9 @@ pub fn table(figures: &[Figure]) -> String {
             verdict,
         ));
     }
+    if figures.iter().any(|figure| figure.compared == "mean") {
+        let means: Vec<&str> = figures.iter().filter(|figure| figure.compared == "mean").map(|figure| figure.id).collect();
+        out.push_str(&format!("{}: the median columns show means, which the target compares\n", means.join(", ")));
+    }
     out
 }

@@ -118,14 +118,17 @@ impl Server {
     }
 
     /// Proportional memory (PSS) of the server alone, and of every Trellis
-    /// process in its cgroup tree (the server, its shims and each
-    /// container's garden-init, which are Trellis's overhead per
-    /// container), in KiB.
+    /// process in its cgroup tree (the server, its shims, the spare shim
+    /// and each container's garden-init, which are Trellis's overhead per
+    /// container), in KiB. Trellis processes are those running the
+    /// server's executable: a shim's name is `exe` until its process
+    /// execs, so names do not tell.
     pub fn memory_kib(&self) -> (u64, u64) {
         let own = host::pss_kib(self.pid()).unwrap_or(0);
+        let executable = std::fs::read_link(format!("/proc/{}/exe", self.pid())).ok();
         let total = host::cgroup_pids(&self.cgroup.path)
             .into_iter()
-            .filter(|pid| host::comm(*pid).is_some_and(|name| name.starts_with("trellis") || name == "garden-init"))
+            .filter(|pid| executable.is_some() && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == executable)
             .filter_map(host::pss_kib)
             .sum();
         (own, total)
