@@ -225,11 +225,22 @@ impl ContainerCgroup {
     /// failed run is reused.
     pub fn create(&self, privileged: bool, limits: &Limits) -> Result<(), CgroupError> {
         for (parent, dir) in self.parents.iter().zip(&self.dirs) {
-            create_dir(parent)?;
-            if self.version == CgroupVersion::V2 {
-                enable_v2_controllers(parent)?;
+            // The destroy of another container removes the parent when it
+            // finds it empty, which it is until `dir` exists; the parent is
+            // then made again.
+            let mut attempts = 0;
+            loop {
+                create_dir(parent)?;
+                if self.version == CgroupVersion::V2 {
+                    enable_v2_controllers(parent)?;
+                }
+                match create_dir(dir) {
+                    Err(CgroupError::Create { ref source, .. }) if source.kind() == io::ErrorKind::NotFound && attempts < PARENT_ATTEMPTS => {
+                        attempts += 1;
+                    }
+                    created => break created?,
+                }
             }
-            create_dir(dir)?;
         }
         self.apply_devices(privileged)?;
         self.apply_limits(limits)
@@ -803,6 +814,10 @@ pub fn parse_flat_keyed(text: &str) -> std::collections::BTreeMap<String, u64> {
         })
         .collect()
 }
+
+/// How often a container cgroup is tried again when its parent was removed
+/// under it.
+const PARENT_ATTEMPTS: u32 = 10;
 
 fn create_dir(path: &Path) -> Result<(), CgroupError> {
     match fs::create_dir(path) {
