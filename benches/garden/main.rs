@@ -185,8 +185,11 @@ fn run(args: &[String]) -> Result<(), String> {
     let trellis = trellis_side::measure(plan, &binary, &rootfs)?;
 
     let crun = if options.crun && crun_side::available() {
+        settle(plan);
         eprintln!("bench: crun block");
-        Some(crun_side::measure(plan, &rootfs)?)
+        let results = crun_side::measure(plan, &rootfs)?;
+        settle(plan);
+        Some(results)
     } else if options.crun && plan.mode == "full" {
         return Err("crun is not installed (apt-get install crun), or pass --no-crun".into());
     } else {
@@ -277,6 +280,21 @@ fn build_rootfs() -> Result<PathBuf, String> {
         ));
     }
     Ok(rootfs)
+}
+
+/// How long the full mode lets the kernel finish tearing down one block's
+/// namespaces, links and mounts before the next block starts. Both
+/// runtimes leave veth pairs to the kernel, and the server's namespace
+/// goes with its idle bridges; that work would otherwise slow the next
+/// block's measurements.
+const SETTLE_TIME: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Waits [`SETTLE_TIME`] in the full mode.
+fn settle(plan: &Plan) {
+    if plan.mode == "full" {
+        eprintln!("bench: letting the kernel settle for {} s", SETTLE_TIME.as_secs());
+        std::thread::sleep(SETTLE_TIME);
+    }
 }
 
 /// G8's baseline: the same busybox `dd` writing into a pipe this process
