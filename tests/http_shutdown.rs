@@ -175,16 +175,29 @@ fn inode(path: &Path) -> Option<(u64, i64, i64)> {
     std::fs::symlink_metadata(path).ok().map(|metadata| (metadata.ino(), metadata.ctime(), metadata.ctime_nsec()))
 }
 
+/// Kills and reaps a server that a failing test left running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn stop_keeps_socket_of_newer_server() {
     support::enter_private_network();
     let directory = tempfile::Builder::new().prefix("trellis-test-shutdown").tempdir().unwrap();
-    let (mut first, socket) = start_server(directory.path());
+    let (first, socket) = start_server(directory.path());
+    let mut first = KillOnDrop(first);
     let first_socket = inode(&socket).expect("the first server's socket file");
 
     // A second server on the same path replaces the socket file while the
     // first still runs, as an upgrade that starts the new server first does.
-    let mut second = Command::new(env!("CARGO_BIN_EXE_trellis"))
+    let second = Command::new(env!("CARGO_BIN_EXE_trellis"))
         .args(["server", "--runtime", "memory", "--log-level", "info", "--bind-socket"])
         .arg(&socket)
         .arg("--depot")
@@ -194,19 +207,20 @@ fn stop_keeps_socket_of_newer_server() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut second = KillOnDrop(second);
     let deadline = Instant::now() + Duration::from_secs(20);
     while inode(&socket) == Some(first_socket) || inode(&socket).is_none() {
         assert!(Instant::now() < deadline, "the second server did not bind the socket");
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_for_exit(&mut first).success());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.0.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_for_exit(&mut first.0).success());
     assert!(inode(&socket).is_some(), "the stopping server removed the newer server's socket");
     let reply = exchange(&socket, b"GET /ping HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(second.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_for_exit(&mut second).success());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(second.0.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_for_exit(&mut second.0).success());
     assert!(inode(&socket).is_none(), "the last server left its socket file");
 }
