@@ -505,6 +505,8 @@ fn soak_restart_cycles() {
         kills += usize::from(kill_step.is_some());
         let handle = server.unique_handle("soak");
         server.block_on(server.client.create(&ContainerSpec { handle: handle.clone(), ..ContainerSpec::default() })).unwrap();
+        // A host port too, so that the port pool is exercised.
+        server.block_on(server.client.net_in(&handle, 0, 8080)).unwrap();
         if kill_step == Some(0) {
             server.kill_server();
             server.start_again(&[]);
@@ -538,6 +540,8 @@ fn soak_restart_cycles() {
     assert!(listed(&server).is_empty());
     let snapshot = server.introspect();
     assert_eq!(snapshot["pools"]["uid"]["holders"], serde_json::json!(0), "every id mapping is back in the pool");
+    assert_eq!(snapshot["pools"]["subnet"]["allocated"], serde_json::json!(0), "every subnet is back in the pool: {}", snapshot["pools"]);
+    assert_eq!(snapshot["pools"]["port"]["allocated"], serde_json::json!(0), "every host port is back in the pool: {}", snapshot["pools"]);
     assert_eq!(server.leftovers(), Vec::<String>::new());
     let log = server.log_text();
     assert_eq!(log.matches("\"server listening\"").count(), 21, "the server started once plus once per kill");
