@@ -248,12 +248,14 @@ impl Registry {
         if let Some(allocation) = network.allocation {
             self.network_pools.subnets.do_send(ClaimNetwork { allocation });
         }
+        let mut kept = crate::runtime::KeptNetwork { allocation: network.allocation, mapped_ports: Vec::new(), net_out: network.net_out.clone() };
         for mapping in &network.mapped_ports {
-            if let Ok(port) = u16::try_from(mapping.host_port) {
+            if let (Ok(port), Ok(container_port)) = (u16::try_from(mapping.host_port), u16::try_from(mapping.container_port)) {
                 self.network_pools.ports.do_send(ClaimPort { port });
+                kept.mapped_ports.push((port, container_port));
             }
         }
-        self.runtime.keep_in_place(handle, dir, network.allocation);
+        self.runtime.keep_in_place(handle, dir, &kept);
     }
 
     /// Destroys a container found at start-up that is not served, through

@@ -103,6 +103,9 @@ pub struct LinuxRuntime {
     network: Option<Arc<network::HostNetwork>>,
     /// Hands out process shims, one of them started in advance.
     shims: Arc<spare::ShimLauncher>,
+    /// Networks of containers left in place unserved; kept so that their
+    /// links and rules stay while this server runs.
+    kept_networks: std::sync::Mutex<Vec<network::ContainerNetwork>>,
 }
 
 impl LinuxRuntime {
@@ -138,7 +141,16 @@ impl LinuxRuntime {
         };
         slog::info!(logger, "linux runtime ready"; "cgroup_version" => ?cgroup_version, "hierarchies" => hierarchies.len());
         let shims = Arc::new(spare::ShimLauncher::new(config.executable.clone(), logger.new(slog::o!("component" => "shims"))));
-        Ok(LinuxRuntime { config, logger, hierarchies, cgroup_version, userns: rootfs::UsernsCache::default(), network, shims })
+        Ok(LinuxRuntime {
+            config,
+            logger,
+            hierarchies,
+            cgroup_version,
+            userns: rootfs::UsernsCache::default(),
+            network,
+            shims,
+            kept_networks: std::sync::Mutex::new(Vec::new()),
+        })
     }
 }
 
@@ -202,8 +214,8 @@ impl Runtime for LinuxRuntime {
         container::remove_orphans(self, owned)
     }
 
-    fn keep_in_place(&self, _handle: &str, container_dir: &std::path::Path, network: Option<crate::pools::subnet::NetworkAllocation>) {
-        container::keep_in_place(self, container_dir, network);
+    fn keep_in_place(&self, handle: &str, container_dir: &std::path::Path, network: &crate::runtime::KeptNetwork) {
+        container::keep_in_place(self, handle, container_dir, network);
     }
 
     /// Ends the spare shim.

@@ -168,7 +168,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Keeps the host objects of a container that is left in place without
     /// being served (its state is of a newer format): its links must not be
     /// taken for orphans. `network` is its allocation, when known.
-    fn keep_in_place(&self, _handle: &str, _container_dir: &Path, _network: Option<crate::pools::subnet::NetworkAllocation>) {}
+    fn keep_in_place(&self, _handle: &str, _container_dir: &Path, _network: &KeptNetwork) {}
 
     /// Removes host objects carrying the server's tag that belong to none
     /// of `owned` (container handles). Returns a description of each
@@ -180,6 +180,16 @@ pub trait Runtime: Send + Sync + 'static {
     /// Ends the runtime's own helper processes (not containers or their
     /// processes, which outlive the server) when the server stops.
     fn shutdown(&self) {}
+}
+
+/// The network of a container left in place, as its state file records
+/// it: its allocation, host port mappings and net-out rules.
+#[derive(Debug, Clone, Default)]
+pub struct KeptNetwork {
+    pub allocation: Option<crate::pools::subnet::NetworkAllocation>,
+    /// `(host port, container port)` pairs.
+    pub mapped_ports: Vec<(u16, u16)>,
+    pub net_out: Vec<crate::api::NetOutRule>,
 }
 
 /// One container's kernel objects.

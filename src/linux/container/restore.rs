@@ -215,15 +215,32 @@ pub(in crate::linux) fn remove_unrestorable(runtime: &LinuxRuntime, handle: &str
     container.teardown(true)
 }
 
-/// Keeps the links of a container left in place unserved, whose garden-init
-/// still runs: they are not orphans, and its subnet's bridge stays in use.
-pub(in crate::linux) fn keep_in_place(runtime: &LinuxRuntime, container_dir: &Path, network: Option<crate::pools::subnet::NetworkAllocation>) {
-    let (Some(host_network), Some(allocation)) = (&runtime.network, network) else { return };
+/// Keeps the network of a container left in place unserved, whose
+/// garden-init still runs: its links are not orphans, and its rules, net-in
+/// mappings and net-out rules go into the fresh table, so that it keeps
+/// working as it did.
+pub(in crate::linux) fn keep_in_place(runtime: &LinuxRuntime, handle: &str, container_dir: &Path, kept: &crate::runtime::KeptNetwork) {
+    let (Some(host_network), Some(allocation)) = (&runtime.network, kept.allocation) else { return };
     let Ok(record) = read_runtime_record(container_dir) else { return };
     if open_init(&record).is_none() {
         return;
     }
-    host_network.keep_links(allocation, record.init_pid, record.host_veth.as_deref());
+    let network = match host_network.reattach(handle, allocation, record.init_pid, record.host_veth.as_deref()) {
+        Ok(network) => network,
+        Err(error) => {
+            slog::warn!(runtime.logger, "the network of a container left in place could not be kept"; "handle" => handle, "error" => %error);
+            return;
+        }
+    };
+    for (host_port, container_port) in &kept.mapped_ports {
+        if let Err(error) = network.net_in(*host_port, *container_port) {
+            slog::warn!(runtime.logger, "a net-in mapping of a container left in place was not restored"; "handle" => handle, "host_port" => host_port, "error" => %error);
+        }
+    }
+    if let Err(error) = network.net_out(&kept.net_out) {
+        slog::warn!(runtime.logger, "the net-out rules of a container left in place were not restored"; "handle" => handle, "error" => %error);
+    }
+    runtime.kept_networks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(network);
 }
 
 /// Removes the cgroups below the server's tag that belong to no handle in

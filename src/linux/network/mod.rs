@@ -436,24 +436,6 @@ impl HostNetwork {
         Ok(container)
     }
 
-    /// Keeps the links of a container that runs but is not served, so that
-    /// start-up does not delete them as orphans and its bridge stays in use.
-    pub fn keep_links(&self, allocation: NetworkAllocation, init_pid: i32, host_veth: Option<&str>) {
-        let host_veth = match host_veth {
-            Some(name) => name.to_string(),
-            None => host_veth_of(init_pid).ok().flatten().unwrap_or_else(|| LinkNames::derived_host_veth(&self.prefix, &allocation)),
-        };
-        let names = LinkNames::with_host_veth(&self.prefix, &allocation, host_veth);
-        {
-            let mut startup_links = self.startup_links.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            startup_links.remove(&names.host_veth);
-            startup_links.remove(&names.bridge);
-        }
-        let mut book = self.lock_links();
-        *book.users.entry(allocation.subnet).or_insert(0) += 1;
-        book.idle.remove(&names.bridge);
-    }
-
     /// Deletes the links found at start-up that no restored container
     /// claimed, and returns their names.
     pub fn remove_unclaimed_links(&self) -> Result<Vec<String>, NetworkError> {
