@@ -285,7 +285,7 @@ fn build_rootfs() -> Result<PathBuf, String> {
 /// How long the full mode lets the kernel finish tearing down one block's
 /// namespaces, links and mounts before the next block starts. Both
 /// runtimes leave veth pairs to the kernel, and the server's namespace
-/// goes with its idle bridges; that work would otherwise slow the next
+/// goes with its idle bridges. That work would otherwise slow the next
 /// block's measurements.
 const SETTLE_TIME: std::time::Duration = std::time::Duration::from_secs(20);
 

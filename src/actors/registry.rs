@@ -236,9 +236,9 @@ impl Registry {
     }
 
     /// Keeps what a container left in place holds: its subnet and host ports
-    /// go back to their pools as taken, and its links stay. The newer
-    /// format is read only for its `network` field, as this release writes
-    /// it; a container whose field cannot be read keeps only its links.
+    /// go back to their pools as taken, and its links stay. Only the
+    /// `network` field of the newer format is read, as this release writes
+    /// it. A container whose field cannot be read keeps only its links.
     fn keep_in_place(&self, handle: &str, dir: &Path) {
         let value: Option<serde_json::Value> = std::fs::read(dir.join(state::STATE_FILE)).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
         if value.is_none() {

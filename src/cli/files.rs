@@ -208,8 +208,8 @@ pub async fn stream_in(args: StreamInArgs) -> Result<(), FilesError> {
             let mut body = Counting { inner: reader, bytes };
             let uploaded = client.stream_in(handle, destination, user, &mut body).await;
             // Dropping the reader ends the packing with a broken pipe when
-            // the upload stopped early, as when the server went away;
-            // else packing would wait for a reader forever.
+            // the upload stopped early, as when the server went away.
+            // Without it, packing would wait for a reader forever.
             drop(body);
             uploaded
         };
