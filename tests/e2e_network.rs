@@ -169,17 +169,10 @@ fn chain_rule_count(server: &TestServer, chain: &str) -> usize {
     text.lines().filter(|line| line.trim().ends_with("accept")).count()
 }
 
-/// Returns the suffix of a container's chain names: its address in six
-/// base-62 digits, as the server names them.
+/// Returns the suffix of a container's chain names, as the server names
+/// them.
 fn chain_id(container_ip: &str) -> String {
-    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-    let mut value = u64::from(u32::from(container_ip.parse::<std::net::Ipv4Addr>().unwrap()));
-    let mut digits = [b'0'; 6];
-    for digit in digits.iter_mut().rev() {
-        *digit = DIGITS[(value % 62) as usize];
-        value /= 62;
-    }
-    String::from_utf8(digits.to_vec()).unwrap()
+    trellis::linux::network::address_id(container_ip.parse().unwrap())
 }
 
 #[test]

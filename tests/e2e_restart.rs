@@ -858,9 +858,9 @@ fn output_kept_across_kills() {
 
 /// Bytes of output that the kills may deliver twice: what was written to a
 /// client but not yet acknowledged to the shim when it died. The script
-/// writes bursts of about 500 bytes, and two kills have a client attached;
-/// a few bursts each is the bound, far below the 38 KiB of the whole
-/// output, so a replay of everything fails.
+/// writes bursts of about 500 bytes, and two kills have a client attached.
+/// A few bursts each is far below the 38 KiB of the whole output, so a
+/// replay of everything fails.
 const REPEAT_LIMIT: usize = 4 * 1024;
 
 /// Checks that `text` is the lines `1` to `last` and `end`, in order and

@@ -18,15 +18,15 @@ pub fn run(program: &str, args: &[&str]) -> Result<(), String> {
         .stdin(Stdio::null())
         .output()
         .map_err(|error| format!("starting {program}: {error}"))?;
+    checked(program, args, &output)
+}
+
+/// Turns a tool's failed exit into an error with its stderr.
+fn checked(program: &str, args: &[&str], output: &std::process::Output) -> Result<(), String> {
     if output.status.success() {
         return Ok(());
     }
-    Err(format!(
-        "{program} {} failed with {}: {}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    ))
+    Err(format!("{program} {} failed with {}: {}", args.join(" "), output.status, String::from_utf8_lossy(&output.stderr).trim()))
 }
 
 /// Runs a tool, feeding `input` to its stdin.
@@ -45,15 +45,7 @@ pub fn run_with_input(program: &str, args: &[&str], input: &[u8]) -> Result<(), 
         .write_all(input)
         .map_err(|error| format!("writing to {program}: {error}"))?;
     let output = child.wait_with_output().map_err(|error| format!("waiting for {program}: {error}"))?;
-    if output.status.success() {
-        return Ok(());
-    }
-    Err(format!(
-        "{program} {} failed with {}: {}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    ))
+    checked(program, args, &output)
 }
 
 /// The external IP the benchmark server is given: an address of its own

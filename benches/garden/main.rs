@@ -13,8 +13,8 @@
 //!   (`memory` names the memory figure).
 //! - `cargo test --bench garden` (part of `scripts/test`): the short mode,
 //!   a few iterations of every figure, so the harness can't rot. Nothing is
-//!   asserted about speed; the run fails only when an operation fails. It
-//!   writes `target/bench/garden-short.json`.
+//!   asserted about speed; the run fails only when an operation fails. Its
+//!   default results file is `target/bench/garden-short.json`.
 
 mod crun_side;
 mod host;

@@ -339,11 +339,11 @@ fn abi_intervals(abi: &AbiNumbers) -> Vec<(u32, CallAction)> {
 ///
 /// The part is a binary search over [`abi_intervals`]. A list of one
 /// comparison per call would be as strict but slower to install. The
-/// kernel emulates a new filter for every call number to cache the calls
+/// kernel emulates a new filter for every call number, to cache the calls
 /// that are always allowed (`seccomp_cache_prepare_bitmap` in Linux's
-/// kernel/seccomp.c), and along a list of 1831 instructions that took
-/// 0.87 ms per process start (perf on the seccomp system call, 2-core
-/// machine, Linux 6.18). A search decides each number in about ten steps.
+/// kernel/seccomp.c). Along a list of 1831 instructions that took 0.87 ms
+/// per process start (perf on the seccomp system call, 2-core machine,
+/// Linux 6.18). A search decides each number in about ten steps.
 fn abi_body(abi: &AbiNumbers) -> Vec<sock_filter> {
     let mut body = vec![statement(BPF_LD_W_ABS, SECCOMP_DATA_NR_OFFSET)];
     search(&abi_intervals(abi), &mut body);

@@ -244,18 +244,16 @@ const SPAWN_ATTEMPTS: u32 = 5;
 /// Pause before a start is tried again.
 const SPAWN_RETRY_DELAY: Duration = Duration::from_millis(20);
 
-/// Starts a shim and waits for its ready report.
-fn start_shim(executable: &Path) -> Result<Spare, SpareError> {
-    let spawn_error = |source| SpareError::Spawn { executable: executable.to_path_buf(), source };
-    let (mut server_end, shim_end) = UnixStream::pair().map_err(spawn_error)?;
-    // The shim's early errors have nowhere useful to go. Once configured,
-    // it writes them to the log file of its process.
-    let shim_end = OwnedFd::from(shim_end);
+/// Starts the first shim process with `shim_end` as its stdin, trying again
+/// while the executable is busy.
+fn spawn_first(executable: &Path, shim_end: OwnedFd) -> io::Result<std::process::Child> {
     let mut attempt = 0;
-    let mut first = loop {
+    loop {
+        // The shim's early errors have nowhere useful to go. Once
+        // configured, it writes them to the log file of its process.
         let spawned = Command::new(executable)
             .arg(super::SHIM_COMMAND)
-            .stdin(Stdio::from(shim_end.try_clone().map_err(spawn_error)?))
+            .stdin(Stdio::from(shim_end.try_clone()?))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -267,16 +265,24 @@ fn start_shim(executable: &Path) -> Result<Spare, SpareError> {
                 attempt += 1;
                 std::thread::sleep(SPAWN_RETRY_DELAY);
             }
-            spawned => break spawned.map_err(spawn_error)?,
+            spawned => return spawned,
         }
-    };
-    drop(shim_end);
+    }
+}
+
+/// Starts a shim and waits for its ready report.
+fn start_shim(executable: &Path) -> Result<Spare, SpareError> {
+    let spawn_error = |source| SpareError::Spawn { executable: executable.to_path_buf(), source };
+    let (mut server_end, shim_end) = UnixStream::pair().map_err(spawn_error)?;
+    let mut first = spawn_first(executable, OwnedFd::from(shim_end)).map_err(spawn_error)?;
+
     // The first process forks the shim and exits at once, so the shim is
     // not the server's child and survives a server restart.
     let status = first.wait().map_err(spawn_error)?;
     if !status.success() {
         return Err(SpareError::FirstExit { executable: executable.to_path_buf(), status });
     }
+
     let ready_error = |source| SpareError::Ready { executable: executable.to_path_buf(), source };
     server_end.set_read_timeout(Some(READY_TIMEOUT)).map_err(ready_error)?;
     let report = ReadyReport::read(&mut server_end).map_err(ready_error)?;

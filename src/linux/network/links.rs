@@ -30,29 +30,39 @@ where
     F: FnOnce(Handle) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, NetworkError>>,
 {
-    let thread = std::thread::Builder::new().name("netlink".into()).spawn(move || {
-        if let Some(netns) = netns {
-            // Only this thread changes namespace; it ends with the work.
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|error| NetworkError::Netlink { operation: "entering the container's network namespace".into(), reason: error.to_string() })?;
-        }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|error| NetworkError::Netlink { operation: "starting a netlink runtime".into(), reason: error.to_string() })?;
-        runtime.block_on(async move {
-            let (connection, handle, _) = rtnetlink::new_connection()
-                .map_err(|error| NetworkError::Netlink { operation: "opening a netlink socket".into(), reason: error.to_string() })?;
-            let driver = tokio::spawn(connection);
-            let result = work(handle).await;
-            driver.abort();
-            result
-        })
-    });
+    // Only the new thread changes namespace, and it ends with the work.
+    let thread = std::thread::Builder::new().name("netlink".into()).spawn(move || on_this_thread(netns, work));
     let thread = thread.map_err(|error| NetworkError::Netlink { operation: "starting a netlink thread".into(), reason: error.to_string() })?;
     thread
         .join()
         .map_err(|_| NetworkError::Netlink { operation: "netlink thread".into(), reason: "the thread panicked".into() })?
+}
+
+/// Runs `work` with a netlink handle on the calling thread, inside the
+/// network namespace `netns` when given. The thread stays in that
+/// namespace afterwards, so only a thread that ends with its work may pass
+/// one.
+pub fn on_this_thread<T, F, Fut>(netns: Option<File>, work: F) -> Result<T, NetworkError>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: Future<Output = Result<T, NetworkError>>,
+{
+    if let Some(netns) = netns {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|error| NetworkError::Netlink { operation: "entering the container's network namespace".into(), reason: error.to_string() })?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| NetworkError::Netlink { operation: "starting a netlink runtime".into(), reason: error.to_string() })?;
+    runtime.block_on(async move {
+        let (connection, handle, _) = rtnetlink::new_connection()
+            .map_err(|error| NetworkError::Netlink { operation: "opening a netlink socket".into(), reason: error.to_string() })?;
+        let driver = tokio::spawn(connection);
+        let result = work(handle).await;
+        driver.abort();
+        result
+    })
 }
 
 fn failed(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {

@@ -608,13 +608,14 @@ impl ContainerNetwork {
                 .try_clone()
                 .map_err(|error| (false, NetworkError::Host { operation: "duplicate a namespace descriptor".into(), reason: error.to_string() }))?;
             // The host side first: the peer can only be configured once
-            // it exists.
-            links::with_netlink(None, move |handle| async move {
+            // it exists. Then this thread, which ends with the work, enters
+            // the container's namespace.
+            links::on_this_thread(None, move |handle| async move {
                 let bridge_index = links::ensure_bridge(&handle, &bridge, gateway, subnet.prefix(), mtu).await?;
                 links::create_veth(&handle, &host_veth, bridge_index, mtu, &netns).await
             })
             .map_err(|error| (false, error))?;
-            links::with_netlink(Some(container_netns), move |handle| async move {
+            links::on_this_thread(Some(container_netns), move |handle| async move {
                 links::configure_container_side(&handle, container_ip, subnet.prefix(), gateway).await
             })
             .map_err(|error| (true, error))

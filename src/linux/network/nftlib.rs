@@ -223,7 +223,7 @@ pub struct Context {
 }
 
 // SAFETY: one thread at a time uses the context, because `run` takes
-// `&mut self` and every call holds RUN_LOCK. libnftables 1.0.6 has no
+// `&mut self` and every call takes RUN_LOCK first. libnftables 1.0.6 has no
 // thread-local variables, so the thread that calls does not matter.
 unsafe impl Send for Context {}
 
