@@ -39,6 +39,10 @@ pub enum CgroupError {
     Write { path: PathBuf, value: String, #[source] source: io::Error },
     #[error("failed to remove cgroup {path}")]
     Remove { path: PathBuf, #[source] source: io::Error },
+    #[error("failed to rename cgroup {path} to {target}")]
+    Rename { path: PathBuf, target: PathBuf, #[source] source: io::Error },
+    #[error("cgroup v2 cannot rename a cgroup ({path})")]
+    RenameUnsupported { path: PathBuf },
     #[error("memory limit of {requested} bytes is below the container's current memory usage of {usage} bytes; request at least {usage} bytes")]
     MemoryBelowUsage { requested: u64, usage: u64 },
     #[error("cgroup {path} did not freeze within {seconds} s")]
@@ -376,6 +380,26 @@ impl ContainerCgroup {
             }
         }
         stats
+    }
+
+    /// Gives these cgroups, with the processes in them, the names of
+    /// `target`'s, which must lie below the same parents. Only cgroup v1
+    /// can rename a cgroup. On failure the cgroups renamed so far get
+    /// their names back.
+    pub fn rename_to(&self, target: &ContainerCgroup) -> Result<(), CgroupError> {
+        if self.version == CgroupVersion::V2 || target.version == CgroupVersion::V2 {
+            let path = self.dirs.first().cloned().unwrap_or_default();
+            return Err(CgroupError::RenameUnsupported { path });
+        }
+        for (index, (from, to)) in self.dirs.iter().zip(&target.dirs).enumerate() {
+            if let Err(source) = fs::rename(from, to) {
+                for (done_from, done_to) in self.dirs.iter().zip(&target.dirs).take(index) {
+                    let _ = fs::rename(done_to, done_from);
+                }
+                return Err(CgroupError::Rename { path: from.clone(), target: to.clone(), source });
+            }
+        }
+        Ok(())
     }
 
     /// Moves process `pid` into every container cgroup.

@@ -4,11 +4,10 @@
 mod restore;
 
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::{self, Read};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
@@ -22,6 +21,7 @@ use super::init::{FileBind, InitConfig};
 use super::network::{self, ContainerNetwork, HostNetwork, NetworkError};
 use super::rootfs::{self, ContainerRootfs, RootfsError};
 use super::shim::{self, ShimConfig};
+use super::spare_init::{self, InitChannel, InitProcess, WaitingInit};
 use super::{syscalls, users, LinuxRuntime};
 use crate::api::{CpuLimits, Limits, Metrics, ProcessSpec};
 use crate::runtime::stdio::{ShimFrame, StartFailure, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
@@ -92,14 +92,6 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     message
-}
-
-/// The host pid and pidfd of a container's garden-init.
-#[derive(Debug)]
-struct InitProcess {
-    pid: i32,
-    /// Signals through the pidfd cannot reach a recycled pid.
-    pidfd: OwnedFd,
 }
 
 /// A Linux container.
@@ -194,6 +186,8 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         network: None,
     };
     let built = build(runtime, config, &mut container, &source).and_then(|()| restore::write_runtime_record(&container));
+    // Started now that this create no longer needs the CPUs.
+    runtime.inits.refill();
     match built {
         Ok(()) => {
             slog::debug!(container.logger, "container created"; "init_pid" => container.init_pid());
@@ -211,9 +205,93 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
 }
 
 fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut LinuxContainer, source: &rootfs::RootfsSource) -> Result<(), RuntimeError> {
-    let userns = match (&config.id_mappings, container.privileged) {
-        (Some(mappings), false) => Some((runtime.userns.get(&runtime.config.executable, mappings)?, mappings)),
+    let mappings = config.id_mappings.as_ref().filter(|_| !container.privileged);
+    let channel = start_init(runtime, container, mappings, &config.spec.limits)?;
+    crate::state::fault_point("create.after-cgroup");
+
+    // The network is connected on a thread of its own while the root
+    // filesystem is prepared and garden-init builds the mounts: it only
+    // needs the network namespace, which exists already.
+    let network_request = match (&container.host_network, config.network) {
+        (Some(host_network), Some(allocation)) => Some((host_network.clone(), allocation)),
         _ => None,
+    };
+    let netns = match &network_request {
+        Some(_) => Some(network::open_netns(container.init_pid())?),
+        None => None,
+    };
+    let handle = config.handle.as_str();
+    let (configured, attached) = std::thread::scope(|scope| {
+        let worker = network_request.zip(netns).map(|((host_network, allocation), netns)| scope.spawn(move || host_network.attach(handle, allocation, netns)));
+        let configured = prepare_and_configure(runtime, config, container, source, mappings, channel);
+        let attached = worker.map(|worker| {
+            worker.join().unwrap_or_else(|_| Err(NetworkError::Netlink { operation: "connecting the network".into(), reason: "the thread panicked".into() }))
+        });
+        (configured, attached)
+    });
+    // Recorded before any error returns, so a rollback detaches it.
+    let network = match attached.transpose() {
+        Ok(network) => network,
+        Err(error) => {
+            configured?;
+            return Err(error.into());
+        }
+    };
+    container.network = network;
+    configured?;
+    if let Some(network) = &container.network {
+        let bandwidth = config.spec.limits.bandwidth_limits;
+        if bandwidth.rate > 0 {
+            network.set_bandwidth(&bandwidth)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gets the container a garden-init whose pid 1 waits in the container's
+/// cgroups for its configuration: the spare when one fits, else one started
+/// now. Records pid 1 in the container at once, so that a rollback kills it.
+fn start_init(
+    runtime: &LinuxRuntime,
+    container: &LinuxContainer,
+    mappings: Option<&crate::runtime::IdMappings>,
+    limits: &Limits,
+) -> Result<InitChannel, RuntimeError> {
+    let record = |process: InitProcess| *container.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(process);
+    if let Some(adopted) = mappings.and_then(|mappings| runtime.inits.take(mappings, &container.cgroup)) {
+        let WaitingInit { process, channel } = adopted.init;
+        let pid = process.pid as u32;
+        record(process);
+        if adopted.in_cgroups {
+            // The spare's cgroups, renamed, with its device rules.
+            container.cgroup.apply_limits(limits)?;
+        } else {
+            container.cgroup.create(false, limits)?;
+            container.cgroup.attach(pid)?;
+        }
+        return Ok(channel);
+    }
+    container.cgroup.create(container.privileged, limits)?;
+    // Joined by the first process, so pid 1 is forked inside the cgroups.
+    let mut place = |pid: u32| container.cgroup.attach(pid).map_err(RuntimeError::from);
+    let WaitingInit { process, channel } = spare_init::start(&container.executable, container.privileged, mappings, &mut place)?;
+    record(process);
+    Ok(channel)
+}
+
+/// Makes the root filesystem and the name files, then has garden-init
+/// build the container on them.
+fn prepare_and_configure(
+    runtime: &LinuxRuntime,
+    config: &ContainerConfig,
+    container: &mut LinuxContainer,
+    source: &rootfs::RootfsSource,
+    mappings: Option<&crate::runtime::IdMappings>,
+    channel: InitChannel,
+) -> Result<(), RuntimeError> {
+    let userns = match mappings {
+        Some(mappings) => Some((runtime.userns.get(&runtime.config.executable, mappings)?, mappings)),
+        None => None,
     };
     let writable = create_disk(container, &config.spec.limits.disk_limits)?;
     let prepared = rootfs::prepare(&container.container_dir, source, userns.as_ref().map(|(fd, mappings)| (fd, *mappings)), writable.as_deref());
@@ -224,15 +302,12 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
     container.rootfs = Some(prepared.clone());
     crate::state::fault_point("create.after-rootfs");
 
-    container.cgroup.create(container.privileged, &config.spec.limits)?;
-    crate::state::fault_point("create.after-cgroup");
     fs::create_dir_all(container.container_dir.join(PROCESSES_DIR))
         .map_err(|error| RuntimeError::failed(format!("failed to create the processes directory: {error}")))?;
-
     let hostname = users::hostname_for(&config.handle);
     let file_binds = match (&container.host_network, &config.network) {
         (Some(host_network), Some(allocation)) => {
-            let root_uid = if container.privileged { Some(0) } else { config.id_mappings.as_ref().and_then(|mappings| mappings.host_root_uid()) };
+            let root_uid = if container.privileged { Some(0) } else { mappings.and_then(|mappings| mappings.host_root_uid()) };
             write_name_files(&container.container_dir, host_network, allocation, &hostname, root_uid)?
         }
         _ => Vec::new(),
@@ -245,47 +320,7 @@ fn build(runtime: &LinuxRuntime, config: &ContainerConfig, container: &mut Linux
         ping_group_range: container.no_new_privileges.then(|| PING_GROUP_RANGE.to_string()),
         file_binds,
     };
-    // The network is connected on a thread of its own while garden-init
-    // sets up its mounts: both only need the namespaces, which exist once
-    // garden-init has unshared them.
-    let mut network_request = match (&container.host_network, config.network) {
-        (Some(host_network), Some(allocation)) => Some((host_network.clone(), allocation)),
-        _ => None,
-    };
-    let handle = config.handle.as_str();
-    let (started, attached) = std::thread::scope(|scope| {
-        let mut worker = None;
-        let mut connect = |first_pid: u32| -> Result<(), RuntimeError> {
-            if let Some((host_network, allocation)) = network_request.take() {
-                // Opened now: the first process exits soon after "go".
-                let netns = network::open_netns(first_pid as i32)?;
-                worker = Some(scope.spawn(move || host_network.attach(handle, allocation, netns)));
-            }
-            Ok(())
-        };
-        let started = start_init(container, &init_config, config.id_mappings.as_ref(), &mut connect);
-        let attached = worker.map(|worker| {
-            worker.join().unwrap_or_else(|_| Err(NetworkError::Netlink { operation: "connecting the network".into(), reason: "the thread panicked".into() }))
-        });
-        (started, attached)
-    });
-    // Recorded before any error returns, so a rollback detaches it.
-    let network = match attached.transpose() {
-        Ok(network) => network,
-        Err(error) => {
-            started?;
-            return Err(error.into());
-        }
-    };
-    container.network = network;
-    started?;
-    if let Some(network) = &container.network {
-        let bandwidth = config.spec.limits.bandwidth_limits;
-        if bandwidth.rate > 0 {
-            network.set_bandwidth(&bandwidth)?;
-        }
-    }
-    Ok(())
+    channel.configure(&init_config)
 }
 
 /// Writes the container's `/etc/hosts` and `/etc/resolv.conf` into its
@@ -329,98 +364,6 @@ fn create_disk(container: &mut LinuxContainer, limits: &crate::api::DiskLimits) 
     image.create(size)?;
     slog::debug!(container.logger, "disk limit filesystem created"; "bytes" => size.bytes, "inodes" => size.inodes);
     Ok(Some(image.mount))
-}
-
-/// Starts garden-init and walks it through the start-up protocol of
-/// [`super::init`]; records pid 1 in the container as soon as it is known.
-fn start_init(
-    container: &LinuxContainer,
-    init_config: &InitConfig,
-    mappings: Option<&crate::runtime::IdMappings>,
-    on_unshared: &mut dyn FnMut(u32) -> Result<(), RuntimeError>,
-) -> Result<(), RuntimeError> {
-    let (server_end, init_end) = UnixStream::pair().map_err(|error| RuntimeError::failed(format!("failed to create a socket pair: {error}")))?;
-    let log_path = container.container_dir.join("init.log");
-    let log = fs::File::create(&log_path).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", log_path.display())))?;
-    let argument = serde_json::to_string(init_config).map_err(|error| RuntimeError::failed(error.to_string()))?;
-    let mut child = Command::new(&container.executable)
-        .arg(super::GARDEN_INIT_COMMAND)
-        .arg(argument)
-        .stdin(Stdio::from(OwnedFd::from(init_end)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .map_err(|error| RuntimeError::failed(format!("failed to start garden-init {}: {error}", container.executable.display())))?;
-
-    let result = talk_to_init(container, &server_end, child.id(), mappings, on_unshared);
-    // The first process exits right after reporting pid 1, or on error.
-    if result.is_err() {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    match result {
-        Ok(()) => Ok(()),
-        Err(error) => {
-            let log = fs::read_to_string(&log_path).unwrap_or_default();
-            let detail = log.trim();
-            Err(if detail.is_empty() { error } else { RuntimeError::failed(format!("{error} ({detail})")) })
-        }
-    }
-}
-
-/// `on_unshared` runs once garden-init's namespaces exist, before the
-/// `go` message, while its first process still runs.
-fn talk_to_init(
-    container: &LinuxContainer,
-    socket: &UnixStream,
-    first_pid: u32,
-    mappings: Option<&crate::runtime::IdMappings>,
-    on_unshared: &mut dyn FnMut(u32) -> Result<(), RuntimeError>,
-) -> Result<(), RuntimeError> {
-    socket.set_read_timeout(Some(START_TIMEOUT)).map_err(|error| RuntimeError::failed(error.to_string()))?;
-    let mut reader = BufReader::new(socket.try_clone().map_err(|error| RuntimeError::failed(error.to_string()))?);
-    let mut read_line = || -> Result<String, RuntimeError> {
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) => Err(RuntimeError::failed("garden-init exited during start-up")),
-            Ok(_) => Ok(line.trim_end().to_string()),
-            Err(error) => Err(RuntimeError::failed(format!("failed to read from garden-init: {error}"))),
-        }
-    };
-
-    let line = read_line()?;
-    if line != "unshared" {
-        return Err(RuntimeError::failed(format!("unexpected message from garden-init: {line:?}")));
-    }
-    if let (Some(mappings), false) = (mappings, container.privileged) {
-        rootfs::write_id_maps(Path::new(&format!("/proc/{first_pid}")), mappings)?;
-    }
-    // pid 1 is forked after this, so it starts inside the cgroups.
-    container.cgroup.attach(first_pid)?;
-    on_unshared(first_pid)?;
-    (&*socket).write_all(b"go\n").map_err(|error| RuntimeError::failed(format!("failed to write to garden-init: {error}")))?;
-
-    let mut pid = None;
-    let mut ready = false;
-    while pid.is_none() || !ready {
-        let line = read_line()?;
-        if let Some(value) = line.strip_prefix("pid ") {
-            let value: i32 = value.parse().map_err(|_| RuntimeError::failed(format!("invalid pid from garden-init: {value:?}")))?;
-            // Opened while the first process, pid 1's parent, has not been
-            // reaped, so the pid cannot have been reused yet.
-            let pidfd = syscalls::pidfd_open(value).map_err(|error| RuntimeError::failed(format!("failed to open a pidfd for garden-init: {error}")))?;
-            // Recorded at once, so a rollback from here on kills pid 1.
-            *container.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(InitProcess { pid: value, pidfd });
-            pid = Some(value);
-        } else if line == "ready" {
-            ready = true;
-        } else if let Some(message) = line.strip_prefix("error ") {
-            return Err(RuntimeError::failed(format!("garden-init failed: {message}")));
-        } else {
-            return Err(RuntimeError::failed(format!("unexpected message from garden-init: {line:?}")));
-        }
-    }
-    Ok(())
 }
 
 impl LinuxContainer {
@@ -515,6 +458,7 @@ impl LinuxContainer {
                 errors.push(error_chain(&error));
             }
         }
+        // `init.log` is the garden-init log of earlier releases.
         let leftovers = [PROCESSES_DIR, "init.log", restore::RUNTIME_FILE, NAME_FILES[0].0, NAME_FILES[1].0];
         for name in leftovers {
             let path = self.container_dir.join(name);

@@ -1,16 +1,25 @@
 //! garden-init: pid 1 of each container.
 //!
 //! The server starts this executable with [`super::GARDEN_INIT_COMMAND`] and
-//! a JSON [`InitConfig`], with a Unix socket to the server as stdin. The
-//! process unshares the container's namespaces, waits while the server
-//! writes its id maps and moves it into the container's cgroups, and forks
-//! the real init, which is pid 1 of the new pid namespace. The first process
-//! reports that pid and exits; pid 1 builds the container's mounts, pivots
-//! into its root, reports `ready` and reaps children for ever.
+//! [`PRIVILEGED_ARG`] or [`UNPRIVILEGED_ARG`], with a Unix socket to the
+//! server as stdin. The first process unshares the container's namespaces
+//! except the mount namespace, waits while the server writes its id maps
+//! and places it in cgroups, and forks pid 1 of the new pid namespace. It
+//! reports that pid and exits. pid 1 waits for the container's
+//! [`InitConfig`], which may come much later: the server keeps one
+//! garden-init waiting ahead of the next create (see
+//! [`super::spare_init`]). It then unshares the mount namespace, builds the
+//! container's mounts, pivots into its root, reports `ready` and reaps
+//! children for ever.
+//!
+//! The mount namespace is made last because it copies the host's mounts,
+//! and the container's root filesystem is mounted on the host only when a
+//! create requests it.
 //!
 //! Lines on the socket: `unshared`, then the server's `go`, then `pid <n>`
-//! from the first process and `ready` or `error <message>` from pid 1 (these
-//! two in either order).
+//! from the first process; later the server's `config <json>`, then
+//! `ready` or `error <message>` from pid 1. End of file in place of the
+//! configuration (the server dropped the spare or died) makes pid 1 exit.
 
 use std::ffi::OsString;
 use std::fs;
@@ -66,23 +75,32 @@ const MASKED_FILES: [&str; 6] = ["kcore", "keys", "latency_stats", "sched_debug"
 /// containers.
 const MASKED_DIRS: [&str; 2] = ["proc/scsi", "sys/firmware"];
 
+/// The seccomp filter of an unprivileged container, or why it could not be
+/// built.
+type Filter = Result<seccompiler::BpfProgram, super::security::SecurityError>;
+
+/// Argument that starts garden-init for a privileged container: no user
+/// namespace.
+pub const PRIVILEGED_ARG: &str = "privileged";
+/// Argument that starts garden-init for an unprivileged container.
+pub const UNPRIVILEGED_ARG: &str = "unprivileged";
+
 /// Entry point: dispatches to the user namespace holder or to container init.
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let first = args.first().and_then(|arg| arg.to_str()).unwrap_or("");
-    if first == super::rootfs::USERNS_HOLDER_ARG {
-        return hold_userns();
-    }
-    let config: InitConfig = match serde_json::from_str(first) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("garden-init: invalid configuration argument: {error}");
+    let privileged = match first {
+        super::rootfs::USERNS_HOLDER_ARG => return hold_userns(),
+        PRIVILEGED_ARG => true,
+        UNPRIVILEGED_ARG => false,
+        other => {
+            eprintln!("garden-init: expected {PRIVILEGED_ARG:?} or {UNPRIVILEGED_ARG:?}, got {other:?}");
             return ExitCode::FAILURE;
         }
     };
     // SAFETY: fd 0 is the socket the server passed as stdin; nothing else
     // owns it in this process.
     let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(0) });
-    match start(&config, socket) {
+    match start(privileged, socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("garden-init: {message}");
@@ -110,15 +128,12 @@ fn send(socket: &mut UnixStream, line: &str) -> Result<(), String> {
 }
 
 /// Runs in the first process: unshares, waits for the server, forks pid 1.
-fn start(config: &InitConfig, mut socket: UnixStream) -> Result<(), String> {
-    let mut flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWNET
-        | CloneFlags::CLONE_NEWPID;
-    if !config.privileged {
+fn start(privileged: bool, mut socket: UnixStream) -> Result<(), String> {
+    let mut flags = CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWPID;
+    if !privileged {
         // With CLONE_NEWUSER in the same call, the kernel creates the user
-        // namespace first and makes it the owner of the others.
+        // namespace first and makes it the owner of the others, and of the
+        // mount namespace pid 1 makes later.
         flags |= CloneFlags::CLONE_NEWUSER;
     }
     unshare(flags).map_err(|error| format!("failed to unshare namespaces: {error}"))?;
@@ -135,27 +150,71 @@ fn start(config: &InitConfig, mut socket: UnixStream) -> Result<(), String> {
     // spawned), so the child may run any code.
     match unsafe { fork() }.map_err(|error| format!("failed to fork pid 1: {error}"))? {
         ForkResult::Parent { child } => send(&mut socket, &format!("pid {child}")),
-        ForkResult::Child => {
-            let code = match build_container(config) {
-                Ok(()) => {
-                    let _ = send(&mut socket, "ready");
-                    drop(socket);
-                    match redirect_stdio_to_null() {
-                        Ok(()) => reap_forever(),
-                        Err(message) => {
-                            eprintln!("garden-init: {message}");
-                            1
-                        }
-                    }
-                }
+        // The child keeps its copy of the reader: the server sends nothing
+        // after "go" until the configuration, so nothing of it is buffered
+        // in the parent's copy.
+        ForkResult::Child => std::process::exit(serve_as_pid1(privileged, socket, reader)),
+    }
+}
+
+/// Waits for the configuration, builds the container and reaps children;
+/// returns the exit code.
+fn serve_as_pid1(privileged: bool, mut socket: UnixStream, mut reader: BufReader<UnixStream>) -> i32 {
+    // Built while there is time: a spare waits here for its configuration.
+    let filter = if privileged { None } else { Some(super::security::build_filter()) };
+    let config = match read_config(&mut reader) {
+        Ok(Some(config)) => config,
+        // The server closed the socket: a spare it no longer needs.
+        Ok(None) => return 0,
+        Err(message) => {
+            let _ = send(&mut socket, &format!("error {}", message.replace('\n', " ")));
+            return 1;
+        }
+    };
+    let built = if config.privileged == privileged {
+        build_container(&config, filter)
+    } else {
+        Err(format!("the configuration is for a {} container, but this garden-init was started for the other kind", kind(config.privileged)))
+    };
+    match built {
+        Ok(()) => {
+            let _ = send(&mut socket, "ready");
+            drop(socket);
+            drop(reader);
+            match redirect_stdio_to_null() {
+                Ok(()) => reap_forever(),
                 Err(message) => {
-                    let _ = send(&mut socket, &format!("error {}", message.replace('\n', " ")));
+                    eprintln!("garden-init: {message}");
                     1
                 }
-            };
-            std::process::exit(code);
+            }
+        }
+        Err(message) => {
+            let _ = send(&mut socket, &format!("error {}", message.replace('\n', " ")));
+            1
         }
     }
+}
+
+fn kind(privileged: bool) -> &'static str {
+    if privileged {
+        PRIVILEGED_ARG
+    } else {
+        UNPRIVILEGED_ARG
+    }
+}
+
+/// Reads the `config <json>` line; `None` at end of file.
+fn read_config(reader: &mut BufReader<UnixStream>) -> Result<Option<InitConfig>, String> {
+    let mut line = String::new();
+    let read = reader.read_line(&mut line).map_err(|error| format!("failed to read the configuration: {error}"))?;
+    if read == 0 {
+        return Ok(None);
+    }
+    let Some(json) = line.trim_end().strip_prefix("config ") else {
+        return Err(format!("expected the configuration from the server, got {line:?}"));
+    };
+    serde_json::from_str(json).map(Some).map_err(|error| format!("invalid configuration: {error}"))
 }
 
 fn mount_at(source: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
@@ -172,7 +231,10 @@ fn create_dir(path: &Path) -> Result<(), String> {
 }
 
 /// Builds the container inside the new namespaces; runs as pid 1.
-fn build_container(config: &InitConfig) -> Result<(), String> {
+fn build_container(config: &InitConfig, filter: Option<Filter>) -> Result<(), String> {
+    // A copy of the host's mounts as they are now, the container's root
+    // filesystem included.
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|error| format!("failed to unshare the mount namespace: {error}"))?;
     // Opened in the container's mount namespace, which a bind source must
     // belong to, but before becoming container root: as the host's root
     // (uid 0 on the host) this process may still search the depot.
@@ -227,21 +289,21 @@ fn build_container(config: &InitConfig) -> Result<(), String> {
     set_loopback_up();
 
     nix::sys::prctl::set_name(c"garden-init").map_err(|error| format!("failed to set the task name: {error}"))?;
-    if !config.privileged {
-        confine_init()?;
+    if let Some(filter) = filter {
+        confine_init(filter)?;
     }
     Ok(())
 }
 
 /// Gives pid 1 of an unprivileged container the seccomp filter of its
 /// processes and the unprivileged capability mask in all four sets.
-fn confine_init() -> Result<(), String> {
+fn confine_init(filter: Filter) -> Result<(), String> {
     use super::security;
     let describe = |error: security::SecurityError| super::error_chain(&error);
     // Installing a filter without no_new_privs needs CAP_SYS_ADMIN, which
     // the capability change below removes, so the filter comes first. It
     // allows capset and prctl.
-    let filter = security::build_filter().map_err(describe)?;
+    let filter = filter.map_err(describe)?;
     security::install_filter(&filter).map_err(describe)?;
     let caps = security::UNPRIVILEGED_CAPS & security::read_bounding();
     security::restrict_bounding(caps).map_err(describe)?;

@@ -7,6 +7,8 @@
 //! - [`init`]: garden-init, pid 1 of each container.
 //! - [`shim`] and [`exec`]: the process shim and the child it forks.
 //! - [`spare`]: a shim started ahead of the Run that uses it.
+//! - [`spare_init`]: starting garden-init, and a spare one started ahead of
+//!   the create that uses it.
 //! - [`files`]: the tar helper of stream in and stream out.
 //! - [`rootfs`]: image choice, idmapped lower layer, overlay.
 //! - [`security`]: capability sets and the seccomp filter.
@@ -30,6 +32,7 @@ pub mod rootfs;
 pub mod security;
 pub mod shim;
 pub mod spare;
+pub mod spare_init;
 pub mod syscalls;
 pub mod users;
 #[cfg(target_arch = "x86_64")]
@@ -103,6 +106,8 @@ pub struct LinuxRuntime {
     network: Option<Arc<network::HostNetwork>>,
     /// Hands out process shims, one of them started in advance.
     shims: Arc<spare::ShimLauncher>,
+    /// Keeps a garden-init waiting for the next unprivileged create.
+    inits: spare_init::InitLauncher,
     /// Networks of containers left in place unserved; kept so that their
     /// links and rules stay while this server runs.
     kept_networks: std::sync::Mutex<Vec<network::ContainerNetwork>>,
@@ -141,6 +146,8 @@ impl LinuxRuntime {
         };
         slog::info!(logger, "linux runtime ready"; "cgroup_version" => ?cgroup_version, "hierarchies" => hierarchies.len());
         let shims = Arc::new(spare::ShimLauncher::new(config.executable.clone(), logger.new(slog::o!("component" => "shims"))));
+        let layout = spare_init::CgroupLayout { version: cgroup_version, hierarchies: hierarchies.clone(), tag: config.tag.clone() };
+        let inits = spare_init::InitLauncher::new(config.executable.clone(), layout, logger.new(slog::o!("component" => "spare-init")));
         Ok(LinuxRuntime {
             config,
             logger,
@@ -149,6 +156,7 @@ impl LinuxRuntime {
             userns: rootfs::UsernsCache::default(),
             network,
             shims,
+            inits,
             kept_networks: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -218,9 +226,10 @@ impl Runtime for LinuxRuntime {
         container::keep_in_place(self, handle, container_dir, network);
     }
 
-    /// Ends the spare shim.
+    /// Ends the spare shim and the spare garden-init.
     fn shutdown(&self) {
         self.shims.shutdown();
+        self.inits.shutdown();
     }
 }
 

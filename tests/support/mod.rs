@@ -660,9 +660,18 @@ impl TestServer {
 
     /// Lists objects left behind: cgroups named with the tag, mounts under
     /// the depot, and processes that name the tag or the depot.
+    ///
+    /// While the server runs, its spare garden-init waits in cgroups named
+    /// `spare@...` below the tag: those belong to the server, not to a
+    /// container, and are not listed. Once the server has stopped they are.
     pub fn leftovers(&self) -> Vec<String> {
+        let running = self.child.is_some();
+        let spare_marker = format!("/{}/spare@", self.tag);
         let mut found = Vec::new();
         for cgroup in cgroups_named(&self.tag) {
+            if running && holds_only_spares(&cgroup) {
+                continue;
+            }
             found.push(format!("cgroup {}", cgroup.display()));
         }
         for mount in mounts_under(Path::new("/proc/self/mountinfo"), &self.depot) {
@@ -672,6 +681,10 @@ impl TestServer {
             found.push(format!("process {pid}: {command}"));
         }
         for (pid, command) in processes_in_cgroups_named(&self.tag) {
+            let in_spare = fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|cgroups| cgroups.contains(&spare_marker));
+            if running && in_spare {
+                continue;
+            }
             found.push(format!("process {pid} in a {} cgroup: {command}", self.tag));
         }
         // Process shims work in their process's directory in the depot.
@@ -847,6 +860,15 @@ fn try_tool(program: &str, args: &[&str]) -> Result<(), String> {
         output.status,
         String::from_utf8_lossy(&output.stderr).trim()
     ))
+}
+
+/// Returns whether `dir` has child cgroups and all of them are a server's
+/// spare cgroups (named `spare@...`).
+fn holds_only_spares(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else { return false };
+    let children: Vec<String> =
+        entries.flatten().filter(|entry| entry.path().is_dir()).map(|entry| entry.file_name().to_string_lossy().into_owned()).collect();
+    !children.is_empty() && children.iter().all(|name| name.starts_with("spare@"))
 }
 
 /// Returns cgroup directories whose name contains `pattern`.

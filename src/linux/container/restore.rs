@@ -246,7 +246,8 @@ pub(in crate::linux) fn keep_in_place(runtime: &LinuxRuntime, handle: &str, cont
 /// Removes the cgroups below the server's tag that belong to no handle in
 /// `owned`, killing the processes in them.
 pub(in crate::linux) fn remove_orphans(runtime: &LinuxRuntime, owned: &BTreeSet<String>) -> Vec<String> {
-    let owned_names: BTreeSet<String> = owned.iter().map(|handle| cgroup_name(handle)).collect();
+    let mut owned_names: BTreeSet<String> = owned.iter().map(|handle| cgroup_name(handle)).collect();
+    owned_names.extend(runtime.inits.cgroup_names());
     let parents = ContainerCgroup::plan(runtime.cgroup_version, &runtime.hierarchies, &runtime.config.tag, "_").parents;
     let mut orphans = BTreeSet::new();
     for parent in &parents {
