@@ -23,8 +23,10 @@
 //! server drops the spare or dies. Shutdown kills it and removes its
 //! cgroups. Start-up removes the cgroups of a spare whose server was
 //! killed, with the other orphans: their names (`spare@` and a random
-//! number) are never a handle's. A spare started from an executable that
-//! has since been replaced is not used.
+//! number) are never a handle's. A spare is used only while the
+//! launcher's executable path still names the file the spare runs; in the
+//! server that path is `/proc/self/exe`, which keeps naming the running
+//! binary even after an upgrade replaced the file.
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -364,11 +366,6 @@ impl InitLauncher {
     /// Cgroup names of spares, which start-up must not take for orphans.
     pub fn cgroup_names(&self) -> Vec<String> {
         lock(&self.shared.slot).names.clone()
-    }
-
-    /// Returns the host pid of the waiting spare's pid 1, if there is one.
-    pub fn spare_pid(&self) -> Option<i32> {
-        lock(&self.shared.slot).spare.as_ref().map(|spare| spare.init.process.pid)
     }
 
     /// Ends the spare and stops starting new ones. Called when the server
