@@ -682,3 +682,19 @@ fn resize_after_stdin_close() {
         assert_eq!(process.wait().await.unwrap(), 137);
     });
 }
+
+#[test]
+fn successful_run_writes_no_shim_log() {
+    let Some(server) = TestServer::start("successful_run_writes_no_shim_log") else { return };
+    let handle = server.create("quiet");
+    let output = server.run_command(&handle, "echo", &["done"]);
+    assert_eq!(output.status, 0);
+    assert_eq!(output.stdout_text(), "done\n");
+
+    // Process directories are kept until destroy unless the server cleans
+    // them up on wait, which the test server does not.
+    let process_dir = server.depot.join(&handle).join("processes/0");
+    assert!(process_dir.join("id").is_file(), "no id file in {}", process_dir.display());
+    assert!(!process_dir.join("shim.log").exists(), "the shim created its log without an error in {}", process_dir.display());
+    server.block_on(server.client.destroy(&handle)).unwrap();
+}
