@@ -228,47 +228,53 @@ fn bad_state_files_reported_rest_served() {
     value["version"] = serde_json::json!(99);
     fs::write(&newer_file, serde_json::to_vec(&value).unwrap()).unwrap();
     server.start_again(&[]);
-
-    let handles = listed(&server);
-    assert!(handles.contains(&good));
-    assert!(!handles.contains(&truncated));
-    assert!(!handles.contains(&newer));
-    let log = server.log_text();
-    assert!(
-        log.lines().any(|line| line.contains(&truncated) && line.contains("not a valid state file")),
-        "the log says why the truncated container was not restored"
-    );
-    assert!(
-        log.lines().any(|line| line.contains(&newer) && line.contains("format version 99")),
-        "the log says why the newer container was not restored"
-    );
-    assert!(!server.depot.join(&truncated).exists(), "the unreadable container is destroyed");
-    assert!(newer_file.exists(), "the newer container is left in place");
-    let output = server.run_command(&good, "echo", &["served"]);
-    assert_eq!(output.stdout_text(), "served\n");
-    // The newer container still runs: its links stay, and its address and
-    // host port are not given to another container.
-    let table = server.in_netns("nft", &["list", "table", "ip", &format!("trellis_{}", server.tag)]).unwrap();
-    assert!(
-        table.lines().any(|line| line.contains(&format!("dport {newer_port} ")) || line.contains(&format!("{newer_port} : jump"))),
-        "the net-in mapping of the container left in place is not in the table:\n{table}"
-    );
-    let links_after = server.links_of_tag();
-    for link in &newer_links {
-        assert!(links_after.contains(link), "{link} of a container left in place was removed: {links_after:?}");
-    }
-    for _ in 0..3 {
-        let other = server.create("other");
-        let info = server.block_on(server.client.info(&other)).unwrap();
-        assert_ne!(info.container_ip, newer_info.container_ip, "a new container got the address of one left in place");
-        let port = server.block_on(server.client.net_in(&other, 0, 8080)).unwrap().host_port;
-        assert_ne!(port, newer_port, "a new container got the host port of one left in place");
-    }
+    // A failed check must still put the newer container's file back, or
+    // the cleanup could not destroy it and its garden-init would be left.
+    let checks = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let handles = listed(&server);
+        assert!(handles.contains(&good));
+        assert!(!handles.contains(&truncated));
+        assert!(!handles.contains(&newer));
+        let log = server.log_text();
+        assert!(
+            log.lines().any(|line| line.contains(&truncated) && line.contains("not a valid state file")),
+            "the log says why the truncated container was not restored"
+        );
+        assert!(
+            log.lines().any(|line| line.contains(&newer) && line.contains("format version 99")),
+            "the log says why the newer container was not restored"
+        );
+        assert!(!server.depot.join(&truncated).exists(), "the unreadable container is destroyed");
+        assert!(newer_file.exists(), "the newer container is left in place");
+        let output = server.run_command(&good, "echo", &["served"]);
+        assert_eq!(output.stdout_text(), "served\n");
+        // The newer container still runs: its links stay, and its address and
+        // host port are not given to another container.
+        let table = server.in_netns("nft", &["list", "table", "ip", &format!("trellis_{}", server.tag)]).unwrap();
+        assert!(
+            table.lines().any(|line| line.contains(&format!("dport {newer_port} ")) || line.contains(&format!("{newer_port} : jump"))),
+            "the net-in mapping of the container left in place is not in the table:\n{table}"
+        );
+        let links_after = server.links_of_tag();
+        for link in &newer_links {
+            assert!(links_after.contains(link), "{link} of a container left in place was removed: {links_after:?}");
+        }
+        for _ in 0..3 {
+            let other = server.create("other");
+            let info = server.block_on(server.client.info(&other)).unwrap();
+            assert_ne!(info.container_ip, newer_info.container_ip, "a new container got the address of one left in place");
+            let port = server.block_on(server.client.net_in(&other, 0, 8080)).unwrap().host_port;
+            assert_ne!(port, newer_port, "a new container got the host port of one left in place");
+        }
+    }));
 
     // Put the newer one back, so the cleanup can destroy it.
     server.stop();
     fs::write(&newer_file, original).unwrap();
     server.start_again(&[]);
+    if let Err(panic) = checks {
+        std::panic::resume_unwind(panic);
+    }
     assert!(listed(&server).contains(&newer));
 }
 
