@@ -973,3 +973,48 @@ fn lost_shim_reported_on_attach() {
     assert!(error.contains("unreachable"), "the error does not say why: {error}");
     server.block_on(server.client.destroy(&handle)).unwrap();
 }
+
+/// Destroy renames a container's state directory away and deletes it on a
+/// thread; the handle is free at once, shutdown finishes the deletion, and
+/// start-up deletes what a killed server left.
+#[test]
+fn destroy_discards_state_directory() {
+    let Some(mut server) = TestServer::start("destroy_discards_state_directory") else { return };
+    let handle = server.create("reused");
+    assert_eq!(server.run_command(&handle, "sh", &["-c", "echo data > /tmp/written"]).status, 0);
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    assert!(!server.depot.join(&handle).exists(), "the handle's directory is gone when destroy returns");
+    let spec = ContainerSpec { handle: handle.clone(), ..ContainerSpec::default() };
+    server.block_on(server.client.create(&spec)).expect("the handle can be used again at once");
+    let output = server.run_command(&handle, "ls", &["/tmp"]);
+    assert_eq!(output.stdout_text(), "", "the new container starts with the image's empty /tmp");
+    server.block_on(server.client.destroy(&handle)).unwrap();
+    server.stop();
+    let discarded = |server: &TestServer| -> Vec<String> {
+        fs::read_dir(&server.depot)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("removed@"))
+            .collect()
+    };
+    assert_eq!(discarded(&server), Vec::<String>::new(), "a stopped server leaves no discarded directory");
+
+    // What a killed server had renamed but not deleted yet.
+    server.start_again(&[]);
+    let left = server.depot.join("removed@0123456789abcdef");
+    fs::create_dir_all(left.join("upper/etc")).unwrap();
+    fs::write(left.join("upper/etc/hostname"), b"old\n").unwrap();
+    server.kill_server();
+    server.start_again(&[]);
+    assert!(!left.exists(), "start-up deletes a discarded directory");
+    assert!(listed(&server).is_empty(), "a discarded directory is not a container");
+    let log = server.log_text();
+    assert!(
+        log.lines().any(|line| line.contains("removed@0123456789abcdef") && line.contains("destroyed container's state directory")),
+        "the log names the deleted directory"
+    );
+    assert!(
+        !log.lines().any(|line| line.contains("removed@0123456789abcdef") && line.contains("container destroyed at start-up")),
+        "a discarded directory is not treated as a container"
+    );
+}

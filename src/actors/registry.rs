@@ -130,6 +130,11 @@ impl Registry {
                 warn!(self.logger, "depot entry with an invalid handle as its name left in place"; "path" => %entry.path().display());
                 continue;
             };
+            // The runtime's own entries (a destroyed container's directory
+            // waiting to be deleted) have names no handle can have.
+            if validate_handle(&handle).is_err() {
+                continue;
+            }
             let dir = entry.path();
             if destroy_all {
                 self.destroy_at_startup(&handle, &dir, "destroy-containers-on-startup is set");

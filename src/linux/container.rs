@@ -104,6 +104,8 @@ pub struct LinuxContainer {
     executable: PathBuf,
     /// Starts the shims of Runs.
     shims: std::sync::Arc<super::spare::ShimLauncher>,
+    /// Deletes the state directory after destroy.
+    trash: std::sync::Arc<super::trash::Trash>,
     logger: slog::Logger,
     /// The container's environment from its spec.
     env: Vec<String>,
@@ -167,6 +169,7 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
         no_new_privileges: runtime.config.no_new_privileges && !privileged,
         executable: runtime.config.executable.clone(),
         shims: runtime.shims.clone(),
+        trash: runtime.trash.clone(),
         logger,
         env: config.spec.env.clone(),
         cgroup,
@@ -419,13 +422,23 @@ impl LinuxContainer {
     fn teardown(&self, remove_dir: bool) -> Result<(), RuntimeError> {
         let mut errors = Vec::new();
         let init = self.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
-        if let Some(init) = init {
+        if let Some(init) = &init {
             // Killing pid 1 makes the kernel kill the whole pid namespace.
             match syscalls::pidfd_send_signal(init.pidfd.as_fd(), libc::SIGKILL) {
                 Ok(()) => {}
                 Err(error) if error.raw_os_error() == Some(libc::ESRCH) => {}
                 Err(error) => errors.push(format!("failed to kill garden-init {}: {error}", init.pid)),
             }
+        }
+        // The firewall rules go while the kernel kills the container. Its
+        // veth pair goes with its network namespace once garden-init is
+        // dead.
+        if let Some(network) = &self.network {
+            if let Err(error) = network.detach() {
+                errors.push(error.to_string());
+            }
+        }
+        if let Some(init) = init {
             match syscalls::wait_readable(init.pidfd.as_fd(), KILL_TIMEOUT.as_millis() as i32) {
                 Ok(true) => {}
                 Ok(false) => errors.push(format!("garden-init {} did not exit within {} s", init.pid, KILL_TIMEOUT.as_secs())),
@@ -433,13 +446,6 @@ impl LinuxContainer {
             }
         }
         crate::state::fault_point("teardown.after-init-killed");
-        // After garden-init: its death ends the network namespace, and the
-        // kernel removes the veth pair with it.
-        if let Some(network) = &self.network {
-            if let Err(error) = network.detach() {
-                errors.push(error.to_string());
-            }
-        }
         // Processes that joined the cgroup but not yet the pid namespace.
         if let Err(error) = self.kill_cgroup(true) {
             errors.push(error_chain(&error));
@@ -447,8 +453,15 @@ impl LinuxContainer {
         if let Err(error) = self.cgroup.remove() {
             errors.push(error_chain(&error));
         }
+        // A directory to discard needs only its mounts gone; the trash
+        // deletes the rest. A disk-limited container's directory is still
+        // deleted here: its loop device is freed only when the image's last
+        // reference goes, a moment after garden-init is reaped, and
+        // deleting in place lets that happen before destroy returns.
+        let discard = remove_dir && errors.is_empty() && self.disk.is_none();
         if self.rootfs.is_some() {
-            if let Err(error) = rootfs::remove(&self.container_dir) {
+            let removed = if discard { rootfs::unmount(&self.container_dir) } else { rootfs::remove(&self.container_dir) };
+            if let Err(error) = removed {
                 errors.push(error_chain(&error));
             }
         }
@@ -458,11 +471,21 @@ impl LinuxContainer {
                 errors.push(error_chain(&error));
             }
         }
+        if discard && errors.is_empty() {
+            match self.trash.discard(&self.container_dir) {
+                Ok(()) => return Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(error) => slog::warn!(self.logger, "discarding the state directory failed; deleting it in place"; "error" => %error),
+            }
+            if let Err(error) = rootfs::remove(&self.container_dir) {
+                errors.push(error_chain(&error));
+            }
+        }
         // `init.log` is the garden-init log of earlier releases.
         let leftovers = [PROCESSES_DIR, "init.log", restore::RUNTIME_FILE, NAME_FILES[0].0, NAME_FILES[1].0];
         for name in leftovers {
             let path = self.container_dir.join(name);
-            let removed = if path.is_dir() { remove_dir_retrying(&path) } else { fs::remove_file(&path) };
+            let removed = if path.is_dir() { super::trash::remove_dir_retrying(&path) } else { fs::remove_file(&path) };
             match removed {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::NotFound => {}
@@ -470,7 +493,7 @@ impl LinuxContainer {
             }
         }
         if remove_dir {
-            match remove_dir_retrying(&self.container_dir) {
+            match super::trash::remove_dir_retrying(&self.container_dir) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::NotFound => {}
                 Err(error) => errors.push(format!("failed to remove {}: {error}", self.container_dir.display())),
@@ -530,21 +553,6 @@ impl LinuxContainer {
         let dir = self.container_dir.join(PROCESSES_DIR).join(number.to_string());
         fs::create_dir_all(&dir).map_err(|error| RuntimeError::failed(format!("failed to create {}: {error}", dir.display())))?;
         Ok(dir)
-    }
-}
-
-/// Removes a directory tree, retrying briefly because an exiting shim may
-/// still be writing its exit status file into it.
-fn remove_dir_retrying(path: &Path) -> io::Result<()> {
-    let mut attempts = 0;
-    loop {
-        match fs::remove_dir_all(path) {
-            Err(error) if error.kind() != io::ErrorKind::NotFound && attempts < 20 => {
-                attempts += 1;
-                thread::sleep(Duration::from_millis(50));
-            }
-            result => return result,
-        }
     }
 }
 
@@ -735,7 +743,7 @@ impl ContainerRuntime for LinuxContainer {
         for entry in entries.flatten() {
             let recorded = fs::read_to_string(entry.path().join("id")).unwrap_or_default();
             if recorded == process_id {
-                return remove_dir_retrying(&entry.path())
+                return super::trash::remove_dir_retrying(&entry.path())
                     .map_err(|error| RuntimeError::failed(format!("failed to remove {}: {error}", entry.path().display())));
             }
         }

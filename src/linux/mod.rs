@@ -34,6 +34,7 @@ pub mod shim;
 pub mod spare;
 pub mod spare_init;
 pub mod syscalls;
+pub mod trash;
 pub mod users;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_compat;
@@ -108,6 +109,8 @@ pub struct LinuxRuntime {
     shims: Arc<spare::ShimLauncher>,
     /// Keeps a garden-init waiting for the next unprivileged create.
     inits: spare_init::InitLauncher,
+    /// Deletes destroyed containers' state directories.
+    trash: Arc<trash::Trash>,
     /// Networks of containers left in place unserved; kept so that their
     /// links and rules stay while this server runs.
     kept_networks: std::sync::Mutex<Vec<network::ContainerNetwork>>,
@@ -148,6 +151,7 @@ impl LinuxRuntime {
         let shims = Arc::new(spare::ShimLauncher::new(config.executable.clone(), logger.new(slog::o!("component" => "shims"))));
         let layout = spare_init::CgroupLayout { version: cgroup_version, hierarchies: hierarchies.clone(), tag: config.tag.clone() };
         let inits = spare_init::InitLauncher::new(config.executable.clone(), layout, logger.new(slog::o!("component" => "spare-init")));
+        let trash = Arc::new(trash::Trash::new(logger.new(slog::o!("component" => "trash"))));
         Ok(LinuxRuntime {
             config,
             logger,
@@ -157,6 +161,7 @@ impl LinuxRuntime {
             network,
             shims,
             inits,
+            trash,
             kept_networks: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -226,10 +231,12 @@ impl Runtime for LinuxRuntime {
         container::keep_in_place(self, handle, container_dir, network);
     }
 
-    /// Ends the spare shim and the spare garden-init.
+    /// Ends the spare shim and the spare garden-init, and finishes
+    /// deleting destroyed containers' directories.
     fn shutdown(&self) {
         self.shims.shutdown();
         self.inits.shutdown();
+        self.trash.shutdown();
     }
 }
 

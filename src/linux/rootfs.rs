@@ -297,10 +297,7 @@ fn check_overlay_path(path: &Path) -> Result<(), RootfsError> {
 /// Unmounts the overlay (and a leftover lower mount) of `container_dir` and
 /// removes the layer directories. Anything already gone counts as removed.
 pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
-    for name in [ROOTFS_DIR, LOWER_DIR] {
-        let path = container_dir.join(name);
-        unmount_all(&path)?;
-    }
+    unmount(container_dir)?;
     for name in [ROOTFS_DIR, LOWER_DIR, UPPER_DIR, WORK_DIR] {
         let path = container_dir.join(name);
         match fs::remove_dir_all(&path) {
@@ -308,6 +305,15 @@ pub fn remove(container_dir: &Path) -> Result<(), RootfsError> {
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(RootfsError::Io { step: "remove directory", path, source }),
         }
+    }
+    Ok(())
+}
+
+/// Unmounts the container's root filesystem and the lower directory
+/// below it, leaving their directories.
+pub fn unmount(container_dir: &Path) -> Result<(), RootfsError> {
+    for name in [ROOTFS_DIR, LOWER_DIR] {
+        unmount_all(&container_dir.join(name))?;
     }
     Ok(())
 }

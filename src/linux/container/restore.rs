@@ -112,6 +112,7 @@ fn skeleton(runtime: &LinuxRuntime, handle: &str, container_dir: PathBuf, privil
         no_new_privileges: runtime.config.no_new_privileges && !privileged,
         executable: runtime.config.executable.clone(),
         shims: runtime.shims.clone(),
+        trash: runtime.trash.clone(),
         logger: runtime.logger.new(slog::o!("handle" => handle.to_string())),
         env: Vec::new(),
         cgroup: ContainerCgroup::plan(runtime.cgroup_version, &runtime.hierarchies, &runtime.config.tag, &cgroup_name(handle))
@@ -244,7 +245,8 @@ pub(in crate::linux) fn keep_in_place(runtime: &LinuxRuntime, handle: &str, cont
 }
 
 /// Removes the cgroups below the server's tag that belong to no handle in
-/// `owned`, killing the processes in them.
+/// `owned`, killing the processes in them, and the state directories that
+/// an earlier server discarded but had not deleted yet.
 pub(in crate::linux) fn remove_orphans(runtime: &LinuxRuntime, owned: &BTreeSet<String>) -> Vec<String> {
     let mut owned_names: BTreeSet<String> = owned.iter().map(|handle| cgroup_name(handle)).collect();
     owned_names.extend(runtime.inits.cgroup_names());
@@ -270,6 +272,7 @@ pub(in crate::linux) fn remove_orphans(runtime: &LinuxRuntime, owned: &BTreeSet<
             Err(error) => report.push(format!("failed to remove orphan cgroup {name}: {error}")),
         }
     }
+    report.extend(runtime.trash.remove_leftovers(&runtime.config.depot));
     if let Some(network) = &runtime.network {
         match network.remove_unclaimed_links() {
             Ok(links) => report.extend(links.into_iter().map(|link| format!("removed orphan link {link}"))),
