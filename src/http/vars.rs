@@ -113,17 +113,31 @@ pub fn memstats(memory: &ProcessMemory) -> Value {
 }
 
 /// Counts the container state directories in the depot, or returns -1 when
-/// it cannot be read (guardian's `depotDirs`).
+/// it cannot be read (guardian's `depotDirs`). A destroyed container's
+/// directory that waits to be deleted has a name no handle can have and is
+/// not counted.
 pub fn depot_dirs(depot: &Path) -> i64 {
-    match std::fs::read_dir(depot) {
-        Ok(entries) => entries.filter_map(Result::ok).filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir())).count() as i64,
-        Err(_) => -1,
-    }
+    let Ok(entries) = std::fs::read_dir(depot) else { return -1 };
+    let is_container = |entry: &std::fs::DirEntry| {
+        let is_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
+        is_dir && entry.file_name().to_str().is_some_and(|name| crate::actors::registry::validate_handle(name).is_ok())
+    };
+    entries.filter_map(Result::ok).filter(is_container).count() as i64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depot_dirs_counts_only_handles() {
+        let depot = tempfile::tempdir().unwrap();
+        std::fs::create_dir(depot.path().join("box")).unwrap();
+        std::fs::create_dir(depot.path().join("removed@00ff")).unwrap();
+        std::fs::write(depot.path().join("file"), b"").unwrap();
+        assert_eq!(depot_dirs(depot.path()), 1);
+        assert_eq!(depot_dirs(&depot.path().join("absent")), -1);
+    }
 
     #[test]
     fn memstats_reflects_this_process() {
