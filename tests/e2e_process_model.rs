@@ -698,3 +698,41 @@ fn successful_run_writes_no_shim_log() {
     assert!(!process_dir.join("shim.log").exists(), "the shim created its log without an error in {}", process_dir.display());
     server.block_on(server.client.destroy(&handle)).unwrap();
 }
+
+/// A shim writes its exit status relative to its process directory, so a
+/// directory renamed away (as destroy renames a container's) takes the late
+/// write with it, and a directory that took the old path gets none of it.
+#[test]
+fn late_exit_status_follows_renamed_dir() {
+    let Some(server) = TestServer::start("late_exit_status_follows_renamed_dir") else { return };
+    let handle = server.create("moved");
+    let spec = command_spec("sh", &["-c", "read line; exit 7"]);
+    let (stdin_reader, mut stdin_writer) = tokio::io::duplex(64);
+    let io = ProcessIo { stdin: Some(Box::new(stdin_reader)), stdout: None, stderr: None };
+    let mut process = server.block_on(server.client.run(&handle, &spec, io)).unwrap();
+
+    // The process directory moves away while the process runs, and an
+    // empty directory takes its old path.
+    let processes = server.depot.join(&handle).join("processes");
+    let process_dir = std::fs::read_dir(&processes).unwrap().next().unwrap().unwrap().file_name();
+    let original = processes.join(&process_dir);
+    let moved = processes.join("moved");
+    std::fs::rename(&original, &moved).unwrap();
+    std::fs::create_dir(&original).unwrap();
+
+    server.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        stdin_writer.write_all(b"go\n").await.unwrap();
+        drop(stdin_writer);
+    });
+    let status = server.block_on(process.wait()).unwrap();
+    assert_eq!(status, 7);
+    let written = std::fs::read_to_string(moved.join("exit-status"));
+    let stand_in_written = original.join("exit-status").exists();
+
+    std::fs::remove_dir_all(&original).unwrap();
+    std::fs::rename(&moved, &original).unwrap();
+    assert_eq!(written.ok().as_deref(), Some("7\n"), "the exit status is missing from the renamed directory");
+    assert!(!stand_in_written, "the exit status went to the directory that took the old path");
+    server.block_on(server.client.destroy(&handle)).unwrap();
+}

@@ -999,22 +999,30 @@ fn destroy_discards_state_directory() {
     };
     assert_eq!(discarded(&server), Vec::<String>::new(), "a stopped server leaves no discarded directory");
 
-    // What a killed server had renamed but not deleted yet.
+    // A server killed after the rename, before the deletion.
+    let point = "trash.before-delete";
+    server.start_again(&[(FAULT_POINT, point)]);
+    let crashed = server.create("crashed");
+    let _ = server.block_on(server.client.destroy(&crashed));
+    assert!(server.wait_for_crash(), "the server did not abort at {point}");
+    let left = discarded(&server);
+    assert_eq!(left.len(), 1, "the killed server left one discarded directory: {left:?}");
+    assert!(!server.depot.join(&crashed).exists(), "the destroyed container's directory was renamed");
     server.start_again(&[]);
-    let left = server.depot.join("removed@0123456789abcdef");
-    fs::create_dir_all(left.join("upper/etc")).unwrap();
-    fs::write(left.join("upper/etc/hostname"), b"old\n").unwrap();
-    server.kill_server();
-    server.start_again(&[]);
-    assert!(!left.exists(), "start-up deletes a discarded directory");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !discarded(&server).is_empty() {
+        assert!(Instant::now() < deadline, "start-up did not delete {left:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(listed(&server).is_empty(), "a discarded directory is not a container");
     let log = server.log_text();
     assert!(
-        log.lines().any(|line| line.contains("removed@0123456789abcdef") && line.contains("destroyed container's state directory")),
+        log.lines().any(|line| line.contains(&left[0]) && line.contains("an earlier server left")),
         "the log names the deleted directory"
     );
     assert!(
-        !log.lines().any(|line| line.contains("removed@0123456789abcdef") && line.contains("container destroyed at start-up")),
+        !log.lines().any(|line| line.contains(&left[0]) && line.contains("container destroyed at start-up")),
         "a discarded directory is not treated as a container"
     );
+    assert_eq!(server.leftovers(), Vec::<String>::new());
 }

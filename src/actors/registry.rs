@@ -130,9 +130,9 @@ impl Registry {
                 warn!(self.logger, "depot entry with an invalid handle as its name left in place"; "path" => %entry.path().display());
                 continue;
             };
-            // The runtime's own entries (a destroyed container's directory
-            // waiting to be deleted) have names no handle can have.
-            if validate_handle(&handle).is_err() {
+            // A destroyed container's directory that waits to be deleted
+            // has a name no handle can have, and the runtime deletes it.
+            if crate::linux::trash::is_discarded(&handle) {
                 continue;
             }
             let dir = entry.path();

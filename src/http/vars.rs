@@ -120,7 +120,7 @@ pub fn depot_dirs(depot: &Path) -> i64 {
     let Ok(entries) = std::fs::read_dir(depot) else { return -1 };
     let is_container = |entry: &std::fs::DirEntry| {
         let is_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
-        is_dir && entry.file_name().to_str().is_some_and(|name| crate::actors::registry::validate_handle(name).is_ok())
+        is_dir && !entry.file_name().to_str().is_some_and(crate::linux::trash::is_discarded)
     };
     entries.filter_map(Result::ok).filter(is_container).count() as i64
 }

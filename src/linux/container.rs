@@ -473,7 +473,9 @@ impl LinuxContainer {
         }
         if discard && errors.is_empty() {
             match self.trash.discard(&self.container_dir) {
-                Ok(()) => return Ok(()),
+                Ok(true) => return Ok(()),
+                // The server is stopping.
+                Ok(false) => {}
                 Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
                 Err(error) => slog::warn!(self.logger, "discarding the state directory failed; deleting it in place"; "error" => %error),
             }

@@ -152,6 +152,7 @@ impl LinuxRuntime {
         let layout = spare_init::CgroupLayout { version: cgroup_version, hierarchies: hierarchies.clone(), tag: config.tag.clone() };
         let inits = spare_init::InitLauncher::new(config.executable.clone(), layout, logger.new(slog::o!("component" => "spare-init")));
         let trash = Arc::new(trash::Trash::new(logger.new(slog::o!("component" => "trash"))));
+        trash.remove_leftovers(&config.depot);
         Ok(LinuxRuntime {
             config,
             logger,

@@ -369,10 +369,25 @@ fn serve(config: &ShimConfig, mut socket: UnixStream, filter: Option<seccompiler
         io_loop.push(ShimFrame::Hello { version: io_loop.protocol_version });
     }
     io_loop.push(ShimFrame::Started { pid: child.as_raw() as u32 });
+    // In the process directory, later writes name their files relative to
+    // it. When destroy renames the container's directory away, they follow
+    // it instead of landing in a new container that took the same handle.
+    let in_process_dir = io_loop.listener.is_some();
+    let exit_status_path = match config.exit_status_path.file_name() {
+        Some(name) if in_process_dir => PathBuf::from(name),
+        _ => config.exit_status_path.clone(),
+    };
+    if in_process_dir {
+        let mut log_path = LOG_PATH.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let relative = log_path.as_deref().filter(|path| path.parent() == Some(process_dir.as_path())).and_then(Path::file_name).map(PathBuf::from);
+        if relative.is_some() {
+            *log_path = relative;
+        }
+    }
     let status = io_loop.run()?;
-    io_loop.finish(status, &config.exit_status_path);
-    if !process_dir.as_os_str().is_empty() {
-        let _ = fs::remove_file(process_dir.join(SOCKET_NAME));
+    io_loop.finish(status, &exit_status_path);
+    if in_process_dir {
+        let _ = fs::remove_file(SOCKET_NAME);
     }
     Ok(())
 }

@@ -7,8 +7,9 @@
 //! now renames the directory beside itself to a name no handle can have,
 //! which frees the handle at once, and a worker thread deletes the tree.
 //!
-//! Shutdown lets the worker finish. After a crash, start-up deletes what
-//! is left: [`is_discarded`] separates those names from handles.
+//! Shutdown lets the worker finish, and a destroy after it deletes in
+//! place. After a crash, start-up deletes what is left: [`is_discarded`]
+//! separates those names from handles.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -27,51 +28,61 @@ pub fn is_discarded(name: &str) -> bool {
 /// Deletes discarded directories on a thread of its own.
 pub struct Trash {
     logger: slog::Logger,
-    sender: Mutex<Option<mpsc::Sender<PathBuf>>>,
-    worker: Mutex<Option<JoinHandle<()>>>,
+    state: Mutex<State>,
+}
+
+/// The worker and its channel, under one lock so that a discard and
+/// shutdown cannot interleave.
+#[derive(Default)]
+struct State {
+    sender: Option<mpsc::Sender<PathBuf>>,
+    worker: Option<JoinHandle<()>>,
+    /// Set by shutdown; later discards leave the deletion to the caller.
+    closed: bool,
 }
 
 impl Trash {
     pub fn new(logger: slog::Logger) -> Trash {
-        Trash { logger, sender: Mutex::new(None), worker: Mutex::new(None) }
+        Trash { logger, state: Mutex::new(State::default()) }
     }
 
     /// Renames `dir` to a discarded name in its parent directory and has
-    /// the worker delete it. On an error nothing was renamed, and the
-    /// caller deletes the directory itself.
-    pub fn discard(&self, dir: &Path) -> io::Result<()> {
+    /// the worker delete it. Returns false when nothing was renamed because
+    /// the server is stopping, and then the caller deletes the directory.
+    pub fn discard(&self, dir: &Path) -> io::Result<bool> {
         let parent = dir.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the directory has no parent"))?;
+        let mut state = self.lock();
+        if state.closed {
+            return Ok(false);
+        }
         let discarded = parent.join(format!("{PREFIX}{}", uuid::Uuid::new_v4().simple()));
         std::fs::rename(dir, &discarded)?;
-        self.delete_later(discarded);
-        Ok(())
+        self.delete_later(&mut state, discarded);
+        Ok(true)
     }
 
-    /// Deletes the discarded directories in `depot` that an earlier server
-    /// left; returns what it deleted and what it could not.
-    pub fn remove_leftovers(&self, depot: &Path) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(depot) else { return Vec::new() };
-        let mut report = Vec::new();
+    /// Has the worker delete the discarded directories that an earlier
+    /// server left in `depot`; called at start-up, before any destroy.
+    pub fn remove_leftovers(&self, depot: &Path) {
+        let Ok(entries) = std::fs::read_dir(depot) else { return };
+        let mut state = self.lock();
         for entry in entries.flatten() {
-            let name = entry.file_name();
-            if !name.to_str().is_some_and(is_discarded) {
-                continue;
-            }
-            let path = entry.path();
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => report.push(format!("removed {}, a destroyed container's state directory", path.display())),
-                Err(error) => report.push(format!("failed to remove {}: {error}", path.display())),
+            if entry.file_name().to_str().is_some_and(is_discarded) {
+                slog::info!(self.logger, "deleting a destroyed container's state directory that an earlier server left"; "path" => %entry.path().display());
+                self.delete_later(&mut state, entry.path());
             }
         }
-        report
     }
 
     /// Waits until every discarded directory is deleted, then ends the
-    /// worker. A later discard starts a new one.
+    /// worker. Later discards return false.
     pub fn shutdown(&self) {
-        let sender = self.sender.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let (sender, worker) = {
+            let mut state = self.lock();
+            state.closed = true;
+            (state.sender.take(), state.worker.take())
+        };
         drop(sender);
-        let worker = self.worker.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(worker) = worker {
             if worker.join().is_err() {
                 slog::error!(self.logger, "the thread deleting destroyed containers' directories panicked");
@@ -79,38 +90,51 @@ impl Trash {
         }
     }
 
-    fn delete_later(&self, path: PathBuf) {
-        let mut sender = self.sender.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let path = match sender.as_ref() {
-            Some(current) => match current.send(path) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends `path` to the worker, starting the worker on first use.
+    fn delete_later(&self, state: &mut State, path: PathBuf) {
+        let path = match &state.sender {
+            Some(sender) => match sender.send(path) {
                 Ok(()) => return,
                 Err(mpsc::SendError(path)) => path,
             },
             None => path,
         };
-        let (new_sender, receiver) = mpsc::channel::<PathBuf>();
+        let (sender, receiver) = mpsc::channel::<PathBuf>();
         let logger = self.logger.clone();
         let spawned = std::thread::Builder::new().name("trash".into()).spawn(move || {
             for path in receiver {
-                if let Err(error) = remove_dir_retrying(&path) {
-                    slog::warn!(logger, "deleting a destroyed container's directory failed"; "path" => %path.display(), "error" => %error);
-                }
+                crate::state::fault_point("trash.before-delete");
+                delete(&logger, &path);
             }
         });
         match spawned {
             Ok(worker) => {
-                // The receiver is alive until this sender is dropped.
-                let _ = new_sender.send(path);
-                *sender = Some(new_sender);
-                let previous = self.worker.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).replace(worker);
-                drop(previous);
+                // The receiver lives until this sender is dropped.
+                let _ = sender.send(path);
+                state.sender = Some(sender);
+                state.worker = Some(worker);
             }
             Err(error) => {
                 slog::warn!(self.logger, "starting the deleting thread failed; deleting in place"; "error" => %error);
-                if let Err(error) = remove_dir_retrying(&path) {
-                    slog::warn!(self.logger, "deleting a destroyed container's directory failed"; "path" => %path.display(), "error" => %error);
-                }
+                delete(&self.logger, &path);
             }
+        }
+    }
+}
+
+/// Deletes one discarded directory. A failure is logged as an error,
+/// because the directory then stays until a later start-up deletes it.
+fn delete(logger: &slog::Logger, path: &Path) {
+    match remove_dir_retrying(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => {
+            slog::error!(logger, "deleting a destroyed container's state directory failed; the next start-up tries again";
+                "path" => %path.display(), "error" => %error);
         }
     }
 }
@@ -145,7 +169,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("processes/1")).unwrap();
         std::fs::write(dir.join("processes/1/id"), b"one").unwrap();
         let trash = Trash::new(logger());
-        trash.discard(&dir).unwrap();
+        assert!(trash.discard(&dir).unwrap());
         assert!(!dir.exists(), "the handle's directory is gone at once");
         std::fs::create_dir(&dir).unwrap();
         trash.shutdown();
@@ -154,16 +178,19 @@ mod tests {
     }
 
     #[test]
-    fn discard_works_again_after_shutdown() {
+    fn discard_after_shutdown_leaves_dir() {
         let depot = tempfile::tempdir().unwrap();
         let trash = Trash::new(logger());
-        for round in 0..2 {
-            let dir = depot.path().join(format!("box{round}"));
-            std::fs::create_dir(&dir).unwrap();
-            trash.discard(&dir).unwrap();
-            trash.shutdown();
-        }
-        assert_eq!(std::fs::read_dir(depot.path()).unwrap().count(), 0);
+        let first = depot.path().join("first");
+        std::fs::create_dir(&first).unwrap();
+        assert!(trash.discard(&first).unwrap());
+        trash.shutdown();
+        let second = depot.path().join("second");
+        std::fs::create_dir(&second).unwrap();
+        assert!(!trash.discard(&second).unwrap(), "a discard after shutdown is refused");
+        assert!(second.exists(), "a refused discard renames nothing");
+        assert!(!first.exists());
+        assert_eq!(std::fs::read_dir(depot.path()).unwrap().count(), 1, "only the refused directory is left");
     }
 
     #[test]
@@ -180,9 +207,9 @@ mod tests {
         let depot = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(depot.path().join("removed@00ff/rootfs")).unwrap();
         std::fs::create_dir(depot.path().join("box")).unwrap();
-        let report = Trash::new(logger()).remove_leftovers(depot.path());
-        assert_eq!(report.len(), 1, "{report:?}");
-        assert!(report[0].contains("removed@00ff"), "{report:?}");
+        let trash = Trash::new(logger());
+        trash.remove_leftovers(depot.path());
+        trash.shutdown();
         assert!(depot.path().join("box").exists());
         assert!(!depot.path().join("removed@00ff").exists());
     }

@@ -245,8 +245,7 @@ pub(in crate::linux) fn keep_in_place(runtime: &LinuxRuntime, handle: &str, cont
 }
 
 /// Removes the cgroups below the server's tag that belong to no handle in
-/// `owned`, killing the processes in them, and the state directories that
-/// an earlier server discarded but had not deleted yet.
+/// `owned`, killing the processes in them.
 pub(in crate::linux) fn remove_orphans(runtime: &LinuxRuntime, owned: &BTreeSet<String>) -> Vec<String> {
     let mut owned_names: BTreeSet<String> = owned.iter().map(|handle| cgroup_name(handle)).collect();
     owned_names.extend(runtime.inits.cgroup_names());
@@ -272,7 +271,6 @@ pub(in crate::linux) fn remove_orphans(runtime: &LinuxRuntime, owned: &BTreeSet<
             Err(error) => report.push(format!("failed to remove orphan cgroup {name}: {error}")),
         }
     }
-    report.extend(runtime.trash.remove_leftovers(&runtime.config.depot));
     if let Some(network) = &runtime.network {
         match network.remove_unclaimed_links() {
             Ok(links) => report.extend(links.into_iter().map(|link| format!("removed orphan link {link}"))),
