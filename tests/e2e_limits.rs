@@ -325,3 +325,23 @@ fn operator_cpu_options_apply() {
     server.block_on(server.client.destroy(&handle)).unwrap();
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
+
+/// A memory limit too small for garden-init fails the create with an
+/// error that names the limit, whether the create starts its own
+/// garden-init (the first after a start) or adopts the waiting spare.
+#[test]
+fn tiny_memory_limit_named_in_error() {
+    let Some(server) = TestServer::start("tiny_memory_limit_named_in_error") else { return };
+    let tiny = trellis::api::ContainerSpec { handle: server.unique_handle("tiny"), limits: memory_limit(100 * 1024), ..Default::default() };
+    let first = server.block_on(server.client.create(&tiny)).unwrap_err().to_string();
+    assert!(first.contains("memory limit of 102400 bytes is too small to start the container"), "own garden-init: {first}");
+
+    // An unprivileged create shows the id mappings, and a spare follows.
+    let normal = server.create("normal");
+    std::thread::sleep(Duration::from_millis(300));
+    let tiny = trellis::api::ContainerSpec { handle: server.unique_handle("tiny"), limits: memory_limit(100 * 1024), ..Default::default() };
+    let second = server.block_on(server.client.create(&tiny)).unwrap_err().to_string();
+    assert!(second.contains("memory limit of 102400 bytes is too small to start the container"), "spare garden-init: {second}");
+    server.block_on(server.client.destroy(&normal)).unwrap();
+    assert_eq!(server.leftovers(), Vec::<String>::new());
+}

@@ -27,7 +27,7 @@ pub const V1_CONTROLLERS: [&str; 6] = ["memory", "cpu", "cpuacct", "pids", "free
 /// Errors of cgroup discovery and management.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup hierarchy found for controller {controller}")]
+    #[error("no cgroup hierarchy found for controller {controller} in /proc/self/mountinfo; mount the cgroup hierarchies (`ip netns exec` mounts a fresh /sys without them, `nsenter --net=` does not)")]
     MissingController { controller: String },
     #[error("no cgroup v2 mount found in /proc/self/mountinfo")]
     MissingUnifiedMount,
@@ -919,7 +919,7 @@ mod tests {
     #[test]
     fn v1_discovery_reports_missing_controller() {
         let error = discover_v1(MOUNTINFO, SELF_CGROUP, &["pids"]).unwrap_err();
-        assert_eq!(error.to_string(), "no cgroup hierarchy found for controller pids");
+        assert!(error.to_string().starts_with("no cgroup hierarchy found for controller pids in /proc/self/mountinfo;"), "{error}");
     }
 
     #[test]

@@ -197,6 +197,8 @@ pub(super) fn create(runtime: &LinuxRuntime, config: &ContainerConfig) -> Result
             Ok(container)
         }
         Err(error) => {
+            // Read before teardown removes the cgroup.
+            let error = explain_memory_failure(&container.cgroup, config.spec.limits.memory_limits.limit_in_bytes, error);
             // Teardown treats anything missing as removed, so it undoes
             // exactly the steps that were taken.
             if let Err(cleanup) = container.teardown(false) {
@@ -267,7 +269,12 @@ fn start_init(
         record(process);
         if adopted.in_cgroups {
             // The spare's cgroups, renamed, with its device rules.
-            container.cgroup.apply_limits(limits)?;
+            container.cgroup.apply_limits(limits).map_err(|error| match error {
+                CgroupError::MemoryBelowUsage { requested, usage } => RuntimeError::invalid(format!(
+                    "memory limit of {requested} bytes is too small to start the container: its init process already uses {usage} bytes; request more"
+                )),
+                other => RuntimeError::from(other),
+            })?;
         } else {
             container.cgroup.create(false, limits)?;
             container.cgroup.attach(pid)?;
@@ -280,6 +287,23 @@ fn start_init(
     let WaitingInit { process, channel } = spare_init::start(&container.executable, container.privileged, mappings, &mut place)?;
     record(process);
     Ok(channel)
+}
+
+/// Replaces a create's error with one that names the memory limit when
+/// the kernel killed garden-init for exceeding it.
+fn explain_memory_failure(cgroup: &ContainerCgroup, limit: u64, error: RuntimeError) -> RuntimeError {
+    if limit == 0 || matches!(error, RuntimeError::InvalidRequest { .. }) {
+        return error;
+    }
+    let memory_dir = match cgroup.version {
+        CgroupVersion::V2 => cgroup.dirs.first(),
+        CgroupVersion::V1 => cgroup.dirs.iter().find(|dir| dir.components().any(|part| part.as_os_str() == "memory")),
+    };
+    let killed = memory_dir.and_then(|dir| super::cgroup::read_oom_kills(cgroup.version, dir).ok().flatten()).unwrap_or(0) > 0;
+    if !killed {
+        return error;
+    }
+    RuntimeError::invalid(format!("memory limit of {limit} bytes is too small to start the container: garden-init was killed for exceeding it; request more ({error})"))
 }
 
 /// Makes the root filesystem and the name files, then has garden-init

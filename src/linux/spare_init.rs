@@ -102,7 +102,7 @@ impl InitChannel {
     fn read_line(&mut self) -> Result<String, RuntimeError> {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
-            Ok(0) => Err(self.failure("garden-init exited during start-up")),
+            Ok(0) => Err(self.failure("garden-init exited before the container was ready")),
             Ok(_) => Ok(line.trim_end().to_string()),
             Err(error) => Err(self.failure(&format!("failed to read from garden-init: {error}"))),
         }
@@ -408,10 +408,13 @@ impl Shared {
             }
             let name = format!("{SPARE_CGROUP_PREFIX}{:08x}", uuid::Uuid::new_v4().as_u128() as u32);
             slot.names.push(name.clone());
+            slot.starting = true;
             (mappings, name)
         };
         let spare = self.start_spare(&name, mappings);
         let mut slot = lock(&self.slot);
+        slot.starting = false;
+        self.started.notify_all();
         match spare {
             Ok(spare) if !slot.closed && slot.mappings.as_ref() == Some(&spare.mappings) => slot.spare = Some(spare),
             Ok(spare) => {
