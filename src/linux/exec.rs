@@ -102,6 +102,23 @@ enum Never {}
 /// -1000 to 1000).
 const CONTAINER_OOM_SCORE_ADJ: &str = "500";
 
+/// Moves the calling process into the cgroup `dir`. On cgroup v1 it
+/// writes "0" to `tasks`, which moves only the calling thread: the kernel
+/// then skips the lock that every `cgroup.procs` write takes for writing,
+/// which after a quiet moment waits for an RCU grace period (7 ms for six
+/// hierarchies measured here, against 0.5 ms through `tasks`). The child
+/// is single threaded, forked from a single-threaded shim, so its one
+/// thread is the whole process. cgroup v2 has no `tasks` file.
+fn join_cgroup(dir: &Path) -> std::io::Result<()> {
+    let open = |name: &str| fs::OpenOptions::new().write(true).open(dir.join(name));
+    let mut file = match open("tasks") {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => open("cgroup.procs")?,
+        Err(error) => return Err(error),
+    };
+    file.write_all(b"0")
+}
+
 fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
     // The shim ignores SIGPIPE (Rust's runtime does); an ignored signal
     // would survive execve, so restore the default.
@@ -113,12 +130,7 @@ fn prepare_and_exec(setup: &ChildSetup<'_>) -> Result<Never, ChildError> {
     // writing process, whose pid in this (container) pid namespace would
     // mean nothing to the host's cgroup files.
     for dir in setup.cgroup_dirs {
-        let path = dir.join("cgroup.procs");
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|mut file| file.write_all(b"0"))
-            .map_err(|error| ChildError::other(format!("failed to join cgroup {}: {error}", dir.display())))?;
+        join_cgroup(dir).map_err(|error| ChildError::other(format!("failed to join cgroup {}: {error}", dir.display())))?;
     }
 
     // Container processes are the kernel's first choice when the
