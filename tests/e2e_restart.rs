@@ -975,8 +975,8 @@ fn lost_shim_reported_on_attach() {
 }
 
 /// Destroy renames a container's state directory away and deletes it on a
-/// thread; the handle is free at once, shutdown finishes the deletion, and
-/// start-up deletes what a killed server left.
+/// thread, so the handle is free at once. Shutdown finishes the deletion,
+/// and start-up deletes what a killed server left.
 #[test]
 fn destroy_discards_state_directory() {
     let Some(mut server) = TestServer::start("destroy_discards_state_directory") else { return };

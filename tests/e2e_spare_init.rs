@@ -98,7 +98,7 @@ fn create_adopts_the_spare_init() {
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
     let hostname = &handle[handle.len().saturating_sub(49)..];
     assert_eq!(lines, ["Name:\tgarden-init", hostname, "2", "1", "1"], "pid 1, hostname, uid map lines, resolv.conf, eth0 address");
-    // The pid namespace holds pid 1 and the client's processes only.
+    // The pid namespace contains pid 1 and the client's processes only.
     let ps = server.run_command(&handle, "/bin/ps", &["-a"]);
     let listing = ps.stdout_text();
     assert_eq!(listing.lines().count(), 3, "header, garden-init and ps:\n{listing}");

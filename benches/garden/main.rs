@@ -182,9 +182,8 @@ fn run(args: &[String]) -> Result<(), String> {
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_trellis"));
     let plan = &options.plan;
     // Whatever ran before (a build, or the previous run's tar baseline)
-    // leaves the host filesystem busy writing back, which slowed the
-    // Trellis block's first steps tenfold; the crun block already starts
-    // after a pause.
+    // leaves the host filesystem busy, and that slowed the Trellis block's
+    // first steps tenfold. The crun block already starts after a pause.
     settle(plan);
     eprintln!("bench: {} mode, Trellis block ({})", plan.mode, binary.display());
     let trellis = trellis_side::measure(plan, &binary, &rootfs)?;

@@ -239,7 +239,7 @@ struct Spare {
     executable_id: (u64, u64),
 }
 
-/// How spare cgroups are named and placed: the container cgroups' layout.
+/// The layout that names and places spare cgroups, the same as containers'.
 #[derive(Clone)]
 pub struct CgroupLayout {
     pub version: CgroupVersion,
