@@ -114,7 +114,9 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     // The short mode writes a file of its own, so that a test run does not
     // replace the results of the last full run.
     let file_name = if full { "garden.json" } else { "garden-short.json" };
-    let mut json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../bench").join(file_name);
+    // CARGO_TARGET_TMPDIR is `<target>/tmp`; the results go beside it.
+    let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let mut json = target_tmp.parent().unwrap_or(target_tmp).join("bench").join(file_name);
     let mut crun = true;
     let mut rootfs = None;
     let mut only = Vec::new();
@@ -202,7 +204,6 @@ fn run(args: &[String]) -> Result<(), String> {
     };
     eprintln!("bench: baselines");
     let pipe = if plan.wants(&["G8"]) { pipe_baseline(plan, &rootfs)? } else { Vec::new() };
-    let tar = if plan.wants(&["G9"]) { tar_baseline(plan, &rootfs)? } else { Vec::new() };
 
     let crun_or_empty = |pick: fn(&crun_side::Results) -> &Vec<f64>| crun.as_ref().map(pick).cloned().unwrap_or_default();
     let mut figures = vec![
@@ -228,16 +229,19 @@ fn run(args: &[String]) -> Result<(), String> {
         crun_or_empty(|r| &r.g6),
         crun_or_empty(|r| &r.g7),
         pipe,
-        tar,
+        trellis.g9_tar.clone(),
     ];
     for ((figure, samples), baseline) in figures.iter_mut().zip(trellis_samples).zip(baselines) {
         figure.trellis_samples = samples.clone();
         figure.baseline_samples = baseline;
-        figure.finish();
+        figure.finish(plan.mode == "full");
     }
 
     figures.retain(|figure| plan.wants(&[figure.id]));
     println!("{}", stats::table(&figures));
+    if plan.mode != "full" {
+        println!("short mode: too few samples of a debug build to judge the targets");
+    }
     println!("memory (KiB): {}", trellis.memory);
     let report = serde_json::json!({
         "plan": plan,
@@ -330,26 +334,5 @@ fn pipe_baseline(plan: &Plan, rootfs: &Path) -> Result<Vec<f64>, String> {
         }
         samples.push(plan.stdout_mib as f64 / started.elapsed().as_secs_f64());
     }
-    Ok(samples)
-}
-
-/// G9's baseline: host `tar -x` of the same archive into an overlay of the
-/// same rootfs.
-fn tar_baseline(plan: &Plan, rootfs: &Path) -> Result<Vec<f64>, String> {
-    let archive = host::build_archive(plan.archive_bytes);
-    let temp = tempfile::Builder::new()
-        .prefix("trellisbench-tar-")
-        .tempdir()
-        .map_err(|error| error.to_string())?;
-    let overlay = host::Overlay::mount(rootfs, &temp.path().join("overlay"))?;
-    let mut samples = Vec::new();
-    for round in 0..plan.throughput_rounds {
-        let destination = overlay.merged.join(format!("tmp/stream-{round}"));
-        let started = std::time::Instant::now();
-        std::fs::create_dir_all(&destination).map_err(|error| error.to_string())?;
-        host::run_with_input("tar", &["-x", "-C", &destination.display().to_string()], &archive)?;
-        samples.push(archive.len() as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64());
-    }
-    overlay.remove()?;
     Ok(samples)
 }

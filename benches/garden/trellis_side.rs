@@ -47,7 +47,7 @@ impl Server {
         let log = temp.path().join("server.log");
         let config = temp.path().join("trellis.toml");
         // The tag names host objects, so it is short and unique to this run.
-        let tag = format!("b{:x}", std::process::id() % 0xffff_ff);
+        let tag = format!("b{:x}", std::process::id() % 0x00ff_ffff);
         fs::write(
             &config,
             format!(
@@ -257,6 +257,8 @@ pub struct Results {
     pub g7: Vec<f64>,
     pub g8: Vec<f64>,
     pub g9: Vec<f64>,
+    /// G9's baseline, measured between the G9 rounds.
+    pub g9_tar: Vec<f64>,
     pub memory: serde_json::Value,
 }
 
@@ -269,7 +271,7 @@ pub fn measure(plan: &Plan, binary: &Path, rootfs: &Path) -> Result<Results, Str
         .map_err(|error| error.to_string())?;
     let name = format!("trellisbench-{}", std::process::id());
     let mut server = Server::start(binary, rootfs, &name, &runtime)?;
-    let result = measure_with(plan, &server, &runtime, &name);
+    let result = measure_with(plan, &server, &runtime, &name, rootfs);
     if result.is_err() {
         eprintln!("bench: server log:\n{}", server.log_text());
     }
@@ -283,7 +285,7 @@ pub fn measure(plan: &Plan, binary: &Path, rootfs: &Path) -> Result<Results, Str
     result
 }
 
-fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime, name: &str) -> Result<Results, String> {
+fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime, name: &str, rootfs: &Path) -> Result<Results, String> {
     let client = &server.client;
     let mut counter = 0_u64;
     let mut handle = |label: &str| {
@@ -311,6 +313,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
         g7: Vec::new(),
         g8: Vec::new(),
         g9: Vec::new(),
+        g9_tar: Vec::new(),
         memory: serde_json::Value::Null,
     };
 
@@ -362,9 +365,15 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
         results.g8.push(plan.stdout_mib as f64 / elapsed);
     }
 
-    // G9: stream in of the archive.
+    // G9: stream in of the archive, each round followed by its baseline,
+    // host `tar -x` of the same archive into an overlay. This host's
+    // filesystem changes speed tenfold within a minute (the same `tar -x`
+    // took 25, 220 and 70 ms at three moments), so the two sides take
+    // turns instead of running minutes apart.
     let archive = host::build_archive(plan.archive_bytes);
-    for round in 0..plan.count(&["G9"], plan.throughput_rounds) {
+    let rounds = plan.count(&["G9"], plan.throughput_rounds);
+    let baseline = if rounds > 0 { Some(TarBaseline::new(rootfs)?) } else { None };
+    for round in 0..rounds {
         let destination = format!("/tmp/stream-{round}");
         let started = Instant::now();
         runtime.block_on(async {
@@ -375,6 +384,12 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
                 .map_err(|error| format!("streaming in: {error}"))
         })?;
         results.g9.push(archive.len() as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64());
+        if let Some(baseline) = &baseline {
+            results.g9_tar.push(baseline.round(round, &archive)?);
+        }
+    }
+    if let Some(baseline) = baseline {
+        baseline.remove()?;
     }
     runtime.block_on(destroy(client, &h))?;
 
@@ -501,4 +516,34 @@ fn memory(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime, name:
         "per_container_total_kib": (loaded_total as f64 - idle_total as f64) / containers,
         "streaming_peak_server_rss_kib": peak.load(Ordering::Relaxed),
     }))
+}
+
+/// Host `tar -x` into an overlay of the root filesystem: G9's baseline.
+struct TarBaseline {
+    overlay: host::Overlay,
+    _temp: tempfile::TempDir,
+}
+
+impl TarBaseline {
+    fn new(rootfs: &Path) -> Result<TarBaseline, String> {
+        let temp = tempfile::Builder::new()
+            .prefix("trellisbench-tar-")
+            .tempdir()
+            .map_err(|error| format!("creating the tar baseline's directory: {error}"))?;
+        let overlay = host::Overlay::mount(rootfs, &temp.path().join("overlay"))?;
+        Ok(TarBaseline { overlay, _temp: temp })
+    }
+
+    /// Extracts `archive` into a new directory; returns MiB/s.
+    fn round(&self, round: usize, archive: &[u8]) -> Result<f64, String> {
+        let destination = self.overlay.merged.join(format!("tmp/stream-{round}"));
+        let started = Instant::now();
+        fs::create_dir_all(&destination).map_err(|error| format!("creating {}: {error}", destination.display()))?;
+        host::run_with_input("tar", &["-x", "-C", &destination.display().to_string()], archive)?;
+        Ok(archive.len() as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64())
+    }
+
+    fn remove(self) -> Result<(), String> {
+        self.overlay.remove()
+    }
 }
