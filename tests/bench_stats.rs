@@ -22,11 +22,23 @@ fn ratio_respects_direction() {
     let mut figure = Figure::new("G8", "x", "MiB/s", Better::Higher, 0.8, "pipe");
     figure.trellis_samples = vec![90.0];
     figure.baseline_samples = vec![100.0];
-    figure.finish();
+    figure.finish(true);
     assert_eq!(figure.meets_target, Some(true));
     let mut figure = Figure::new("G1", "x", "ms", Better::Lower, 0.5, "crun");
     figure.trellis_samples = vec![60.0];
     figure.baseline_samples = vec![100.0];
-    figure.finish();
+    figure.finish(true);
     assert_eq!(figure.meets_target, Some(false));
+}
+
+#[test]
+fn short_mode_reports_no_verdict() {
+    let mut figure = Figure::new("G1", "x", "ms", Better::Lower, 0.5, "crun");
+    figure.trellis_samples = vec![60.0];
+    figure.baseline_samples = vec![100.0];
+    figure.finish(false);
+    assert_eq!(figure.ratio, Some(0.6));
+    assert_eq!(figure.meets_target, None);
+    let table = stats::table(&[figure]);
+    assert!(!table.contains("MISS"), "{table}");
 }
