@@ -222,18 +222,13 @@ impl Bench {
     fn create(&self) -> Result<Container, String> {
         let container = self.prepare(&["/bin/sleep", "100000000"])?;
         let bundle = container.bundle.display().to_string();
-        self.crun_ok(&["create", "--bundle", &bundle, &container.id])?;
-        let pid = self.init_pid(&container.id)?;
+        // The pid file saves a `crun state` process per create.
+        let pid_file = container.bundle.join("pid");
+        self.crun_ok(&["create", "--bundle", &bundle, "--pid-file", &pid_file.display().to_string(), &container.id])?;
+        let pid = read_pid(&pid_file)?;
         self.add_network(&container.id, pid)?;
         self.crun_ok(&["start", &container.id])?;
         Ok(container)
-    }
-
-    fn init_pid(&self, id: &str) -> Result<u32, String> {
-        let output = self.crun().args(["state", id]).output().map_err(|error| error.to_string())?;
-        let state: serde_json::Value = serde_json::from_slice(&output.stdout)
-            .map_err(|error| format!("crun state {id}: {error}: {}", String::from_utf8_lossy(&output.stderr)))?;
-        state["pid"].as_u64().map(|pid| pid as u32).ok_or_else(|| format!("crun state {id} has no pid"))
     }
 
     /// Adds a /30 network per container, as Trellis allocates. The container
@@ -457,4 +452,10 @@ fn oci_config(root: &Path, id: &str, cgroup_parent: &str, args: &[&str]) -> serd
             "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
         }
     })
+}
+
+/// Reads the pid that `crun create --pid-file` wrote.
+fn read_pid(path: &Path) -> Result<u32, String> {
+    let text = fs::read_to_string(path).map_err(|error| format!("reading {}: {error}", path.display()))?;
+    text.trim().parse().map_err(|error| format!("{} holds no pid ({text:?}): {error}", path.display()))
 }

@@ -269,6 +269,12 @@ pub fn pss_kib(pid: u32) -> Option<u64> {
     proc_kib(pid, "smaps_rollup", "Pss:")
 }
 
+/// Returns the anonymous memory of `pid` in KiB (Pss_Anon of
+/// smaps_rollup): its heap and stacks, without the binary's pages.
+pub fn anon_kib(pid: u32) -> Option<u64> {
+    proc_kib(pid, "smaps_rollup", "Pss_Anon:")
+}
+
 /// Lists every process in the cgroup at `path` and its descendant cgroups.
 pub fn cgroup_pids(path: &Path) -> Vec<u32> {
     let mut found: Vec<u32> = fs::read_to_string(path.join("cgroup.procs"))

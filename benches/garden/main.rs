@@ -240,7 +240,7 @@ fn run(args: &[String]) -> Result<(), String> {
     figures.retain(|figure| plan.wants(&[figure.id]));
     println!("{}", stats::table(&figures));
     if plan.mode != "full" {
-        println!("short mode: too few samples of a debug build to judge the targets");
+        println!("short mode: too few samples to judge the targets");
     }
     println!("memory (KiB): {}", trellis.memory);
     let report = serde_json::json!({

@@ -60,7 +60,8 @@ pub struct Figure {
     /// The design's target as a ratio of Trellis to the baseline.
     pub target_ratio: f64,
     pub baseline_name: &'static str,
-    /// Every sample, in the order taken (G9's two sides alternate).
+    /// Every sample: in the order taken, except G6's, which are grouped
+    /// by client.
     pub trellis_samples: Vec<f64>,
     pub baseline_samples: Vec<f64>,
     pub trellis: Option<Summary>,

@@ -122,8 +122,10 @@ impl Server {
     /// and each container's garden-init, which are Trellis's overhead per
     /// container), in KiB. Trellis processes are those running the
     /// server's executable: a shim's name is `exe` until its process
-    /// execs, so names do not tell.
-    pub fn memory_kib(&self) -> (u64, u64) {
+    /// execs, so names do not tell. The middle value is the server's
+    /// anonymous memory alone: its PSS also falls as each new garden-init
+    /// shares more of the binary's pages with it.
+    pub fn memory_kib(&self) -> (u64, u64, u64) {
         let own = host::pss_kib(self.pid()).unwrap_or(0);
         let executable = std::fs::read_link(format!("/proc/{}/exe", self.pid())).ok();
         let total = host::cgroup_pids(&self.cgroup.path)
@@ -131,7 +133,7 @@ impl Server {
             .filter(|pid| executable.is_some() && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == executable)
             .filter_map(host::pss_kib)
             .sum();
-        (own, total)
+        (own, host::anon_kib(self.pid()).unwrap_or(0), total)
     }
 
     /// Stops the server with SIGTERM, waiting for it to exit.
@@ -365,8 +367,8 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
         results.g8.push(plan.stdout_mib as f64 / elapsed);
     }
 
-    // G9: stream in of the archive, each round followed by its baseline,
-    // host `tar -x` of the same archive into an overlay. This host's
+    // G9: stream in of the archive, each round paired with a round of its
+    // baseline, host `tar -x` of the same archive into an overlay. This host's
     // filesystem changes speed tenfold within a minute (the same `tar -x`
     // took 25, 220 and 70 ms at three moments), so the two sides take
     // turns instead of running minutes apart.
@@ -374,6 +376,12 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
     let rounds = plan.count(&["G9"], plan.throughput_rounds);
     let baseline = if rounds > 0 { Some(TarBaseline::new(rootfs)?) } else { None };
     for round in 0..rounds {
+        // Each side goes first in every other round, so that neither
+        // always meets the writeback the other's round started.
+        let tar_first = round % 2 == 1;
+        if let (Some(baseline), true) = (&baseline, tar_first) {
+            results.g9_tar.push(baseline.round(round, &archive)?);
+        }
         let destination = format!("/tmp/stream-{round}");
         let started = Instant::now();
         runtime.block_on(async {
@@ -384,7 +392,7 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
                 .map_err(|error| format!("streaming in: {error}"))
         })?;
         results.g9.push(archive.len() as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64());
-        if let Some(baseline) = &baseline {
+        if let (Some(baseline), false) = (&baseline, tar_first) {
             results.g9_tar.push(baseline.round(round, &archive)?);
         }
     }
@@ -476,13 +484,13 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
 /// Resident memory idle, with idle containers, and while streaming.
 fn memory(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime, name: &str) -> Result<serde_json::Value, String> {
     let client = &server.client;
-    let (idle_server, idle_total) = server.memory_kib();
+    let (idle_server, idle_server_anon, idle_total) = server.memory_kib();
     let handles: Vec<String> = (0..plan.idle_containers).map(|i| format!("{name}-idle-{i}")).collect();
     for h in &handles {
         runtime.block_on(create(client, h))?;
     }
     std::thread::sleep(Duration::from_millis(200));
-    let (loaded_server, loaded_total) = server.memory_kib();
+    let (loaded_server, loaded_server_anon, loaded_total) = server.memory_kib();
     // Streaming: sample while a large stdout transfer runs.
     let peak = Arc::new(AtomicU64::new(0));
     let count_arg = format!("count={}", plan.stdout_mib);
@@ -512,7 +520,9 @@ fn memory(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime, name:
         "idle_containers": plan.idle_containers,
         "with_containers_server_kib": loaded_server,
         "with_containers_total_kib": loaded_total,
-        "per_container_server_kib": (loaded_server as f64 - idle_server as f64) / containers,
+        "idle_server_anon_kib": idle_server_anon,
+        "with_containers_server_anon_kib": loaded_server_anon,
+        "per_container_server_anon_kib": (loaded_server_anon as f64 - idle_server_anon as f64) / containers,
         "per_container_total_kib": (loaded_total as f64 - idle_total as f64) / containers,
         "streaming_peak_server_rss_kib": peak.load(Ordering::Relaxed),
     }))
