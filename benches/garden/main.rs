@@ -183,9 +183,9 @@ fn run(args: &[String]) -> Result<(), String> {
     };
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_trellis"));
     let plan = &options.plan;
-    // Whatever ran before (a build, or the previous run's tar baseline)
-    // leaves the host filesystem busy, and that slowed the Trellis block's
-    // first steps tenfold. The crun block already starts after a pause.
+    // Whatever ran before (a build, or another run's disk writes) can
+    // leave the host filesystem busy, and that slowed the Trellis block's
+    // first steps tenfold. The crun block also starts after a pause.
     settle(plan);
     eprintln!("bench: {} mode, Trellis block ({})", plan.mode, binary.display());
     let trellis = trellis_side::measure(plan, &binary, &rootfs)?;

@@ -69,8 +69,8 @@ pub struct Figure {
     /// Trellis divided by the baseline, on the compared statistic.
     pub ratio: Option<f64>,
     /// Whether the ratio meets the target; reported, never asserted, and
-    /// left out in the short mode, whose few samples of a debug build
-    /// say nothing about the targets.
+    /// left out in the short mode, whose samples are too few to judge
+    /// the targets.
     pub meets_target: Option<bool>,
 }
 

@@ -123,9 +123,10 @@ impl Server {
     /// container), in KiB. Trellis processes are those running the
     /// server's executable: a shim's name is `exe` until its process
     /// execs, so names do not tell. The middle value is the server's
-    /// anonymous memory alone: its PSS also falls as each new garden-init
-    /// shares more of the binary's pages with it.
-    pub fn memory_kib(&self) -> (u64, u64, u64) {
+    /// anonymous memory alone, or `None` when the kernel does not report
+    /// it. Its PSS is no measure of growth, because it falls as each new
+    /// garden-init shares more of the binary's pages.
+    pub fn memory_kib(&self) -> (u64, Option<u64>, u64) {
         let own = host::pss_kib(self.pid()).unwrap_or(0);
         let executable = std::fs::read_link(format!("/proc/{}/exe", self.pid())).ok();
         let total = host::cgroup_pids(&self.cgroup.path)
@@ -133,7 +134,7 @@ impl Server {
             .filter(|pid| executable.is_some() && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == executable)
             .filter_map(host::pss_kib)
             .sum();
-        (own, host::anon_kib(self.pid()).unwrap_or(0), total)
+        (own, host::anon_kib(self.pid()), total)
     }
 
     /// Stops the server with SIGTERM, waiting for it to exit.
@@ -522,7 +523,10 @@ fn memory(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime, name:
         "with_containers_total_kib": loaded_total,
         "idle_server_anon_kib": idle_server_anon,
         "with_containers_server_anon_kib": loaded_server_anon,
-        "per_container_server_anon_kib": (loaded_server_anon as f64 - idle_server_anon as f64) / containers,
+        // null when the kernel's smaps_rollup has no Pss_Anon line.
+        "per_container_server_anon_kib": idle_server_anon
+            .zip(loaded_server_anon)
+            .map(|(idle, loaded)| (loaded as f64 - idle as f64) / containers),
         "per_container_total_kib": (loaded_total as f64 - idle_total as f64) / containers,
         "streaming_peak_server_rss_kib": peak.load(Ordering::Relaxed),
     }))
