@@ -17,26 +17,26 @@ fn summary_uses_nearest_rank() {
     assert_eq!(summary.mean, 5.5);
 }
 
+/// Returns a finished figure with one sample on each side.
+fn finished(better: Better, target: f64, trellis: f64, baseline: f64, judge: bool) -> Figure {
+    let mut figure = Figure::new("G1", "x", "ms", better, target, "crun");
+    figure.trellis_samples = vec![trellis];
+    figure.baseline_samples = vec![baseline];
+    figure.finish(judge);
+    figure
+}
+
 #[test]
 fn ratio_respects_direction() {
-    let mut figure = Figure::new("G8", "x", "MiB/s", Better::Higher, 0.8, "pipe");
-    figure.trellis_samples = vec![90.0];
-    figure.baseline_samples = vec![100.0];
-    figure.finish(true);
+    let figure = finished(Better::Higher, 0.8, 90.0, 100.0, true);
     assert_eq!(figure.meets_target, Some(true));
-    let mut figure = Figure::new("G1", "x", "ms", Better::Lower, 0.5, "crun");
-    figure.trellis_samples = vec![60.0];
-    figure.baseline_samples = vec![100.0];
-    figure.finish(true);
+    let figure = finished(Better::Lower, 0.5, 60.0, 100.0, true);
     assert_eq!(figure.meets_target, Some(false));
 }
 
 #[test]
 fn short_mode_reports_no_verdict() {
-    let mut figure = Figure::new("G1", "x", "ms", Better::Lower, 0.5, "crun");
-    figure.trellis_samples = vec![60.0];
-    figure.baseline_samples = vec![100.0];
-    figure.finish(false);
+    let figure = finished(Better::Lower, 0.5, 60.0, 100.0, false);
     assert_eq!(figure.ratio, Some(0.6));
     assert_eq!(figure.meets_target, None);
     let table = stats::table(&[figure]);

@@ -456,6 +456,6 @@ fn oci_config(root: &Path, id: &str, cgroup_parent: &str, args: &[&str]) -> serd
 
 /// Reads the pid that `crun create --pid-file` wrote.
 fn read_pid(path: &Path) -> Result<u32, String> {
-    let text = fs::read_to_string(path).map_err(|error| format!("reading {}: {error}", path.display()))?;
-    text.trim().parse().map_err(|error| format!("{} holds no pid ({text:?}): {error}", path.display()))
+    let text = fs::read_to_string(path).map_err(|error| format!("failed to read crun's pid file {}: {error}", path.display()))?;
+    text.trim().parse().map_err(|error| format!("invalid pid {text:?} in {}: {error}", path.display()))
 }

@@ -114,7 +114,8 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     // The short mode writes a file of its own, so that a test run does not
     // replace the results of the last full run.
     let file_name = if full { "garden.json" } else { "garden-short.json" };
-    // CARGO_TARGET_TMPDIR is `<target>/tmp`; the results go beside it.
+    // CARGO_TARGET_TMPDIR is `<target>/tmp`, so the results go to
+    // `<target>/bench`.
     let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let mut json = target_tmp.parent().unwrap_or(target_tmp).join("bench").join(file_name);
     let mut crun = true;

@@ -68,9 +68,8 @@ pub struct Figure {
     pub baseline: Option<Summary>,
     /// Trellis divided by the baseline, on the compared statistic.
     pub ratio: Option<f64>,
-    /// Whether the ratio meets the target; reported, never asserted, and
-    /// left out in the short mode, whose samples are too few to judge
-    /// the targets.
+    /// Whether the ratio meets the target. It is reported, never asserted,
+    /// and left out in the short mode, whose samples are too few to judge.
     pub meets_target: Option<bool>,
 }
 

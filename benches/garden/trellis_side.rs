@@ -23,6 +23,19 @@ use crate::Plan;
 /// How long the server may take to respond to its first ping.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One reading of Trellis's memory, in KiB.
+pub struct MemoryReading {
+    /// Proportional set size (PSS) of the server alone.
+    pub server: u64,
+    /// Anonymous memory of the server, or `None` when the kernel does not
+    /// report it. Its PSS is no measure of growth, because it falls as
+    /// each new garden-init shares more of the binary's pages.
+    pub server_anon: Option<u64>,
+    /// PSS of the server, its shims, the spare shim and each container's
+    /// garden-init: Trellis's overhead per container.
+    pub total: u64,
+}
+
 /// A running server and the client that drives it.
 pub struct Server {
     pub client: Client,
@@ -117,16 +130,11 @@ impl Server {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Proportional memory (PSS) of the server alone, and of every Trellis
-    /// process in its cgroup tree (the server, its shims, the spare shim
-    /// and each container's garden-init, which are Trellis's overhead per
-    /// container), in KiB. Trellis processes are those running the
-    /// server's executable: a shim's name is `exe` until its process
-    /// execs, so names do not tell. The middle value is the server's
-    /// anonymous memory alone, or `None` when the kernel does not report
-    /// it. Its PSS is no measure of growth, because it falls as each new
-    /// garden-init shares more of the binary's pages.
-    pub fn memory_kib(&self) -> (u64, Option<u64>, u64) {
+    /// Reads the memory of the server and of every Trellis process in its
+    /// cgroup tree. Trellis processes are those running the server's
+    /// executable: a shim's name is `exe` until its process execs, so
+    /// names do not tell.
+    pub fn memory_kib(&self) -> MemoryReading {
         let own = host::pss_kib(self.pid()).unwrap_or(0);
         let executable = std::fs::read_link(format!("/proc/{}/exe", self.pid())).ok();
         let total = host::cgroup_pids(&self.cgroup.path)
@@ -134,7 +142,7 @@ impl Server {
             .filter(|pid| executable.is_some() && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == executable)
             .filter_map(host::pss_kib)
             .sum();
-        (own, host::anon_kib(self.pid()), total)
+        MemoryReading { server: own, server_anon: host::anon_kib(self.pid()), total }
     }
 
     /// Stops the server with SIGTERM, waiting for it to exit.
@@ -249,6 +257,10 @@ fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
+fn mib_per_second(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
+}
+
 /// Every Trellis measurement, in the order of design section 7.
 pub struct Results {
     pub g1: Vec<f64>,
@@ -260,7 +272,7 @@ pub struct Results {
     pub g7: Vec<f64>,
     pub g8: Vec<f64>,
     pub g9: Vec<f64>,
-    /// G9's baseline, measured between the G9 rounds.
+    /// Samples of G9's baseline, taken in turn with the G9 rounds.
     pub g9_tar: Vec<f64>,
     pub memory: serde_json::Value,
 }
@@ -375,29 +387,29 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
     // turns instead of running minutes apart.
     let archive = host::build_archive(plan.archive_bytes);
     let rounds = plan.count(&["G9"], plan.throughput_rounds);
-    let baseline = if rounds > 0 { Some(TarBaseline::new(rootfs)?) } else { None };
-    for round in 0..rounds {
-        // Each side goes first in every other round, so that neither
-        // always meets the writeback the other's round started.
-        let tar_first = round % 2 == 1;
-        if let (Some(baseline), true) = (&baseline, tar_first) {
-            results.g9_tar.push(baseline.round(round, &archive)?);
+    if rounds > 0 {
+        let baseline = TarBaseline::new(rootfs)?;
+        for round in 0..rounds {
+            // Each side goes first in every other round, so that neither
+            // always meets the writeback the other's round started.
+            let tar_first = round % 2 == 1;
+            if tar_first {
+                results.g9_tar.push(baseline.round(round, &archive)?);
+            }
+            let destination = format!("/tmp/stream-{round}");
+            let started = Instant::now();
+            runtime.block_on(async {
+                let mut reader: &[u8] = &archive;
+                client
+                    .stream_in(&h, &destination, "root", &mut reader)
+                    .await
+                    .map_err(|error| format!("streaming in: {error}"))
+            })?;
+            results.g9.push(mib_per_second(archive.len(), started.elapsed()));
+            if !tar_first {
+                results.g9_tar.push(baseline.round(round, &archive)?);
+            }
         }
-        let destination = format!("/tmp/stream-{round}");
-        let started = Instant::now();
-        runtime.block_on(async {
-            let mut reader: &[u8] = &archive;
-            client
-                .stream_in(&h, &destination, "root", &mut reader)
-                .await
-                .map_err(|error| format!("streaming in: {error}"))
-        })?;
-        results.g9.push(archive.len() as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64());
-        if let (Some(baseline), false) = (&baseline, tar_first) {
-            results.g9_tar.push(baseline.round(round, &archive)?);
-        }
-    }
-    if let Some(baseline) = baseline {
         baseline.remove()?;
     }
     runtime.block_on(destroy(client, &h))?;
@@ -485,13 +497,13 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
 /// Resident memory idle, with idle containers, and while streaming.
 fn memory(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime, name: &str) -> Result<serde_json::Value, String> {
     let client = &server.client;
-    let (idle_server, idle_server_anon, idle_total) = server.memory_kib();
+    let idle = server.memory_kib();
     let handles: Vec<String> = (0..plan.idle_containers).map(|i| format!("{name}-idle-{i}")).collect();
     for h in &handles {
         runtime.block_on(create(client, h))?;
     }
     std::thread::sleep(Duration::from_millis(200));
-    let (loaded_server, loaded_server_anon, loaded_total) = server.memory_kib();
+    let loaded = server.memory_kib();
     // Streaming: sample while a large stdout transfer runs.
     let peak = Arc::new(AtomicU64::new(0));
     let count_arg = format!("count={}", plan.stdout_mib);
@@ -516,18 +528,18 @@ fn memory(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime, name:
     }
     let containers = plan.idle_containers.max(1) as f64;
     Ok(serde_json::json!({
-        "idle_server_kib": idle_server,
-        "idle_total_kib": idle_total,
+        "idle_server_kib": idle.server,
+        "idle_total_kib": idle.total,
         "idle_containers": plan.idle_containers,
-        "with_containers_server_kib": loaded_server,
-        "with_containers_total_kib": loaded_total,
-        "idle_server_anon_kib": idle_server_anon,
-        "with_containers_server_anon_kib": loaded_server_anon,
-        // null when the kernel's smaps_rollup has no Pss_Anon line.
-        "per_container_server_anon_kib": idle_server_anon
-            .zip(loaded_server_anon)
-            .map(|(idle, loaded)| (loaded as f64 - idle as f64) / containers),
-        "per_container_total_kib": (loaded_total as f64 - idle_total as f64) / containers,
+        "with_containers_server_kib": loaded.server,
+        "with_containers_total_kib": loaded.total,
+        "idle_server_anon_kib": idle.server_anon,
+        "with_containers_server_anon_kib": loaded.server_anon,
+        // This is null when the kernel's smaps_rollup has no Pss_Anon line.
+        "per_container_server_anon_kib": idle.server_anon
+            .zip(loaded.server_anon)
+            .map(|(before, after)| (after as f64 - before as f64) / containers),
+        "per_container_total_kib": (loaded.total as f64 - idle.total as f64) / containers,
         "streaming_peak_server_rss_kib": peak.load(Ordering::Relaxed),
     }))
 }
@@ -548,13 +560,14 @@ impl TarBaseline {
         Ok(TarBaseline { overlay, _temp: temp })
     }
 
-    /// Extracts `archive` into a new directory; returns MiB/s.
+    /// Extracts `archive` into a new directory and returns the rate in
+    /// MiB/s.
     fn round(&self, round: usize, archive: &[u8]) -> Result<f64, String> {
         let destination = self.overlay.merged.join(format!("tmp/stream-{round}"));
         let started = Instant::now();
         fs::create_dir_all(&destination).map_err(|error| format!("creating {}: {error}", destination.display()))?;
         host::run_with_input("tar", &["-x", "-C", &destination.display().to_string()], archive)?;
-        Ok(archive.len() as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64())
+        Ok(mib_per_second(archive.len(), started.elapsed()))
     }
 
     fn remove(self) -> Result<(), String> {
