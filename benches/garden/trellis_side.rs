@@ -380,11 +380,9 @@ fn measure_with(plan: &Plan, server: &Server, runtime: &tokio::runtime::Runtime,
         results.g8.push(plan.stdout_mib as f64 / elapsed);
     }
 
-    // G9: stream in of the archive, each round paired with a round of its
-    // baseline, host `tar -x` of the same archive into an overlay. This host's
-    // filesystem changes speed tenfold within a minute (the same `tar -x`
-    // took 25, 220 and 70 ms at three moments), so the two sides take
-    // turns instead of running minutes apart.
+    // G9: stream in of the archive, each round paired with a round of host
+    // `tar -x` into an overlay. The host filesystem's speed changes tenfold
+    // within a minute here, so the two sides take turns.
     let archive = host::build_archive(plan.archive_bytes);
     let rounds = plan.count(&["G9"], plan.throughput_rounds);
     if rounds > 0 {
